@@ -1,0 +1,13 @@
+"""ComfyUI glue: thin V3 nodes over the wan_capture core."""
+from comfy_api.latest import ComfyExtension, io
+
+from .attach_node import NODES as _ATTACH
+
+
+class WanAttentionCaptureExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*_ATTACH]
+
+
+async def comfy_entrypoint() -> WanAttentionCaptureExtension:
+    return WanAttentionCaptureExtension()

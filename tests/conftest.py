@@ -1,0 +1,19 @@
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_comfy import COMFYUI, NOT_FOUND  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"ComfyUI: {COMFYUI}" if COMFYUI else NOT_FOUND
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if COMFYUI is None:
+        skipped = len(terminalreporter.stats.get("skipped", []))
+        terminalreporter.write_line(f"!!! {NOT_FOUND} ({skipped} tests skipped) !!!", red=True, bold=True)

@@ -1,0 +1,17 @@
+"""Wan Attention Capture core: plan what to record, tap attention calls, reduce them to exact statistics.
+
+This package never imports ComfyUI; ``nodes/`` holds the ComfyUI glue.
+"""
+from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
+from .grid import Grid, pool_spatial
+from .plan import FrameWindow, PlanError, RecordingPlan, parse_index_list
+from .recorder import BudgetError, Recorder, Take, fingerprint
+from .stats import KeyLayout, SinkStats, cross_attention_probs, score_window, sink_statistics, split_heads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCall", "BudgetError", "CROSS_IMAGE", "CROSS_TEXT", "FrameWindow", "Grid", "KeyLayout", "PlanError",
+    "Recorder", "RecordingPlan", "SELF", "SinkStats", "Take", "branch_rows", "cross_attention_probs", "fingerprint",
+    "parse_index_list", "pool_spatial", "score_window", "sink_statistics", "split_heads", "__version__",
+]

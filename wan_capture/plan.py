@@ -1,0 +1,164 @@
+"""What to record: the recording plan, validated when it is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+BRANCHES = ("cond", "uncond", "both")
+DTYPES = ("float16", "float32")
+MIB = 1024 * 1024
+
+
+class PlanError(ValueError):
+    """A recording plan field is invalid; the message names the field and why."""
+
+
+def _fail(field_name: str, why: str) -> None:
+    raise PlanError(f"RecordingPlan.{field_name}: {why}")
+
+
+def _int_tuple(name: str, values, minimum: int = 0) -> Optional[Tuple[int, ...]]:
+    if values is None:
+        return None
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        _fail(name, f"expected a list of integers, got {values!r}")
+    if any(v < minimum for v in out):
+        _fail(name, f"every entry must be >= {minimum}, got {list(out)}")
+    if len(set(out)) != len(out):
+        _fail(name, f"entries must be unique, got {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    """An exact score window: query latent frames [q_start, q_stop) against key frames [k_start, k_stop).
+
+    ``k_stop=None`` means up to the last key; frames count in the key sequence's own (absolute) frames.
+    """
+
+    q_start: int
+    q_stop: int
+    k_start: int = 0
+    k_stop: Optional[int] = None
+
+    def __post_init__(self):
+        if not 0 <= self.q_start < self.q_stop:
+            _fail("window", f"query frames must satisfy 0 <= start < stop, got [{self.q_start}, {self.q_stop})")
+        if self.k_start < 0 or (self.k_stop is not None and self.k_stop <= self.k_start):
+            _fail("window", f"key frames must satisfy 0 <= start < stop, got [{self.k_start}, {self.k_stop})")
+
+
+@dataclass(frozen=True)
+class RecordingPlan:
+    """Everything the recorder needs to know before sampling starts.
+
+    Steps are global sampling steps (0 = first model evaluation at the highest sigma); blocks and heads are
+    model indices. ``None`` for blocks/heads/steps means all of them.
+    """
+
+    text_positions: Tuple[int, ...] = ()  # context positions whose cross-attention maps are kept
+    record_cross: bool = True
+    record_sink_stats: bool = False
+    window: Optional[FrameWindow] = None
+    blocks: Optional[Tuple[int, ...]] = None
+    heads: Optional[Tuple[int, ...]] = None
+    steps: Optional[Tuple[int, ...]] = None
+    storage_interval: int = 1
+    branch: str = "cond"
+    store_per_block: bool = True
+    store_per_head: bool = True
+    storage_dtype: str = "float16"
+    spatial_downsample_factor: int = 1
+    memory_budget_mb: float = 4096.0  # host memory for the whole recording
+    chunk_budget_mb: float = 256.0  # transient scores held at once on the attention's device
+    extra: dict = field(default_factory=dict, compare=False)  # free-form labels carried into metadata
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "text_positions", _int_tuple("text_positions", self.text_positions) or ())
+        set_(self, "blocks", _int_tuple("blocks", self.blocks))
+        set_(self, "heads", _int_tuple("heads", self.heads))
+        set_(self, "steps", _int_tuple("steps", self.steps))
+        if self.record_cross and not self.text_positions:
+            _fail("text_positions", "record_cross is on but no text positions are tracked; "
+                  "give positions (e.g. from the Weighted Token Tracker) or turn record_cross off")
+        if not (self.record_cross or self.record_sink_stats or self.window):
+            _fail("record_cross", "nothing to record: enable cross maps, sink statistics or a window")
+        if self.blocks == () or self.heads == () or self.steps == ():
+            _fail("blocks/heads/steps", "an empty selection records nothing; use None for all")
+        if int(self.storage_interval) < 1:
+            _fail("storage_interval", f"must be >= 1, got {self.storage_interval}")
+        if self.steps is not None and self.storage_interval != 1:
+            _fail("storage_interval", "give either an explicit step list or an interval, not both")
+        if self.branch not in BRANCHES:
+            _fail("branch", f"must be one of {BRANCHES}, got {self.branch!r}")
+        if self.storage_dtype not in DTYPES:
+            _fail("storage_dtype", f"must be one of {DTYPES}, got {self.storage_dtype!r}")
+        if int(self.spatial_downsample_factor) < 1:
+            _fail("spatial_downsample_factor", f"must be >= 1, got {self.spatial_downsample_factor}")
+        for name in ("memory_budget_mb", "chunk_budget_mb"):
+            if not float(getattr(self, name)) > 0:
+                _fail(name, f"must be > 0, got {getattr(self, name)}")
+        if self.window is not None and not isinstance(self.window, FrameWindow):
+            _fail("window", f"expected a FrameWindow, got {type(self.window).__name__}")
+
+    # -- selection helpers used by the recorder --------------------------------------------------
+    def wants_step(self, step: int) -> bool:
+        if self.steps is not None:
+            return step in self.steps
+        return step % self.storage_interval == 0
+
+    def wants_block(self, block: int) -> bool:
+        return self.blocks is None or block in self.blocks
+
+    def selected_blocks(self, num_blocks: int) -> Tuple[int, ...]:
+        return tuple(b for b in range(num_blocks) if self.wants_block(b))
+
+    def selected_heads(self, num_heads: int) -> Tuple[int, ...]:
+        if self.heads is None:
+            return tuple(range(num_heads))
+        bad = [h for h in self.heads if h >= num_heads]
+        if bad:
+            _fail("heads", f"heads {bad} do not exist: the model has {num_heads} heads (0..{num_heads - 1})")
+        return self.heads
+
+    def branch_names(self) -> Tuple[str, ...]:
+        return ("cond", "uncond") if self.branch == "both" else (self.branch,)
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return torch.float16 if self.storage_dtype == "float16" else torch.float32
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(float(self.memory_budget_mb) * MIB)
+
+    @property
+    def chunk_budget_bytes(self) -> int:
+        return int(float(self.chunk_budget_mb) * MIB)
+
+
+def parse_index_list(text: str, field_name: str = "indices") -> Optional[Tuple[int, ...]]:
+    """Parse ``"0,2,5-7"`` into ``(0, 2, 5, 6, 7)``; empty or ``"all"`` gives None (all)."""
+    text = (text or "").strip().lower()
+    if text in ("", "all", "*"):
+        return None
+    out = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            _fail(field_name, f"cannot read {part!r} in {text!r}: use numbers and ranges like '0,2,5-7'")
+    return tuple(dict.fromkeys(out))

@@ -1,0 +1,390 @@
+"""The tap: receives each attention call, returns the original output unchanged, and records statistics.
+
+A :class:`Recorder` holds a :class:`RecordingPlan` and a short history of :class:`Take` objects. A take is one
+generation's recording: one sampling pass, or several passes chained when a pass starts where the previous one
+stopped (KSamplerAdvanced's start/end steps, Wan 2.2 A14B's two experts). Each take is found again by the
+fingerprint of the latent its last pass produced, so a node downstream of a sampler always reads the recording of
+exactly that sampler output, whatever ComfyUI cached or re-ran.
+
+Recorded arrays (host memory, ``plan.storage_dtype`` except windows, which stay float32):
+
+* ``take.cross[(step, branch)]``: ``[batch, blocks', heads', spatial', T]`` text cross-attention probabilities of
+  the tracked positions ``plan.text_positions`` (T of them); ``blocks'`` is ``take.blocks`` or 1 (mean over blocks
+  when ``store_per_block`` is off), ``heads'`` is ``take.heads`` or 1 (mean), ``spatial'`` the latent tokens after
+  ``spatial_downsample_factor`` pooling (``take.map_grid``).
+* ``take.sink[(step, branch)][name]`` with name in ``received``/``key_max`` ``[batch, blocks', heads', keys]``,
+  ``frame_mass`` ``[batch, blocks', heads', Fq, Fk]``, ``entropy`` ``[batch, blocks', heads', Fq]``; aggregation over
+  blocks/heads is the mean, except ``key_max`` which takes the max.
+* ``take.windows[(step, block, branch)]``: dict with ``scores`` and ``probs`` ``[batch, heads, nq, nk]`` float32 and the
+  token ranges ``q_range``/``k_range``.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import stats as _stats
+from .call import CROSS_TEXT, SELF, AttentionCall
+from .grid import Grid, pool_spatial
+from .plan import PlanError, RecordingPlan
+from .steps import continues, step_of
+
+SINK_NAMES = ("received", "key_max", "frame_mass", "entropy")
+_take_ids = itertools.count(1)
+
+
+class BudgetError(MemoryError):
+    """Recording would exceed the plan's memory budget; raised before anything is allocated."""
+
+
+def fingerprint(latent: torch.Tensor) -> str:
+    """Content hash of a latent tensor: identifies which sampler output a take belongs to."""
+    t = latent.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha1(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    # Pinned, non-blocking copies let sampling run on; the take synchronises once when the pass ends.
+    if t.device.type == "cuda":
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+    return t.detach().to("cpu", copy=True)
+
+
+class _Slot:
+    """One statistic of one (step, branch) gathered across blocks: kept per block, or reduced on the fly."""
+
+    def __init__(self, per_block: bool, reduce: str, dtype: torch.dtype):
+        self.per_block, self.reduce, self.dtype = per_block, reduce, dtype
+        self.blocks: Dict[int, torch.Tensor] = {}
+        self.acc: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def add(self, block: int, value: torch.Tensor) -> None:
+        if self.per_block:
+            self.blocks[block] = _to_host(value.to(self.dtype))
+        elif self.acc is None:
+            self.acc, self.count = value.float().clone(), 1
+        else:
+            self.acc = torch.maximum(self.acc, value) if self.reduce == "max" else self.acc.add_(value)
+            self.count += 1
+
+    def flush(self) -> None:
+        """Move a running reduction to the host (called once its step is over)."""
+        if self.acc is not None and self.acc.device.type != "cpu":
+            self.acc = _to_host(self.acc)
+
+    def result(self) -> torch.Tensor:
+        if self.per_block:
+            return torch.stack([self.blocks[b] for b in sorted(self.blocks)], dim=1)
+        acc = self.acc.cpu() if self.reduce == "max" else self.acc.cpu() / self.count
+        return acc.to(self.dtype).unsqueeze(1)
+
+
+class Take:
+    """One generation's recording. See the module docstring for the arrays it holds."""
+
+    def __init__(self, plan: RecordingPlan, model: dict):
+        self.id = next(_take_ids)
+        self.plan = plan
+        self.model = dict(model)
+        self.status = "recording"  # then "complete", or "partial" when a pass failed or was interrupted
+        self.error: Optional[str] = None
+        self.grid: Optional[Grid] = None
+        self.text_len: Optional[int] = None
+        self.batch: Optional[int] = None  # rows per branch: one per video
+        self.passes: List[Tuple[int, List[float]]] = []  # (first global step, the pass's sigmas)
+        self.step_sigmas: Dict[int, float] = {}
+        self.step_timesteps: Dict[int, Optional[float]] = {}
+        self.cross: Dict[Tuple[int, str], torch.Tensor] = {}
+        self.sink: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
+        self.windows: Dict[Tuple[int, int, str], dict] = {}
+        self.skipped: Counter = Counter()
+        self.input_fingerprint: Optional[str] = None
+        self.output_fingerprint: Optional[str] = None
+        self.reserved_bytes = 0
+        self._slots: Dict[tuple, _Slot] = {}
+        self._seen: set = set()
+        self._budget_checked = False
+        self._open_step: Optional[int] = None
+
+    # -- geometry -----------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return sum(len(s) - 1 for _, s in self.passes)
+
+    @property
+    def blocks(self) -> Tuple[int, ...]:
+        """Block indices along the blocks axis (``(-1,)`` means the mean/max over all selected blocks)."""
+        if not self.plan.store_per_block:
+            return (-1,)
+        return self.plan.selected_blocks(self.model["num_blocks"])
+
+    @property
+    def heads(self) -> Tuple[int, ...]:
+        if not self.plan.store_per_head:
+            return (-1,)
+        return self.plan.selected_heads(self.model["num_heads"])
+
+    @property
+    def map_grid(self) -> Optional[Grid]:
+        return None if self.grid is None else self.grid.pooled(self.plan.spatial_downsample_factor)
+
+    @property
+    def steps(self) -> List[int]:
+        keys = {s for s, _ in self.cross} | {s for s, _ in self.sink} | {s for s, _, _ in self.windows}
+        return sorted(keys)
+
+    def window_ranges(self, grid: Grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        w, ft = self.plan.window, grid.frame_tokens
+        if w.q_start >= grid.frames or w.k_start >= grid.frames:
+            raise PlanError(f"RecordingPlan.window: frames start at q={w.q_start}, k={w.k_start} but the latent has "
+                            f"only {grid.frames} frames (0..{grid.frames - 1})")
+        q_stop = min(w.q_stop, grid.frames)
+        k_stop = grid.frames if w.k_stop is None else min(w.k_stop, grid.frames)
+        return (w.q_start * ft, q_stop * ft), (w.k_start * ft, k_stop * ft)
+
+    # -- budget ---------------------------------------------------------------------------------------
+    def bytes_per_step(self, grid: Grid, batch: int) -> int:
+        p = self.plan
+        size = 2 if p.storage_dtype == "float16" else 4
+        rows = batch * len(p.branch_names())
+        nb = len(p.selected_blocks(self.model["num_blocks"]))
+        nh = len(p.selected_heads(self.model["num_heads"]))
+        sb, sh = (nb if p.store_per_block else 1), (nh if p.store_per_head else 1)
+        total = 0
+        if p.record_cross:
+            total += rows * sb * sh * grid.pooled(p.spatial_downsample_factor).tokens * len(p.text_positions) * size
+        if p.record_sink_stats:
+            total += rows * sb * sh * (2 * grid.tokens + grid.frames * grid.frames + grid.frames) * size
+        if p.window is not None:
+            (q0, q1), (k0, k1) = self.window_ranges(grid)
+            total += nb * _stats.window_bytes(rows, nh, q1 - q0, k1 - k0)
+        return total
+
+    def _check_budget(self, grid: Grid, batch: int) -> None:
+        offset, sigmas = self.passes[-1]
+        steps = [s for s in range(offset, offset + max(1, len(sigmas) - 1)) if self.plan.wants_step(s)]
+        need = self.bytes_per_step(grid, batch) * len(steps)
+        budget = self.plan.memory_budget_bytes
+        if self.reserved_bytes + need > budget:
+            mib = 1024 * 1024
+            raise BudgetError(
+                f"recording {len(steps)} steps on a {grid.as_list()} latent grid (batch {batch}) needs "
+                f"{need / mib:.1f} MiB of host memory{' more' if self.reserved_bytes else ''}, over the "
+                f"memory_budget_mb of {budget / mib:.1f} MiB (already reserved {self.reserved_bytes / mib:.1f} MiB). "
+                "Raise memory_budget_mb, or record less: fewer steps (storage_interval), blocks or heads, "
+                "store_per_block/store_per_head off, a larger spatial_downsample_factor, or a smaller window.")
+        self.reserved_bytes += need
+
+    # -- recording -----------------------------------------------------------------------------------
+    def _slot(self, key: tuple, reduce: str = "mean") -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(self.plan.store_per_block, reduce, self.plan.torch_dtype)
+        return slot
+
+    def _advance(self, step: int) -> None:
+        if self._open_step is not None and step != self._open_step:
+            for key, slot in self._slots.items():
+                if key[1] == self._open_step:
+                    slot.flush()
+        self._open_step = step
+
+    def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
+        p = self.plan
+        if self.grid is None:
+            self.grid = call.grid
+        elif call.grid != self.grid:
+            raise ValueError(f"latent grid changed within one recording: {self.grid.as_list()} -> {call.grid.as_list()}")
+        names = p.branch_names()
+        branch_rows = {b: [i for i, r in enumerate(call.branches) if r == b] for b in names}
+        batch = max(len(r) for r in branch_rows.values())
+        if batch == 0:
+            return
+        if self.batch is None:
+            self.batch = batch
+        if not self._budget_checked:
+            self._check_budget(call.grid, self.batch)
+            self._budget_checked = True
+        self._advance(call.step)
+        self.step_sigmas[call.step] = call.sigma
+        self.step_timesteps[call.step] = call.timestep
+        heads = p.selected_heads(call.heads)
+        head_dim = q.shape[-1] // call.heads
+        scale = call.scale if call.scale is not None else _stats.default_scale(head_dim)
+        head_idx = torch.as_tensor(heads, device=q.device)
+        qh = _stats.split_heads(q, call.heads).index_select(1, head_idx)
+        kh = _stats.split_heads(k, call.heads).index_select(1, head_idx)
+        chunk = p.chunk_budget_bytes
+        for branch, rows in branch_rows.items():
+            if not rows:
+                continue
+            ridx = torch.as_tensor(rows, device=q.device)
+            qb, kb = qh.index_select(0, ridx), kh.index_select(0, ridx)
+            if call.kind == CROSS_TEXT and p.record_cross:
+                self.text_len = k.shape[1]
+                self._record_cross(call, branch, qb, kb, scale, chunk)
+            elif call.kind == SELF:
+                self._record_self(call, branch, qb, kb, scale, chunk)
+
+    def _record_cross(self, call, branch, qb, kb, scale, chunk) -> None:
+        p = self.plan
+        if qb.shape[2] != call.grid.tokens:
+            self.skipped["cross_text_tokens_differ_from_grid"] += 1
+            return
+        maps = _stats.cross_attention_probs(qb, kb, p.text_positions, scale, chunk, call.layout)
+        if not p.store_per_head:
+            maps = maps.mean(dim=1, keepdim=True)
+        maps = pool_spatial(maps, call.grid, p.spatial_downsample_factor)
+        self._slot(("cross", call.step, branch)).add(call.block, maps)
+
+    def _record_self(self, call, branch, qb, kb, scale, chunk) -> None:
+        p = self.plan
+        layout = call.layout
+        if layout.frame_tokens is None:
+            layout = _stats.KeyLayout(layout.q_offset, layout.causal, call.grid.frame_tokens)
+        if p.record_sink_stats:
+            st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, chunk, layout)
+            for name in SINK_NAMES:
+                value = getattr(st, name)
+                reduce = "max" if name == "key_max" else "mean"
+                if not p.store_per_head:
+                    value = value.amax(dim=1, keepdim=True) if reduce == "max" else value.mean(dim=1, keepdim=True)
+                self._slot(("sink", call.step, branch, name), reduce).add(call.block, value)
+        if p.window is not None:
+            q_range, k_range = self.window_ranges(call.grid)
+            scores, probs = _stats.score_window(qb, kb, scale, q_range, k_range, chunk, layout)
+            self.windows[(call.step, call.block, branch)] = {
+                "scores": _to_host(scores), "probs": _to_host(probs), "q_range": q_range, "k_range": k_range}
+
+    def finish_pass(self, ok: bool, error: Optional[str] = None) -> None:
+        """Collect the pass's slots into the public arrays; mark the take complete or partial."""
+        for slot in self._slots.values():
+            slot.flush()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the pinned host copies must have landed before anyone reads them
+        for key, slot in self._slots.items():
+            if key[0] == "cross":
+                self.cross[(key[1], key[2])] = slot.result()
+            else:
+                self.sink.setdefault((key[1], key[2]), {})[key[3]] = slot.result()
+        self._slots.clear()
+        self._open_step = None
+        if not ok:
+            self.status, self.error = "partial", error or "sampling did not finish"
+        elif self.status == "recording":
+            self.status = "complete"
+
+    def summary(self) -> dict:
+        """A JSON-able description of the take (what nodes show and metadata starts from)."""
+        return {
+            "take": self.id, "status": self.status, "error": self.error,
+            "grid": None if self.grid is None else self.grid.as_list(),
+            "map_grid": None if self.map_grid is None else self.map_grid.as_list(),
+            "batch": self.batch, "total_steps": self.total_steps, "recorded_steps": self.steps,
+            "blocks": list(self.blocks), "heads": list(self.heads), "text_positions": list(self.plan.text_positions),
+            "text_len": self.text_len, "model": self.model, "skipped": dict(self.skipped),
+        }
+
+
+class Recorder:
+    """Taps attention calls for a plan; a handle shared by every model the plan is attached to."""
+
+    def __init__(self, plan: RecordingPlan, keep_takes: int = 4):
+        if not isinstance(plan, RecordingPlan):
+            raise TypeError(f"Recorder needs a RecordingPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self.keep_takes = max(1, int(keep_takes))
+        self.takes: List[Take] = []
+        self.active: Optional[Take] = None
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; the recorder is a shared handle, never duplicated.
+        return self
+
+    # -- passes ------------------------------------------------------------------------------------
+    def begin_pass(self, sigmas: Sequence[float], model: dict, input_fingerprint: Optional[str] = None) -> Take:
+        """Start a sampling pass; it continues the latest take when it starts where that one stopped."""
+        sigmas = [float(s) for s in sigmas]
+        prev = self.takes[-1] if self.takes else None
+        if (prev is not None and prev.status == "complete" and prev.passes and prev.model == dict(model)
+                and continues(prev.passes[-1][1], sigmas)
+                and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint)):
+            take = prev
+            take.status = "recording"
+            take._budget_checked = False
+        else:
+            take = Take(self.plan, model)
+            take.input_fingerprint = input_fingerprint
+            self.takes.append(take)
+            del self.takes[:-self.keep_takes]
+        take.passes.append((take.total_steps, sigmas))
+        take._seen.clear()
+        self.active = take
+        return take
+
+    def end_pass(self, output_fingerprint: Optional[str] = None, error: Optional[BaseException] = None) -> Optional[Take]:
+        take, self.active = self.active, None
+        if take is None:
+            return None
+        take.finish_pass(ok=error is None, error=None if error is None else f"{type(error).__name__}: {error}")
+        if output_fingerprint is not None and error is None:
+            take.output_fingerprint = output_fingerprint
+        return take
+
+    def locate(self, sigma: float) -> Tuple[Optional[int], bool]:
+        """Global step of a model evaluation at ``sigma`` in the active pass, and whether it is the step's own sigma."""
+        if self.active is None or not self.active.passes:
+            return None, False
+        offset, sigmas = self.active.passes[-1]
+        step, exact = step_of(sigma, sigmas)
+        return (None, False) if step is None else (offset + step, exact)
+
+    # -- the tap -------------------------------------------------------------------------------------
+    def wants(self, call: AttentionCall, exact_step: bool = True) -> bool:
+        take, p = self.active, self.plan
+        if take is None or not p.wants_step(call.step) or not p.wants_block(call.block):
+            return False
+        if not any(b in call.branches for b in p.branch_names()):
+            return False
+        if call.kind == CROSS_TEXT:
+            needed = p.record_cross
+        else:
+            needed = call.kind == SELF and (p.record_sink_stats or p.window is not None)
+        if not needed:
+            return False
+        if not exact_step:
+            take.skipped["evaluations_between_steps"] += 1
+            return False
+        key = (call.step, call.block, call.kind, call.branches)
+        if key in take._seen:
+            take.skipped["repeated_evaluations"] += 1
+            return False
+        take._seen.add(key)
+        return True
+
+    def tap(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, attend: Callable[[], torch.Tensor],
+            exact_step: bool = True) -> torch.Tensor:
+        """Run ``attend()`` (the model's own attention) and return its output untouched, recording on the side."""
+        out = attend()
+        if self.wants(call, exact_step):
+            with torch.no_grad():
+                self.active.record(call, q.detach(), k.detach())
+        return out
+
+    def find(self, output_fingerprint: str) -> Optional[Take]:
+        for take in reversed(self.takes):
+            if take.output_fingerprint == output_fingerprint:
+                return take
+        return None
+
+    @property
+    def latest(self) -> Optional[Take]:
+        return self.takes[-1] if self.takes else None

@@ -1,0 +1,209 @@
+"""Exact attention statistics from q and k, computed in bounded chunks of scores.
+
+All functions take heads already split, ``q: [R, H, Lq, D]`` and ``k: [R, H, Lk, D]`` (R = batch rows), use the
+model's softmax scale, and compute in float32 whatever the input dtype (the model's bf16/fp16 q and k are used as
+they are, only upcast). No function ever holds more than ``chunk_bytes`` of scores at once: rows of queries are
+processed in chunks, and each chunk sees all keys, so every softmax row is complete and exact.
+
+Masks: :class:`KeyLayout` places the queries inside the key sequence (a KV cache puts cached keys first, so the
+first query sits at ``q_offset``) and optionally applies a causal mask at token or latent-frame granularity, as a
+causal Wan does. These functions are the narrow interface that faster GPU kernels plug in behind.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+CAUSAL_MODES = (None, "token", "frame")
+_SCORE_COPIES = 3  # scores, probabilities and one temporary live at once per chunk
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where the queries sit among the keys, and which keys each query may see.
+
+    ``q_offset``: absolute token index of the first query (keys start at 0). ``causal``: None (all keys),
+    ``"token"`` (key j visible to query i iff j <= i) or ``"frame"`` (visible iff frame(j) <= frame(i), Wan's
+    block-causal mask). ``frame_tokens``: tokens per latent frame, needed for frame statistics and frame masks.
+    """
+
+    q_offset: int = 0
+    causal: Optional[str] = None
+    frame_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.causal not in CAUSAL_MODES:
+            raise ValueError(f"KeyLayout.causal must be one of {CAUSAL_MODES}, got {self.causal!r}")
+        if self.q_offset < 0:
+            raise ValueError(f"KeyLayout.q_offset must be >= 0, got {self.q_offset}")
+        if self.causal == "frame" and not self.frame_tokens:
+            raise ValueError("KeyLayout.causal='frame' needs frame_tokens (tokens per latent frame)")
+        if self.frame_tokens is not None and self.frame_tokens < 1:
+            raise ValueError(f"KeyLayout.frame_tokens must be >= 1, got {self.frame_tokens}")
+
+    def visible(self, q_index: torch.Tensor, k_index: torch.Tensor) -> Optional[torch.Tensor]:
+        """Boolean ``[len(q_index), len(k_index)]`` mask of visible keys (None = all visible)."""
+        if self.causal is None:
+            return None
+        qa = (q_index + self.q_offset)[:, None]
+        kb = k_index[None, :]
+        if self.causal == "frame":
+            return torch.div(kb, self.frame_tokens, rounding_mode="floor") <= torch.div(
+                qa, self.frame_tokens, rounding_mode="floor")
+        return kb <= qa
+
+
+class SinkStats(NamedTuple):
+    """Self-attention sink statistics of one attention call, per row and head.
+
+    received: ``[R, H, Lk]`` mean over queries of each key's probability column (attention received).
+    key_max: ``[R, H, Lk]`` maximum pre-softmax score ``q.k*scale`` each key gets from any query that sees it.
+    frame_mass: ``[R, H, Fq, Fk]`` for query frame fq, mean over its queries of the probability mass on key frame fk
+    (each row sums to 1). entropy: ``[R, H, Fq]`` mean softmax entropy (nats) of the queries of each frame.
+    Query frames are absolute: row fq is frame ``q_frame0 + fq``.
+    """
+
+    received: torch.Tensor
+    key_max: torch.Tensor
+    frame_mass: torch.Tensor
+    entropy: torch.Tensor
+    q_frame0: int
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, heads*D]`` -> ``[B, heads, L, D]`` (a view where possible)."""
+    b, length, inner = x.shape
+    if inner % heads:
+        raise ValueError(f"last dimension {inner} is not divisible by heads={heads}")
+    return x.view(b, length, heads, inner // heads).transpose(1, 2)
+
+
+def default_scale(head_dim: int) -> float:
+    """The scale SDPA and ComfyUI's attention use: 1/sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def plan_chunks(rows: int, queries: int, keys: int, chunk_bytes: int) -> Tuple[int, int]:
+    """(row-heads per chunk, queries per chunk) so that one chunk of float32 scores fits ``chunk_bytes``."""
+    per_query = max(1, keys) * 4 * _SCORE_COPIES
+    fits = max(1, chunk_bytes // per_query)  # query rows (over all row-heads) one chunk may hold
+    if fits >= rows * queries:
+        return rows, queries
+    if fits >= rows:
+        return rows, max(1, fits // rows)
+    return max(1, fits // queries) if fits >= queries else 1, min(queries, fits)
+
+
+def _chunks(rows: int, queries: int, keys: int, chunk_bytes: int) -> Iterator[Tuple[slice, slice]]:
+    rc, qc = plan_chunks(rows, queries, keys, chunk_bytes)
+    for r0 in range(0, rows, rc):
+        for q0 in range(0, queries, qc):
+            yield slice(r0, min(rows, r0 + rc)), slice(q0, min(queries, q0 + qc))
+
+
+def _flat(q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [R, H, Lq, D] and k [R, H, Lk, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    r, h = q.shape[:2]
+    return q.reshape(r * h, q.shape[2], q.shape[3]), k.reshape(r * h, k.shape[2], k.shape[3])
+
+
+def _scores(qf: torch.Tensor, kf: torch.Tensor, rs: slice, qs: slice, scale: float,
+            layout: KeyLayout) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    s = torch.matmul(qf[rs, qs].float(), kf[rs].float().transpose(1, 2)).mul_(scale)
+    vis = layout.visible(torch.arange(qs.start, qs.stop, device=s.device), torch.arange(kf.shape[1], device=s.device))
+    if vis is not None:
+        s.masked_fill_(~vis, float("-inf"))
+    return s, vis
+
+
+def cross_attention_probs(q: torch.Tensor, k: torch.Tensor, positions: Sequence[int], scale: float,
+                          chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> torch.Tensor:
+    """Softmax probabilities over all keys, kept for key ``positions``: ``[R, H, Lq, len(positions)]`` float32."""
+    qf, kf = _flat(q, k)
+    r, h = q.shape[:2]
+    pos = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= kf.shape[1]):
+        raise IndexError(f"tracked positions {list(positions)} fall outside the {kf.shape[1]} keys")
+    out = torch.empty(r * h, qf.shape[1], pos.numel(), dtype=torch.float32, device=q.device)
+    for rs, qs in _chunks(r * h, qf.shape[1], kf.shape[1], chunk_bytes):
+        s, _ = _scores(qf, kf, rs, qs, scale, layout)
+        out[rs, qs] = torch.softmax(s, dim=-1).index_select(-1, pos)
+    return out.view(r, h, qf.shape[1], pos.numel())
+
+
+def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, int, int]:
+    """Absolute frame of each position (relative to the first one's frame), that first frame, the frame count."""
+    first = offset // frame_tokens
+    idx = torch.arange(offset, offset + length) // frame_tokens - first
+    return idx, first, int(idx[-1]) + 1 if length else 0
+
+
+def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens: int,
+                    chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> SinkStats:
+    """Received attention and max score per key, frame x frame mass and entropy per query frame, in one pass."""
+    qf, kf = _flat(q, k)
+    r, h = q.shape[:2]
+    rh, lq, lk = qf.shape[0], qf.shape[1], kf.shape[1]
+    dev = q.device
+    q_frame, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
+    q_frame = q_frame.to(dev)
+    fk = -(-lk // frame_tokens)
+    pad = fk * frame_tokens - lk
+    received = torch.zeros(rh, lk, dtype=torch.float32, device=dev)
+    key_max = torch.full((rh, lk), float("-inf"), dtype=torch.float32, device=dev)
+    mass = torch.zeros(rh, fq, fk, dtype=torch.float32, device=dev)
+    entropy = torch.zeros(rh, fq, dtype=torch.float32, device=dev)
+    for rs, qs in _chunks(rh, lq, lk, chunk_bytes):
+        s, vis = _scores(qf, kf, rs, qs, scale, layout)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        key_max[rs] = torch.maximum(key_max[rs], s.amax(dim=1))
+        p = torch.exp(s - lse)
+        received[rs] += p.sum(dim=1)
+        # entropy = lse - sum_j p_j s_j; hidden keys have p = 0 and s = -inf, so zero their s first
+        s_vis = s if vis is None else s.masked_fill_(~vis, 0.0)
+        ent = lse.squeeze(-1) - (p * s_vis).sum(dim=-1)
+        del s, s_vis
+        per_frame = torch.nn.functional.pad(p, (0, pad)).view(p.shape[0], p.shape[1], fk, frame_tokens).sum(-1)
+        rows = q_frame[qs]
+        mass[rs] = mass[rs].index_add_(1, rows, per_frame)
+        entropy[rs] = entropy[rs].index_add_(1, rows, ent)
+    counts = torch.bincount(q_frame, minlength=fq).clamp_min(1).to(torch.float32)
+    received /= lq
+    mass /= counts[None, :, None]
+    entropy /= counts[None, :]
+    return SinkStats(received.view(r, h, lk), key_max.view(r, h, lk), mass.view(r, h, fq, fk),
+                     entropy.view(r, h, fq), q_frame0)
+
+
+def window_bytes(rows: int, heads: int, q_len: int, k_len: int) -> int:
+    """Host bytes an exact window needs: float32 scores and probabilities."""
+    return rows * heads * q_len * k_len * 4 * 2
+
+
+def score_window(q: torch.Tensor, k: torch.Tensor, scale: float, q_range: Tuple[int, int], k_range: Tuple[int, int],
+                 chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact pre-softmax scores ``QK^T*scale`` and probabilities for queries ``q_range`` x keys ``k_range``.
+
+    Ranges are ``(start, stop)`` indices into this call's queries and keys. Probabilities are normalised over all
+    visible keys (the log-sum-exp of each query row is computed over the full key sequence), so they are the model's
+    probabilities, not a softmax of the window. Hidden keys score ``-inf`` with probability 0.
+    """
+    (q0, q1), (k0, k1) = q_range, k_range
+    if not (0 <= q0 < q1 <= q.shape[2] and 0 <= k0 < k1 <= k.shape[2]):
+        raise IndexError(f"window queries [{q0}, {q1}) x keys [{k0}, {k1}) outside {q.shape[2]} queries x "
+                         f"{k.shape[2]} keys")
+    qf, kf = _flat(q[:, :, q0:q1], k)
+    r, h = q.shape[:2]
+    sub = KeyLayout(layout.q_offset + q0, layout.causal, layout.frame_tokens)
+    scores = torch.empty(r * h, q1 - q0, k1 - k0, dtype=torch.float32, device=q.device)
+    probs = torch.empty_like(scores)
+    for rs, qs in _chunks(r * h, q1 - q0, kf.shape[1], chunk_bytes):
+        s, _ = _scores(qf, kf, rs, qs, scale, sub)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        scores[rs, qs] = s[..., k0:k1]
+        probs[rs, qs] = torch.exp(s[..., k0:k1] - lse)
+    return scores.view(r, h, q1 - q0, k1 - k0), probs.view(r, h, q1 - q0, k1 - k0)
