@@ -2,11 +2,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .attach_node import NODES as _ATTACH
+from .tracker_node import NODES as _TRACKER
 
 
 class WanAttentionCaptureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*_ATTACH]
+        return [*_ATTACH, *_TRACKER]
 
 
 async def comfy_entrypoint() -> WanAttentionCaptureExtension:

@@ -105,3 +105,63 @@ def ksampler_advanced(model, positive, negative, latent, start, end, steps, left
     return nodes.KSamplerAdvanced().sample(model, "enable" if add_noise else "disable", seed, steps, 3.0, "euler",
                                            "simple", positive, negative, latent, start, end,
                                            "enable" if leftover else "disable")[0]
+
+
+CORPUS = [
+    "a beautiful flower near a tree", "a red flower in a garden next to a tall tree", "the sun over the sea",
+    "a cat sleeps on a warm windowsill", "two dogs run across the field", "a beautiful tree next to a flower",
+    "a city street at night with neon lights", "a small boat on a calm lake", "snow falls on the mountain",
+    "the river flows past an old mill", "a girl holds a red umbrella in the rain", "a bird sings on a branch",
+    "A Flowerpot, a Teapot and a Sunflower!", "Wow. (Really) [maybe] {odd} 'quotes' \"double\" x:y - 1.5 2 3",
+    "QUIET VILLAGE; JUMPING ZEBRA? KITE", "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG", "flowerpots, sunflowers and teapots in the old village",
+]
+
+
+def tiny_spiece_model(vocab_size: int = 150) -> bytes:
+    """A sentencepiece model trained in milliseconds, with umt5's special ids (pad 0, eos 1, unk 2)."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    return buf.getvalue()
+
+
+def tiny_clip(spiece: bytes, workdir: str, seed: int = 0):
+    """A real ComfyUI CLIP: WanT5Tokenizer over ``spiece`` and a one-layer umt5 with Wan's 4096-wide output."""
+    import json
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.t5
+    import comfy.text_encoders.wan as wan
+    import sentencepiece as spm
+    vocab = spm.SentencePieceProcessor(model_proto=spiece).get_piece_size()
+    config = {"d_ff": 64, "d_kv": 32, "d_model": 4096, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+              "layer_norm_epsilon": 1e-6, "model_type": "umt5", "num_heads": 2, "num_layers": 1,
+              "relative_attention_num_buckets": 32, "vocab_size": vocab, "pad_token_id": 0, "eos_token_id": 1}
+    path = os.path.join(workdir, "tiny_umt5.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+    class TinyUMT5(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=path, dtype=dtype,
+                             special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                             enable_attention_masks=True, zero_out_masked=True, model_options=model_options)
+
+    class TinyWanTE(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl",
+                             clip_model=TinyUMT5, **kwargs)
+
+    target = comfy.supported_models_base.ClipTarget(wan.WanT5Tokenizer, TinyWanTE)
+    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece}, model_options={"dtype": torch.float32})
+    g = torch.Generator().manual_seed(seed)
+    prefix = "umt5xxl.transformer."
+    sd = {k[len(prefix):]: (torch.ones_like(v) if "layer_norm" in k else torch.randn(v.shape, generator=g) * 0.5)
+          for k, v in clip.get_sd().items() if k.startswith(prefix)}
+    missing, unexpected = clip.cond_stage_model.umt5xxl.transformer.load_state_dict(sd, strict=False)
+    assert not unexpected and not [m for m in missing if "weight" in m], (missing, unexpected)
+    return clip

@@ -14,6 +14,6 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if COMFYUI is None:
-        skipped = len(terminalreporter.stats.get("skipped", []))
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    if COMFYUI is None and skipped:
         terminalreporter.write_line(f"!!! {NOT_FOUND} ({skipped} tests skipped) !!!", red=True, bold=True)

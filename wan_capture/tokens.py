@@ -1,0 +1,175 @@
+"""Which context positions belong to which prompt word: tracking specs built from the tokenizer's own output.
+
+ComfyUI's ``clip.tokenize(text, return_word_ids=True)`` gives ``(token, weight, word_id)`` per context position, where
+the word id numbers weighted *segments* (``a beautiful (flower:2.5) near`` has three), and sentencepiece splits each
+segment into pieces. Words are recovered from the pieces: a piece starting with ``▁`` starts a word, later pieces
+continue it (a lone ``▁`` piece belongs to the word after it), and pieces made only of punctuation belong to no word. The map of a word with several pieces is the
+mean over its pieces (``AttentionAnalyzer`` and the heatmap use that); the stored arrays keep every piece.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+WORD_START = "\u2581"  # sentencepiece's word-boundary marker
+MODES = ("weighted", "listed", "both")
+_EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$", re.UNICODE)
+
+
+class TrackingError(ValueError):
+    """A requested word cannot be tracked; the message lists what can."""
+
+
+def clean_word(text: str) -> str:
+    """Lowercase, ``▁`` and edge punctuation removed: the name a word is tracked and stored under."""
+    return _EDGE_PUNCT.sub("", text.replace(WORD_START, " ").strip()).lower()
+
+
+@dataclass(frozen=True)
+class TrackedWord:
+    """One occurrence of a word in the context: its pieces' ids, texts and positions, and its prompt weight."""
+
+    label: str  # the clean word, with _2, _3... for later occurrences
+    word: str
+    token_ids: Tuple[int, ...]
+    token_texts: Tuple[str, ...]
+    positions: Tuple[int, ...]
+    weight: float
+    occurrence: int = 1
+
+
+@dataclass(frozen=True)
+class TokenTracking:
+    """The words to follow in one prompt; ``positions`` is what the recorder keeps, in this order."""
+
+    prompt: str
+    words: Tuple[TrackedWord, ...]
+    context_length: int
+    prompt_id: str = "prompt_000"
+
+    @property
+    def positions(self) -> Tuple[int, ...]:
+        return tuple(sorted({p for w in self.words for p in w.positions}))
+
+    def columns(self, word: TrackedWord) -> List[int]:
+        """Indices of ``word``'s pieces along the recorded tokens axis."""
+        index = {p: i for i, p in enumerate(self.positions)}
+        return [index[p] for p in word.positions]
+
+    def word(self, label: str) -> TrackedWord:
+        for w in self.words:
+            if w.label == label:
+                return w
+        raise TrackingError(f"no tracked word {label!r}; tracked: {[w.label for w in self.words]}")
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "prompt_id": self.prompt_id, "context_length": self.context_length,
+                "words": [asdict(w) for w in self.words]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TokenTracking":
+        words = tuple(TrackedWord(**{**w, "token_ids": tuple(w["token_ids"]), "token_texts": tuple(w["token_texts"]),
+                                     "positions": tuple(w["positions"])}) for w in data["words"])
+        return cls(data["prompt"], words, data["context_length"], data.get("prompt_id", "prompt_000"))
+
+
+@dataclass(frozen=True)
+class _Word:
+    text: str
+    positions: Tuple[int, ...]
+    ids: Tuple[int, ...]
+    pieces: Tuple[str, ...]
+    weight: float
+
+
+def split_words(tokens: Sequence[Tuple], piece: Callable[[int], str]) -> List[_Word]:
+    """Words of a tokenized prompt; ``tokens`` are ``(token, weight, word_id)``, ``piece(id)`` a token's text.
+
+    Position 0.. are context positions. Padding, end tokens (word id 0) and embedding vectors are no word.
+    """
+    words: List[_Word] = []
+    cur: Optional[dict] = None
+
+    def close():
+        nonlocal cur
+        if cur is not None and clean_word("".join(cur["pieces"])):
+            words.append(_Word(clean_word("".join(cur["pieces"])), tuple(cur["pos"]), tuple(cur["ids"]),
+                               tuple(cur["pieces"]), max(cur["weights"], key=lambda w: abs(w - 1.0))))
+        cur = None
+
+    last_segment = None
+    for pos, (tok, weight, segment) in enumerate(tokens):
+        if segment == 0 or not isinstance(tok, int):
+            close()
+            last_segment = None
+            continue
+        text = piece(tok)
+        special = len(text) > 2 and text[0] == "<" and text[-1] == ">"  # <unk> and friends: unreadable
+        marker_only = cur is not None and "".join(cur["pieces"]) == WORD_START and segment == last_segment
+        if special or not clean_word(text) and text != WORD_START:
+            close()  # punctuation belongs to no word (a pending lone marker before it is dropped too)
+        elif text.startswith(WORD_START) or segment != last_segment or cur is None:
+            if not marker_only:  # a lone "▁" piece starts the word that follows it
+                close()
+        last_segment = segment
+        if special or not clean_word(text) and text != WORD_START:
+            continue
+        if cur is None:
+            cur = {"pieces": [], "pos": [], "ids": [], "weights": []}
+        cur["pieces"].append(text)
+        cur["pos"].append(pos)
+        cur["ids"].append(tok)
+        cur["weights"].append(float(weight))
+    close()
+    return words
+
+
+def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mode: str = "weighted",
+          listed: Iterable[str] = (), prompt_id: str = "prompt_000") -> TokenTracking:
+    """The tracking spec of one tokenized prompt.
+
+    ``mode``: ``weighted`` follows every word whose weight is not 1.0, ``listed`` the words in ``listed`` (a
+    multi-word entry such as ``red flower`` follows the consecutive words as one item), ``both`` the union.
+    Every occurrence is followed and labelled (``flower``, ``flower_2``...).
+    """
+    if mode not in MODES:
+        raise TrackingError(f"mode must be one of {MODES}, got {mode!r}")
+    words = split_words(tokens, piece)
+    listed = [e for e in (clean_phrase(x) for x in listed) if e]
+    if mode == "listed" and not listed:
+        raise TrackingError("mode 'listed' needs at least one word in the word list")
+    chosen: List[Tuple[int, int]] = []  # (first word index, word count)
+    if mode in ("weighted", "both"):
+        chosen += [(i, 1) for i, w in enumerate(words) if abs(w.weight - 1.0) > 1e-6]
+    if mode in ("listed", "both"):
+        texts = [w.text for w in words]
+        for entry in listed:
+            parts = entry.split(" ")
+            hits = [i for i in range(len(texts) - len(parts) + 1) if texts[i:i + len(parts)] == parts]
+            if not hits:
+                present = sorted(set(texts))
+                raise TrackingError(f"the word {entry!r} is not in the prompt {prompt!r}; its words are: "
+                                    f"{', '.join(present) if present else '(none)'}")
+            chosen += [(i, len(parts)) for i in hits]
+    seen, counts, out = set(), {}, []
+    for i, n in sorted(set(chosen)):
+        if (i, n) in seen:
+            continue
+        seen.add((i, n))
+        group = words[i:i + n]
+        name = " ".join(w.text for w in group)
+        counts[name] = counts.get(name, 0) + 1
+        label = name.replace(" ", "_") + ("" if counts[name] == 1 else f"_{counts[name]}")
+        out.append(TrackedWord(
+            label=label, word=name, token_ids=tuple(t for w in group for t in w.ids),
+            token_texts=tuple(p for w in group for p in w.pieces), positions=tuple(p for w in group for p in w.positions),
+            weight=max((w.weight for w in group), key=lambda x: abs(x - 1.0)), occurrence=counts[name]))
+    if not out:
+        raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0; weight a word "
+                            "like (flower:1.5) or list words to track")
+    return TokenTracking(prompt, tuple(out), len(tokens), prompt_id)
+
+
+def clean_phrase(text: str) -> str:
+    return " ".join(clean_word(t) for t in text.split() if clean_word(t))
