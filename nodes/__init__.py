@@ -2,12 +2,13 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .attach_node import NODES as _ATTACH
+from .save_node import NODES as _SAVE
 from .tracker_node import NODES as _TRACKER
 
 
 class WanAttentionCaptureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*_ATTACH, *_TRACKER]
+        return [*_ATTACH, *_TRACKER, *_SAVE]
 
 
 async def comfy_entrypoint() -> WanAttentionCaptureExtension:

@@ -63,6 +63,8 @@ def model_info(model_patcher) -> Tuple[dict, Tuple[str, ...]]:
     """Facts about the Wan model the recording depends on, and the kinds of its per-block attention calls."""
     dm = wan_diffusion_model(model_patcher)
     i2v = type(dm.blocks[0].cross_attn).__name__ == "WanI2VCrossAttention"
+    latent_channels = int(dm.out_dim)
+    vae_spatial = 16 if latent_channels == 48 else 8  # the Wan 2.2 TI2V VAE compresses 16x, Wan 2.1's 8x
     info = {
         "model_type": type(model_patcher.model).__name__,
         "diffusion_model": type(dm).__name__,
@@ -73,6 +75,8 @@ def model_info(model_patcher) -> Tuple[dict, Tuple[str, ...]]:
         "cross_attention": "i2v" if i2v else "t2v",
         "in_channels": int(dm.patch_embedding.weight.shape[1]),
         "patch_size": list(dm.patch_size),
+        "latent_channels": latent_channels,
+        "vae_stride": [4, vae_spatial, vae_spatial],
     }
     kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if i2v else (SELF, CROSS_TEXT)
     return info, kinds
@@ -92,7 +96,11 @@ def _make_outer_sample(state: _State):
     def outer_sample(executor, *args, **kwargs):
         # args: noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed
         latent_image, sigmas = args[1], args[3]
-        state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image))
+        seed = args[7] if len(args) > 7 else kwargs.get("seed")
+        guider = getattr(executor, "class_obj", None)
+        sampling = {"seed": seed, "cfg": getattr(guider, "cfg", None), "guider": type(guider).__name__}
+        state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),
+                                  sampling=sampling)
         try:
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, marked partial

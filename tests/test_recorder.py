@@ -5,38 +5,8 @@ import torch
 from reference import naive_probs, naive_scores
 from wan_capture import (AttentionCall, BudgetError, FrameWindow, Grid, PlanError, Recorder, RecordingPlan,
                          branch_rows, parse_index_list, pool_spatial)
+from fake_sampling import D, GRID, HEADS, MODEL, TEXT, heads_of, run
 from wan_capture.steps import continues, step_of
-
-GRID = Grid(2, 3, 4)  # 24 tokens
-HEADS, D, TEXT = 3, 8, 10
-MODEL = {"num_blocks": 3, "num_heads": HEADS}
-
-
-def run(plan, steps=2, blocks=3, branches=("uncond", "cond"), seed=0, sigmas=None):
-    """Drive a recorder like a sampler would; returns the recorder and every (step, block, branch) q/k used."""
-    rec = Recorder(plan)
-    g = torch.Generator().manual_seed(seed)
-    sigmas = sigmas or [1.0 - i / steps for i in range(steps + 1)]
-    rec.begin_pass(sigmas, MODEL)
-    seen = {}
-    for s, sigma in enumerate(sigmas[:-1]):
-        step, exact = rec.locate(sigma)
-        assert (step, exact) == (s, True)
-        for b in range(blocks):
-            x = torch.randn(len(branches), GRID.tokens, HEADS * D, generator=g)
-            kx = torch.randn(len(branches), GRID.tokens, HEADS * D, generator=g)
-            ctx = torch.randn(len(branches), TEXT, HEADS * D, generator=g)
-            for kind, k in (("self", kx), ("cross_text", ctx)):
-                call = AttentionCall(b, kind, step, sigma, tuple(branches), GRID, HEADS)
-                out = rec.tap(call, x, k, lambda: x * 2)
-                assert torch.equal(out, x * 2)
-                seen[(s, b, kind)] = (x, k)
-    rec.end_pass(output_fingerprint="out")
-    return rec, seen
-
-
-def heads_of(x):
-    return x.view(x.shape[0], x.shape[1], HEADS, D).transpose(1, 2)
 
 
 def test_per_block_per_head_against_naive():

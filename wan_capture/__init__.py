@@ -2,16 +2,21 @@
 
 This package never imports ComfyUI; ``nodes/`` holds the ComfyUI glue.
 """
+from .analyzer import AttentionAnalyzer, load_array
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
 from .grid import Grid, pool_spatial
 from .plan import FrameWindow, PlanError, RecordingPlan, parse_index_list
 from .recorder import BudgetError, Recorder, Take, fingerprint
 from .stats import KeyLayout, SinkStats, cross_attention_probs, score_window, sink_statistics, split_heads
+from .storage import SaveOptions, StorageError, save_take
+from .templates import TemplateError, expand_template
+from .tokens import TokenTracking, TrackedWord, TrackingError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionCall", "BudgetError", "CROSS_IMAGE", "CROSS_TEXT", "FrameWindow", "Grid", "KeyLayout", "PlanError",
+    "AttentionAnalyzer", "SaveOptions", "StorageError", "TemplateError", "TokenTracking", "TrackedWord",
+    "TrackingError", "expand_template", "load_array", "save_take", "AttentionCall", "BudgetError", "CROSS_IMAGE", "CROSS_TEXT", "FrameWindow", "Grid", "KeyLayout", "PlanError",
     "Recorder", "RecordingPlan", "SELF", "SinkStats", "Take", "branch_rows", "cross_attention_probs", "fingerprint",
     "parse_index_list", "pool_spatial", "score_window", "sink_statistics", "split_heads", "__version__",
 ]

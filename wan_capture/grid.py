@@ -57,3 +57,14 @@ def pool_spatial(maps: torch.Tensor, grid: Grid, factor: int) -> torch.Tensor:
     pooled = grid.pooled(factor)
     out = (sums / counts).reshape(-1, grid.frames, t, pooled.height, pooled.width).permute(0, 1, 3, 4, 2)
     return out.reshape(*lead, pooled.tokens, t)
+
+
+def pixel_frame_count(latent_frames: int, time_stride: int = 4) -> int:
+    """Decoded frames of a latent with ``latent_frames`` frames: frame 0, then ``time_stride`` per latent frame."""
+    return 0 if latent_frames < 1 else time_stride * (latent_frames - 1) + 1
+
+
+def latent_frame_of(pixel_frame: int, latent_frames: int, time_stride: int = 4) -> int:
+    """Latent frame that produced decoded frame ``pixel_frame``: 0 -> 0, t >= 1 covers pixel frames 4t-3..4t."""
+    t = 0 if pixel_frame <= 0 else (pixel_frame - 1) // time_stride + 1
+    return min(t, latent_frames - 1)

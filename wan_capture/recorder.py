@@ -100,6 +100,7 @@ class Take:
         self.text_len: Optional[int] = None
         self.batch: Optional[int] = None  # rows per branch: one per video
         self.passes: List[Tuple[int, List[float]]] = []  # (first global step, the pass's sigmas)
+        self.sampling: dict = {}  # seed, cfg... of the first pass, as the sampler reported them
         self.step_sigmas: Dict[int, float] = {}
         self.step_timesteps: Dict[int, Optional[float]] = {}
         self.cross: Dict[Tuple[int, str], torch.Tensor] = {}
@@ -290,7 +291,7 @@ class Take:
             "map_grid": None if self.map_grid is None else self.map_grid.as_list(),
             "batch": self.batch, "total_steps": self.total_steps, "recorded_steps": self.steps,
             "blocks": list(self.blocks), "heads": list(self.heads), "text_positions": list(self.plan.text_positions),
-            "text_len": self.text_len, "model": self.model, "skipped": dict(self.skipped),
+            "text_len": self.text_len, "model": self.model, "sampling": self.sampling, "skipped": dict(self.skipped),
         }
 
 
@@ -310,8 +311,12 @@ class Recorder:
         return self
 
     # -- passes ------------------------------------------------------------------------------------
-    def begin_pass(self, sigmas: Sequence[float], model: dict, input_fingerprint: Optional[str] = None) -> Take:
-        """Start a sampling pass; it continues the latest take when it starts where that one stopped."""
+    def begin_pass(self, sigmas: Sequence[float], model: dict, input_fingerprint: Optional[str] = None,
+                   sampling: Optional[dict] = None) -> Take:
+        """Start a sampling pass; it continues the latest take when it starts where that one stopped.
+
+        ``sampling`` (seed, cfg, ...) describes the sampler; the first pass's values are kept.
+        """
         sigmas = [float(s) for s in sigmas]
         prev = self.takes[-1] if self.takes else None
         if (prev is not None and prev.status == "complete" and prev.passes and prev.model == dict(model)
@@ -323,6 +328,7 @@ class Recorder:
         else:
             take = Take(self.plan, model)
             take.input_fingerprint = input_fingerprint
+            take.sampling = dict(sampling or {})
             self.takes.append(take)
             del self.takes[:-self.keep_takes]
         take.passes.append((take.total_steps, sigmas))

@@ -1,0 +1,61 @@
+"""Node: Save Attention Maps (the recording of one sampler output -> the storage contract's files)."""
+from __future__ import annotations
+
+import os
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..wan_capture import SaveOptions, __version__, save_take
+from ..wan_capture.storage import plan_file_count
+from .attach_node import AttentionRecorder
+from .recording import take_for_latent
+
+
+class SaveAttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WanSaveAttentionMaps",
+            display_name="Save Attention Maps",
+            category="Wan Attention Capture",
+            description="Writes the recording of the connected sampler output to "
+                        "output/<batch_name>/attention_maps/<prompt_id>_vid<NNN>/ (arrays + metadata JSON).",
+            is_output_node=True,
+            inputs=[
+                AttentionRecorder.Input("recorder"),
+                io.Latent.Input("samples", tooltip="The LATENT output of the sampler that used the recorder's MODEL."),
+                io.String.Input("batch_name", default="wan_attention"),
+                io.Combo.Input("storage_format", options=["numpy", "torch"], default="numpy"),
+                io.Boolean.Input("compress", default=False, tooltip="gzip each array (.npy.gz / .pt.gz)"),
+                io.Int.Input("storage_interval", default=1, min=1, max=1000, tooltip="Save every Nth recorded step."),
+                io.Combo.Input("storage_dtype", options=["float16", "float32"], default="float16"),
+                io.Int.Input("spatial_downsample_factor", default=1, min=1, max=64,
+                             tooltip="Further spatial pooling of the recorded maps."),
+                io.Int.Input("video_number", default=1, min=0, max=99999,
+                             tooltip="Number of the first video (batch items count up from it)."),
+                io.String.Input("prompt_id", default="", tooltip="Empty: the token tracker's id (prompt_000)."),
+            ],
+            outputs=[io.String.Output(display_name="attention_maps_path")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, recorder, samples, batch_name, storage_format, compress, storage_interval, storage_dtype,
+                spatial_downsample_factor, video_number, prompt_id) -> io.NodeOutput:
+        take = take_for_latent(recorder, samples)
+        opts = SaveOptions(storage_format=storage_format, compress=compress, storage_interval=storage_interval,
+                           storage_dtype=storage_dtype, spatial_downsample_factor=spatial_downsample_factor,
+                           video_number=video_number, prompt_id=prompt_id or None)
+        out_dir = folder_paths.get_output_directory()
+        pbar = comfy.utils.ProgressBar(plan_file_count(take, opts) * (take.batch or 1), node_id=cls.hidden.unique_id)
+        videos = save_take(take, out_dir, batch_name, opts, progress=lambda _path: pbar.update(1), version=__version__)
+        rel = lambda p: os.path.relpath(p, out_dir).replace(os.sep, "/")  # noqa: E731
+        ui = {"attention_maps": [{"video_id": v.video_id, "subfolder": rel(v.path), "status": v.status,
+                                  "files": [rel(f) for f in v.files]} for v in videos]}
+        root = os.path.dirname(videos[0].path)
+        return io.NodeOutput(rel(root), ui=ui)
+
+
+NODES = [SaveAttentionMaps]

@@ -1,0 +1,61 @@
+"""Save Attention Maps inside real ComfyUI: tracker -> recorder -> KSampler -> save -> AttentionAnalyzer."""
+import importlib
+
+import numpy as np
+import pytest
+
+from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, tiny_clip, tiny_spiece_model,
+                           tiny_wan_checkpoint)
+
+pytestmark = needs_comfy
+
+
+def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
+    pack = load_comfy()
+    import folder_paths
+    import nodes
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    mod = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
+    clip = tiny_clip(tiny_spiece_model(), str(tmp_path))
+    model = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    spec, prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
+        clip=clip, text="a [(flower:2.5) near a tree|(tree:3) next to a flower]", mode="weighted", words="",
+        variation=1).args
+    attach = mod("attach_node").AttachAttentionRecorder
+    widgets = {i.id: getattr(i, "default", None) for i in attach.GET_SCHEMA().inputs
+               if i.id not in ("model", "token_tracking", "share_recorder")}
+    widgets.update(record_sink_stats=True, store_per_head=True, branch="both")
+    recorded, rec = attach.execute(model=model, token_tracking=spec, **widgets).args
+    pos, neg = nodes.CLIPTextEncode().encode(clip, prompt)[0], nodes.CLIPTextEncode().encode(clip, "")[0]
+    first = ksampler(recorded, pos, neg, empty_latent("t2v", batch=2), seed=3)
+    second = ksampler(recorded, pos, neg, empty_latent("t2v"), seed=4)
+    save = mod("save_node").SaveAttentionMaps.PREPARE_CLASS_CLONE({})
+    out = save.execute(recorder=rec, samples=first, batch_name="study/../one", storage_format="numpy", compress=False,
+                       storage_interval=1, storage_dtype="float32", spatial_downsample_factor=1, video_number=1,
+                       prompt_id="")
+    assert out.args[0] == "study_.._one/attention_maps"
+    report = out.ui["attention_maps"]
+    assert [v["video_id"] for v in report] == ["prompt_001_vid001", "prompt_001_vid002"]
+    assert all(v["status"] == "complete" for v in report)
+    assert "study_.._one/attention_maps/prompt_001_vid001/token_tree/step_002.npy" in report[0]["files"]
+    assert "study_.._one/attention_maps/prompt_001_vid002/self_attention/step_000_received.npy" in report[1]["files"]
+    from wan_capture import AttentionAnalyzer
+    an = AttentionAnalyzer(str(tmp_path / "output" / out.args[0]))
+    take = rec.find(pack.wan_capture.fingerprint(first["samples"]))
+    assert an.list_tokens("prompt_001_vid002") == ["tree"]
+    got = an.load_step("prompt_001_vid002", "tree", 2)
+    np.testing.assert_array_equal(got, take.cross[(2, "cond")][1][..., spec.columns(spec.word("tree"))].numpy())
+    meta = an.load_metadata("prompt_001_vid002", "tree", 2)
+    assert meta["prompt"] == "a (tree:3) next to a flower" and meta["seed"] == 3 and meta["cfg_scale"] == 3.0
+    assert meta["token_weight"] == 3.0 and meta["model"]["model_type"] == "WAN21" and meta["branch"] == "cond"
+    assert an.load_step("prompt_001_vid001", "tree", 0, branch="uncond").shape == (2, 2, 48, len(spec.word("tree").positions))
+    # the other sampling's latent saves the other recording, never this one
+    out2 = save.execute(recorder=rec, samples=second, batch_name="two", storage_format="torch", compress=True,
+                        storage_interval=2, storage_dtype="float16", spatial_downsample_factor=2, video_number=5,
+                        prompt_id="custom")
+    an2 = AttentionAnalyzer(str(tmp_path / "output" / out2.args[0]))
+    assert an2.list_videos() == ["custom_vid005"] and an2.list_steps("custom_vid005", "tree") == [0, 2]
+    assert an2.summary("custom_vid005")["seed"] == 4
+    with pytest.raises(ValueError, match="no attention recording matches"):
+        save.execute(recorder=rec, samples=empty_latent("t2v"), batch_name="x", storage_format="numpy", compress=False,
+                     storage_interval=1, storage_dtype="float32", spatial_downsample_factor=1, video_number=1, prompt_id="")

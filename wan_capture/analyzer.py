@@ -1,0 +1,179 @@
+"""Reading saved attention maps: the ``AttentionAnalyzer`` API of the storage contract, plus self-attention readers.
+
+Arrays come back as float32 ``numpy.ndarray`` whatever the stored format (``.npy``, ``.pt``, gzip or not), so a
+script works the same on every recording. Works without ComfyUI.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from .grid import latent_frame_of, pixel_frame_count
+from .storage import safe_name
+
+_EXTS = (".npy", ".npy.gz", ".pt", ".pt.gz")
+_STEP = re.compile(r"^step_(\d+)(\.npy|\.npy\.gz|\.pt|\.pt\.gz)$")
+
+
+def load_array(path: str) -> np.ndarray:
+    """One saved array as float32 numpy, from any of the stored formats."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    if path.endswith((".pt", ".pt.gz")):
+        import torch
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float().numpy()
+    return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+
+
+class AttentionAnalyzer:
+    """Reads ``<batch>/attention_maps``: ``load_step``, ``load_all_steps``, aggregations and video-aligned maps."""
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no attention_maps folder at {path!r}")
+        self.path = path
+
+    # -- discovery -----------------------------------------------------------------------------------
+    def list_videos(self) -> List[str]:
+        return sorted(d for d in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, d, "summary.json")))
+
+    def summary(self, video_id: str) -> dict:
+        with open(os.path.join(self._video(video_id), "summary.json")) as f:
+            return json.load(f)
+
+    def list_tokens(self, video_id: str) -> List[str]:
+        v = self._video(video_id)
+        return sorted(d[len("token_"):] for d in os.listdir(v) if d.startswith("token_") and os.path.isdir(os.path.join(v, d)))
+
+    def list_steps(self, video_id: str, token: str, branch: str = "") -> List[int]:
+        folder = self._token_dir(video_id, token, branch)
+        return sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(folder)) if m)
+
+    def _video(self, video_id: str) -> str:
+        path = os.path.join(self.path, safe_name(video_id))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no video {video_id!r} in {self.path}; videos: {self.list_videos()}")
+        return path
+
+    def _token_dir(self, video_id: str, token: str, branch: str = "") -> str:
+        video = self._video(video_id)
+        folder = os.path.join(video, *(["uncond"] if branch == "uncond" else []), f"token_{safe_name(token, 'token')}")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"no token {token!r} in video {video_id!r}; tokens: {self.list_tokens(video_id)}")
+        return folder
+
+    @staticmethod
+    def _find(stem: str) -> str:
+        for ext in _EXTS:
+            if os.path.isfile(stem + ext):
+                return stem + ext
+        raise FileNotFoundError(f"no array saved at {stem}.npy/.pt (gzip or not)")
+
+    # -- the storage contract's API -----------------------------------------------------------------------
+    def load_step(self, video_id: str, token: str, step: int, branch: str = "") -> np.ndarray:
+        """``[blocks, heads, spatial, tokens]`` of one step."""
+        return load_array(self._find(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}")))
+
+    def load_metadata(self, video_id: str, token: str, step: int, branch: str = "") -> dict:
+        with open(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}_metadata.json")) as f:
+            return json.load(f)
+
+    def load_all_steps(self, video_id: str, token: str, branch: str = "") -> np.ndarray:
+        """``[steps, blocks, heads, spatial, tokens]`` over every saved step, in step order."""
+        steps = self.list_steps(video_id, token, branch)
+        if not steps:
+            raise FileNotFoundError(f"no steps saved for token {token!r} of {video_id!r}")
+        return np.stack([self.load_step(video_id, token, s, branch) for s in steps])
+
+    @staticmethod
+    def aggregate_blocks(attention: np.ndarray) -> np.ndarray:
+        """Mean over blocks: ``[steps, blocks, heads, S, T]`` -> ``[steps, heads, S, T]`` (one step: axis 0)."""
+        return attention.mean(axis=1 if attention.ndim == 5 else 0)
+
+    @staticmethod
+    def aggregate_heads(attention: np.ndarray) -> np.ndarray:
+        """Mean over heads: ``[steps, heads, S, T]`` -> ``[steps, S, T]``; on ``[steps, blocks, heads, S, T]`` axis 2."""
+        return attention.mean(axis=2 if attention.ndim == 5 else 1)
+
+    def get_temporal_evolution(self, video_id: str, token: str, branch: str = "") -> np.ndarray:
+        """``[steps, spatial, tokens]``: the mean over blocks and heads at every saved step."""
+        return self.aggregate_heads(self.aggregate_blocks(self.load_all_steps(video_id, token, branch)))
+
+    # -- self-attention statistics and windows (docs/FORMAT.md) -------------------------------------------
+    def _branch_dir(self, video_id: str, sub: str, branch: str) -> str:
+        return os.path.join(self._video(video_id), *(["uncond"] if branch == "uncond" else []), sub)
+
+    def list_self_attention_steps(self, video_id: str, branch: str = "") -> List[int]:
+        folder = self._branch_dir(video_id, "self_attention", branch)
+        if not os.path.isdir(folder):
+            return []
+        return sorted({int(n[5:8]) for n in os.listdir(folder) if n.startswith("step_") and n.endswith("_metadata.json")})
+
+    def load_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
+        """One sink statistic of one step: ``received``/``key_max`` ``[blocks, heads, keys]``, ``frame_mass``
+        ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
+        return load_array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
+                                                  f"step_{step:03d}_{name}")))
+
+    def load_all_self_attention(self, video_id: str, name: str, branch: str = "") -> np.ndarray:
+        """``[steps, ...]`` of one sink statistic over every saved step."""
+        steps = self.list_self_attention_steps(video_id, branch)
+        if not steps:
+            raise FileNotFoundError(f"no self-attention statistics saved for {video_id!r}")
+        return np.stack([self.load_self_attention(video_id, s, name, branch) for s in steps])
+
+    def load_window(self, video_id: str, step: int, block: int, branch: str = "") -> dict:
+        """An exact window: ``scores`` and ``probs`` ``[heads, queries, keys]`` and its metadata (token ranges)."""
+        stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}")
+        with open(stem + "_metadata.json") as f:
+            meta = json.load(f)
+        return {"scores": load_array(self._find(stem + "_scores")), "probs": load_array(self._find(stem + "_probs")),
+                "metadata": meta}
+
+    def get_spatial_attention_map(self, video_id: str, token: str, step: Union[int, Sequence[int], None] = None,
+                                  height: Optional[int] = None, width: Optional[int] = None,
+                                  frames: Optional[int] = None, branch: str = "") -> np.ndarray:
+        """``[steps, frames, height, width]`` maps of a word (mean over blocks, heads and the word's pieces).
+
+        ``step``: one step, a list, or None for all saved steps. ``height``/``width``: the decoded video's pixel size
+        (default: the map grid). ``frames``: the recording's latent frame count gives one map per latent frame;
+        any other count is taken as decoded frames and aligned in time (latent frame 0 is pixel frame 0, latent
+        frame t >= 1 covers pixel frames 4t-3..4t); default: the decoded frame count.
+        """
+        steps = self.list_steps(video_id, token, branch) if step is None else (
+            [step] if isinstance(step, int) else list(step))
+        meta = self.load_metadata(video_id, token, steps[0], branch)
+        f, h, w = meta["map_grid"]
+        maps = np.stack([self.load_step(video_id, token, s, branch).mean(axis=(0, 1, 3)) for s in steps])
+        maps = maps.reshape(len(steps), f, h, w)
+        return align_to_video(maps, meta, height, width, frames)
+
+
+def align_to_video(maps: np.ndarray, meta: dict, height: Optional[int], width: Optional[int],
+                   frames: Optional[int]) -> np.ndarray:
+    """``[N, F, h, w]`` latent-grid maps -> ``[N, frames, height, width]`` aligned to the decoded video."""
+    import torch
+    n, f, h, w = maps.shape
+    stride_t, vae_h, vae_w = meta.get("model", {}).get("vae_stride", [4, 8, 8])
+    patch = meta.get("model", {}).get("patch_size", [1, 2, 2])
+    lf, lh, lw = meta["latent_grid"]
+    cell_h, cell_w = vae_h * patch[1] * -(-lh // h), vae_w * patch[2] * -(-lw // w)  # pixels per map cell
+    height = height or h * cell_h
+    width = width or w * cell_w
+    frames = frames or pixel_frame_count(f, stride_t)
+    index = list(range(f)) if frames == f else [latent_frame_of(p, f, stride_t) for p in range(frames)]
+    x = torch.from_numpy(np.ascontiguousarray(maps[:, index])).float().reshape(n * frames, 1, h, w)
+    up = torch.nn.functional.interpolate(x, size=(h * cell_h, w * cell_w), mode="bilinear", align_corners=False)
+    if -(-height // cell_h) == h and -(-width // cell_w) == w:
+        up = up[..., :height, :width]  # the grid covers the video rounded up to whole cells: drop the padding
+    else:
+        up = torch.nn.functional.interpolate(up, size=(height, width), mode="bilinear", align_corners=False)
+    return up.reshape(n, frames, height, width).numpy()

@@ -1,0 +1,291 @@
+"""Writing a take to disk in the storage contract's layout, atomically, with names kept inside the output folder.
+
+Layout (see docs/FORMAT.md)::
+
+    <output>/<batch_name>/attention_maps/<prompt_id>_vid<NNN>/
+        summary.json
+        token_<word>/step_<NNN>.npy            [blocks, heads, spatial, tokens]   (+ step_<NNN>_metadata.json)
+        uncond/token_<word>/step_<NNN>.npy     the other CFG branch, when both were recorded
+        self_attention/step_<NNN>_<stat>.npy   received/key_max [blocks, heads, keys], frame_mass [.., Fq, Fk], entropy [.., Fq]
+        windows/step_<NNN>_block_<BB>_{scores,probs}.npy   [heads, queries, keys] float32
+
+Every file is written under a temporary name and renamed; ``summary.json`` says ``"status": "partial"`` until the
+last file of the video is in place, and stays partial when the take itself was interrupted.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .grid import pool_spatial
+from .recorder import SINK_NAMES, Take
+from .tokens import TokenTracking, TrackedWord
+
+FORMATS = {"numpy": ".npy", "torch": ".pt"}
+_UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
+
+
+class StorageError(OSError):
+    """Writing failed; the message names the file and what was kept."""
+
+
+def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
+    """One path component made of letters, digits, ``_ . -`` only: no separators, no leading dots, never empty."""
+    cleaned = _UNSAFE.sub("_", str(name)).strip("._ ")[:limit]
+    return cleaned or fallback
+
+
+def inside(root: str, *parts: str) -> str:
+    """``root/parts...`` after checking (symlinks resolved) that it stays inside ``root``."""
+    path = os.path.join(root, *parts)
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise StorageError(f"refusing to write {path!r}: it resolves outside the output folder {root!r}")
+    return path
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it, then rename it over ``path``."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def encode_array(array: torch.Tensor, fmt: str, compress: bool) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "numpy":
+        np.save(buf, array.numpy())
+    else:
+        torch.save(array.clone(), buf)
+    data = buf.getvalue()
+    return gzip.compress(data, compresslevel=6, mtime=0) if compress else data
+
+
+def _json(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+@dataclass
+class SaveOptions:
+    """How to write; the seed's configuration options, applied on top of what was recorded."""
+
+    storage_format: str = "numpy"
+    compress: bool = False
+    storage_interval: int = 1
+    storage_dtype: str = "float16"
+    spatial_downsample_factor: int = 1
+    prompt_id: Optional[str] = None
+    video_number: int = 1
+    prompt: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.storage_format not in FORMATS:
+            raise ValueError(f"storage_format must be one of {sorted(FORMATS)}, got {self.storage_format!r}")
+        if self.storage_dtype not in ("float16", "float32"):
+            raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if self.storage_interval < 1 or self.spatial_downsample_factor < 1 or self.video_number < 0:
+            raise ValueError("storage_interval and spatial_downsample_factor must be >= 1, video_number >= 0")
+
+
+@dataclass
+class SavedVideo:
+    video_id: str
+    path: str
+    status: str
+    files: List[str]
+
+
+def tracking_of(take: Take) -> TokenTracking:
+    """The take's token tracking, or one pseudo-word per recorded position when positions were given by hand."""
+    data = take.plan.extra.get("tokens") if take.plan.extra else None
+    if data:
+        return TokenTracking.from_json(data)
+    words = tuple(TrackedWord(label=f"pos{p:03d}", word=f"pos{p:03d}", token_ids=(), token_texts=(), positions=(p,),
+                              weight=1.0) for p in take.plan.text_positions)
+    return TokenTracking(prompt="", words=words, context_length=take.text_len or 0)
+
+
+class _Writer:
+    def __init__(self, folder: str, opts: SaveOptions, progress: Optional[Callable[[str], None]]):
+        self.folder, self.opts, self.progress = folder, opts, progress
+        self.ext = FORMATS[opts.storage_format] + (".gz" if opts.compress else "")
+        self.files: List[str] = []
+
+    def write(self, rel: str, data: bytes) -> str:
+        path = inside(self.folder, *rel.split("/"))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, data)
+        except OSError as e:
+            raise StorageError(f"could not write {path}: {e.strerror or e}. Files written before it are intact; "
+                               f"the video's summary.json stays marked partial.") from e
+        self.files.append(path)
+        if self.progress:
+            self.progress(path)
+        return path
+
+    def array(self, rel: str, t: torch.Tensor) -> str:
+        return self.write(rel + self.ext, encode_array(t, self.opts.storage_format, self.opts.compress))
+
+
+def plan_file_count(take: Take, opts: SaveOptions) -> int:
+    """Files one video of ``take`` will take (for progress bars)."""
+    steps = [s for s in take.steps if s % opts.storage_interval == 0]
+    per_step = len(tracking_of(take).words) * 2 * len(take.plan.branch_names()) if take.cross else 0
+    per_step += (len(SINK_NAMES) + 1) * len(take.plan.branch_names()) if take.sink else 0
+    per_step += 3 * len(take.blocks) * len(take.plan.branch_names()) if take.windows else 0
+    return len(steps) * per_step + 2
+
+
+def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
+              progress: Optional[Callable[[str], None]] = None, version: str = "") -> List[SavedVideo]:
+    """Write every video (batch item) of ``take``; returns where each went."""
+    if take.grid is None:
+        raise ValueError("this recording holds no attention data (nothing was recorded: check the plan's steps, "
+                         "blocks and branch)")
+    root = inside(output_root, safe_name(batch_name, "attention_batch"), "attention_maps")
+    tracking = tracking_of(take)
+    prompt_id = safe_name(opts.prompt_id or tracking.prompt_id, "prompt_000")
+    return [_save_video(take, tracking, root, prompt_id, b, opts, progress, version) for b in range(take.batch or 1)]
+
+
+def _save_video(take, tracking, root, prompt_id, b, opts, progress, version) -> SavedVideo:
+    video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+    folder = inside(root, video_id)
+    os.makedirs(folder, exist_ok=True)
+    w = _Writer(folder, opts, progress)
+    dtype = torch.float16 if opts.storage_dtype == "float16" else torch.float32
+    steps = [s for s in take.steps if s % opts.storage_interval == 0]
+    recorded = [br for br in ("cond", "uncond") if br in take.plan.branch_names()]
+    map_grid = take.map_grid.pooled(opts.spatial_downsample_factor) if take.map_grid else None
+    prompt = opts.prompt if opts.prompt is not None else tracking.prompt
+    base = {
+        "video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b, "batch_index": b,
+        "prompt": prompt, "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"),
+        "total_steps": take.total_steps, "latent_grid": take.grid.as_list(),
+        "map_grid": map_grid.as_list() if map_grid else None, "model": take.model,
+        "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
+        "storage_format": opts.storage_format, "compressed": opts.compress, "pack_version": version, **opts.extra,
+    }
+    summary = {**base, "status": "partial", "partial_reason": "writing", "steps": steps,
+               "branches": recorded, "tokens": [], "self_attention": bool(take.sink), "windows": bool(take.windows)}
+    w.write("summary.json", _json(summary))
+    if take.status != "complete":
+        summary["partial_reason"] = f"recording {take.status}: {take.error}"
+    try:
+        for i, branch in enumerate(recorded):
+            prefix = "" if i == 0 else f"{branch}/"
+            if take.cross:
+                for word in tracking.words:
+                    folder_name = f"token_{safe_name(word.label, 'token')}"
+                    if i == 0:
+                        summary["tokens"].append({**_word_json(word), "folder": folder_name})
+                    for step in steps:
+                        _save_token_step(w, take, tracking, word, step, branch, b, prefix + folder_name, dtype, opts,
+                                         base)
+            if take.sink:
+                for step in steps:
+                    _save_sink_step(w, take, step, branch, b, prefix, dtype, base)
+            if take.windows:
+                for (step, block, br), win in sorted(take.windows.items()):
+                    if br == branch and step in steps:
+                        _save_window(w, step, block, branch, b, prefix, win, base)
+    except BaseException as e:
+        summary["partial_reason"] = f"writing failed: {type(e).__name__}: {e}"
+        summary["files_written"] = len(w.files)
+        try:
+            w.write("summary.json", _json(summary))
+        except OSError:
+            pass
+        raise
+    if take.status == "complete":
+        summary["status"] = "complete"
+        summary.pop("partial_reason")
+    summary["files_written"] = len(w.files)
+    summary["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    w.write("summary.json", _json(summary))
+    return SavedVideo(video_id, folder, summary["status"], list(w.files))
+
+
+def _word_json(word: TrackedWord) -> dict:
+    return {"label": word.label, "word": word.word, "token_ids": list(word.token_ids),
+            "token_texts": list(word.token_texts), "positions": list(word.positions), "weight": word.weight}
+
+
+def _axis_meta(take: Take) -> dict:
+    p = take.plan
+    return {
+        "block_aggregation": "per_block" if p.store_per_block else "mean",
+        "head_aggregation": "per_head" if p.store_per_head else "mean",
+        "block_idx": list(take.blocks) if p.store_per_block and p.blocks is not None else None,
+        "head_idx": list(take.heads) if p.store_per_head and p.heads is not None else None,
+    }
+
+
+def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, opts, base) -> None:
+    maps = take.cross[(step, branch)][b]  # [blocks, heads, spatial, T]
+    maps = maps[..., tracking.columns(word)]
+    if opts.spatial_downsample_factor > 1:
+        maps = pool_spatial(maps.float(), take.map_grid, opts.spatial_downsample_factor)
+    maps = maps.to(dtype).contiguous()
+    nb, nh, spatial, ntok = maps.shape
+    w.array(f"{folder}/step_{step:03d}", maps)
+    meta = {
+        **base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+        "token_word": word.word, "token_label": word.label, "token_ids": list(word.token_ids),
+        "token_texts": list(word.token_texts), "token_positions": list(word.positions), "token_weight": word.weight,
+        "aggregation_method": "per_step_full", "attention_shape": [nb, nh, spatial, ntok],
+        "spatial_resolution": [spatial, ntok], "num_blocks": nb, "num_heads": nh, "threshold_applied": None,
+        **_axis_meta(take), "branch": branch,
+    }
+    w.write(f"{folder}/step_{step:03d}_metadata.json", _json(meta))
+
+
+def _save_sink_step(w, take, step, branch, b, prefix, dtype, base) -> None:
+    stats = take.sink.get((step, branch))
+    if not stats:
+        return
+    shapes = {}
+    for name in SINK_NAMES:
+        arr = stats[name][b].to(dtype).contiguous()
+        shapes[name] = list(arr.shape)
+        w.array(f"{prefix}self_attention/step_{step:03d}_{name}", arr)
+    meta = {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+            "shapes": shapes, **_axis_meta(take), "branch": branch,
+            "frame_tokens": take.grid.frame_tokens, "key_max_aggregation": "max"}
+    w.write(f"{prefix}self_attention/step_{step:03d}_metadata.json", _json(meta))
+
+
+def _save_window(w, step, block, branch, b, prefix, win, base) -> None:
+    ft = base["latent_grid"][1] * base["latent_grid"][2]
+    stem = f"{prefix}windows/step_{step:03d}_block_{block:02d}"
+    # exact windows stay float32 whatever the storage dtype: they are for precise study
+    w.array(f"{stem}_scores", win["scores"][b].contiguous())
+    w.array(f"{stem}_probs", win["probs"][b].contiguous())
+    meta = {**base, "step": step, "block": block, "branch": branch, "dtype": "torch.float32",
+            "q_range": list(win["q_range"]), "k_range": list(win["k_range"]),
+            "q_frames": [win["q_range"][0] // ft, win["q_range"][1] // ft],
+            "k_frames": [win["k_range"][0] // ft, win["k_range"][1] // ft], "shape": list(win["scores"][b].shape)}
+    w.write(f"{stem}_metadata.json", _json(meta))
