@@ -40,6 +40,7 @@ def load_comfy(cpu: bool = True):
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
     comfy.cli_args.args.cpu = cpu
+    import utils.install_util  # noqa: F401  as main.py does: before nodes.py puts comfy/ (and its utils.py) on sys.path
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
     spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(ROOT, "__init__.py"),

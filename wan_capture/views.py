@@ -1,0 +1,197 @@
+"""What the heatmap shows: maps gathered from a recording (in memory or saved) and laid out as pictures.
+
+A *source* is a :class:`TakeSource` (a take just recorded) or a :class:`SavedSource` (a saved video folder); both
+give the same arrays, so every view works on either.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .analyzer import AttentionAnalyzer, align_to_video
+from .colormaps import apply_colormap
+from .grid import pixel_frame_count
+from .recorder import Take
+from .render import blend, fmt, labelled_grid, matrix_plot, normalize, value_ranges, with_legend
+from .storage import tracking_of
+
+
+class TakeSource:
+    """One video (batch item) of a take held by a recorder."""
+
+    def __init__(self, take: Take, batch_index: int = 0):
+        if take.grid is None:
+            raise ValueError("the recording holds no attention data")
+        if not 0 <= batch_index < (take.batch or 1):
+            raise ValueError(f"batch_index {batch_index} is outside the recording's {take.batch} videos")
+        self.take, self.b = take, batch_index
+        self.tracking = tracking_of(take)
+        self.labels = [w.label for w in self.tracking.words]
+        self.steps = take.steps
+        self.blocks, self.heads = list(take.blocks), list(take.heads)
+        self.meta = {"latent_grid": take.grid.as_list(), "map_grid": take.map_grid.as_list(), "model": take.model}
+
+    def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
+        if (step, branch) not in self.take.cross:
+            raise KeyError(f"no cross-attention maps for step {step} ({branch}); recorded steps: {self.steps}")
+        word = self.tracking.word(label)
+        return self.take.cross[(step, branch)][self.b][..., self.tracking.columns(word)].float().numpy()
+
+    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        if (step, branch) not in self.take.sink:
+            raise KeyError(f"no self-attention statistics for step {step} ({branch})")
+        return self.take.sink[(step, branch)][name][self.b].float().numpy()
+
+    def window(self, step: int, block: int, branch: str = "cond") -> dict:
+        w = self.take.windows.get((step, block, branch))
+        if w is None:
+            raise KeyError(f"no exact window for step {step}, block {block} ({branch}); recorded: "
+                           f"{sorted((s, b) for s, b, br in self.take.windows if br == branch)}")
+        return {"scores": w["scores"][self.b].numpy(), "probs": w["probs"][self.b].numpy(),
+                "q_range": list(w["q_range"]), "k_range": list(w["k_range"])}
+
+
+class SavedSource:
+    """A saved video folder read through :class:`AttentionAnalyzer`."""
+
+    def __init__(self, attention_maps: str, video_id: str):
+        self.an, self.video = AttentionAnalyzer(attention_maps), video_id
+        summary = self.an.summary(video_id)
+        self.labels = [t["label"] for t in summary.get("tokens", [])]
+        self.steps = summary["steps"]
+        self.blocks, self.heads = summary["blocks"], summary["heads"]
+        self.meta = {"latent_grid": summary["latent_grid"], "map_grid": summary["map_grid"], "model": summary["model"]}
+
+    def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
+        return self.an.load_step(self.video, label, step, "" if branch == "cond" else branch)
+
+    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        return self.an.load_self_attention(self.video, step, name, "" if branch == "cond" else branch)
+
+    def window(self, step: int, block: int, branch: str = "cond") -> dict:
+        w = self.an.load_window(self.video, step, block, "" if branch == "cond" else branch)
+        return {"scores": w["scores"], "probs": w["probs"], "q_range": w["metadata"]["q_range"],
+                "k_range": w["metadata"]["k_range"]}
+
+
+def axis_index(recorded: Sequence[int], wanted: Optional[Sequence[int]], name: str) -> List[int]:
+    """Positions along a recorded axis for the wanted model indices (None: all)."""
+    if wanted is None:
+        return list(range(len(recorded)))
+    if list(recorded) == [-1]:
+        raise ValueError(f"{name} were recorded as their mean; record with store_per_{name[:-1]} on to select {name}")
+    missing = [w for w in wanted if w not in recorded]
+    if missing:
+        raise ValueError(f"{name} {missing} were not recorded; recorded {name}: {list(recorded)}")
+    return [list(recorded).index(w) for w in wanted]
+
+
+def _steps(source, steps: Optional[Sequence[int]]) -> List[int]:
+    chosen = list(source.steps) if steps is None else list(steps)
+    missing = [s for s in chosen if s not in source.steps]
+    if missing or not chosen:
+        raise ValueError(f"steps {missing or chosen} were not recorded/saved; available steps: {list(source.steps)}")
+    return chosen
+
+
+def token_maps(source, label: str, steps: Optional[Sequence[int]] = None, blocks=None, heads=None,
+               branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
+    """``[N, F, h, w]`` maps of a word on the map grid: mean over the chosen blocks, heads and the word's pieces;
+    N = 1 (mean over steps) or one per step."""
+    if label not in source.labels:
+        raise ValueError(f"no tracked word {label!r}; tracked: {source.labels}")
+    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    f, h, w = source.meta["map_grid"]
+    maps = np.stack([source.cross(label, s, branch)[bi][:, hi].mean(axis=(0, 1, 3)).reshape(f, h, w)
+                     for s in _steps(source, steps)])
+    return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+
+
+def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
+    """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
+    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    f, h, w = source.meta["latent_grid"]
+    maps = np.stack([source.sink(s, "received", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
+                     for s in _steps(source, steps)])
+    return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+
+
+def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cmap: str, mode: str, alpha: float,
+                 vmin: float = 0.0, vmax: float = 1.0, p_low: float = 1.0, p_high: float = 99.0,
+                 show_legend: bool = True, latent_grid_maps: bool = False) -> np.ndarray:
+    """Maps ``[N, F, h, w]`` -> IMAGE ``[N * frames, H, W, 3]`` aligned in time and space with the decoded video.
+
+    With ``images`` (the VAE-decoded frames) their count and size are used and the heat is blended over them;
+    without, plain heatmaps at the pixel size the latent stands for. Each frame gets a legend with its range.
+    """
+    f = maps.shape[1]
+    meta = dict(meta, map_grid=meta["latent_grid"]) if latent_grid_maps else meta
+    stride_t = meta.get("model", {}).get("vae_stride", [4])[0]
+    if images is not None:
+        frames, height, width = images.shape[0], images.shape[1], images.shape[2]
+    else:
+        frames, height, width = pixel_frame_count(f, stride_t), None, None
+    video = align_to_video(maps, meta, height, width, frames)  # [N, frames, H, W]
+    ranges = value_ranges(video, mode, vmin, vmax, p_low, p_high)
+    heat = apply_colormap(normalize(video, ranges), cmap)
+    out = []
+    for n in range(video.shape[0]):
+        for t in range(video.shape[1]):
+            frame = blend(heat[n, t], None if images is None else images[t], alpha)
+            out.append(with_legend(frame, *ranges[n, t], cmap) if show_legend else frame)
+    return np.stack(out)
+
+
+def grid_image(rows: List[np.ndarray], row_labels: List[str], col_labels: List[str], frame: int, cmap: str,
+               mode: str, title: str, vmin=0.0, vmax=1.0, p_low=1.0, p_high=99.0, cell: int = 160) -> np.ndarray:
+    """Rows of ``[cols, F, h, w]`` maps -> one labelled image (frame ``frame``, or the mean over frames if -1)."""
+    stack = np.stack(rows)  # [R, C, F, h, w]
+    if frame >= stack.shape[2]:
+        raise ValueError(f"frame {frame} does not exist: the maps have {stack.shape[2]} latent frames")
+    pick = stack.mean(axis=2) if frame < 0 else stack[:, :, frame]  # [R, C, h, w]
+    r, c, h, w = pick.shape
+    flat = pick.reshape(r * c, 1, h, w)
+    mode = "shared" if mode == "per_video" else mode  # one grid is one picture: per-video means shared here
+    ranges = value_ranges(flat, mode, vmin, vmax, p_low, p_high)
+    heat = apply_colormap(normalize(flat, ranges), cmap)[:, 0]
+    scale = max(1, cell // max(h, w))
+    heat = np.repeat(np.repeat(heat, scale, axis=1), scale, axis=2)
+    cells = [[heat[i * c + j] for j in range(c)] for i in range(r)]
+    lo, hi = ranges[..., 0].min(), ranges[..., 1].max()
+    shown = "per-cell ranges" if mode == "per_frame" else f"range {fmt(lo)}..{fmt(hi)}"
+    img = labelled_grid(cells, row_labels, col_labels, title=f"{title} ({shown})")
+    return with_legend(img, lo, hi, cmap) if mode != "per_frame" else img
+
+
+def window_image(window: dict, which: str, heads: Optional[Sequence[int]], frame_tokens: int, cmap: str, mode: str,
+                 vmin=0.0, vmax=1.0, p_low=1.0, p_high=99.0, title: str = "") -> List[np.ndarray]:
+    """An exact window (query x key) as labelled heatmaps: one per head, or the mean over ``heads``."""
+    data = window["scores" if which == "scores" else "probs"]  # [heads, nq, nk]
+    q0, k0 = window["q_range"][0], window["k_range"][0]
+    mats = [data[list(heads)].mean(axis=0)] if heads is not None else [data.mean(axis=0)]
+    names = [f"mean of heads {list(heads)}" if heads is not None else "mean over heads"]
+    ticks = lambda start, n: [(p - start, f"f{p // frame_tokens}") for p in range(start, start + n)  # noqa: E731
+                              if p % frame_tokens == 0] or [(0, str(start))]
+    out = []
+    for m, name in zip(mats, names):
+        ranges = value_ranges(m[None, None], "shared" if mode in ("per_video", "per_frame") else mode,
+                              vmin, vmax, p_low, p_high)
+        label = "pre-softmax QK^T/sqrt(d)" if which == "scores" else "probability"
+        out.append(matrix_plot(m, cmap, *ranges[0, 0], f"key token ({k0}..{k0 + m.shape[1] - 1})",
+                               f"query token ({q0}..{q0 + m.shape[0] - 1})", f"{title} {label}, {name}",
+                               ticks(k0, m.shape[1]), ticks(q0, m.shape[0])))
+    return out
+
+
+def frame_mass_images(mass: np.ndarray, heads_axis: Sequence[int], each_head: bool, cmap: str,
+                      title: str) -> List[np.ndarray]:
+    """``[heads, Fq, Fk]`` query-frame x key-frame probability mass: one plot per head, or their mean."""
+    mats = [(f"head {h}", mass[i]) for i, h in enumerate(heads_axis)] if each_head else [("mean over heads", mass.mean(0))]
+    out = []
+    for name, m in mats:
+        ticks_q = [(i, str(i)) for i in range(m.shape[0])]
+        ticks_k = [(i, str(i)) for i in range(m.shape[1])]
+        out.append(matrix_plot(m, cmap, 0.0, float(max(m.max(), 1e-12)), "key frame", "query frame",
+                               f"{title} frame x frame mass, {name}", ticks_k, ticks_q))
+    return out
