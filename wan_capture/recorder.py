@@ -57,6 +57,14 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+def _select(x: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
+    """``x`` indexed along ``dim``: a view when the indices are a contiguous run (cond/uncond chunks, all heads)."""
+    index = list(index)
+    if index == list(range(index[0], index[0] + len(index))):
+        return x.narrow(dim, index[0], len(index))
+    return x.index_select(dim, torch.as_tensor(index, device=x.device))
+
+
 class _Slot:
     """One statistic of one (step, branch) gathered across blocks: kept per block, or reduced on the fly."""
 
@@ -220,15 +228,13 @@ class Take:
         heads = p.selected_heads(call.heads)
         head_dim = q.shape[-1] // call.heads
         scale = call.scale if call.scale is not None else _stats.default_scale(head_dim)
-        head_idx = torch.as_tensor(heads, device=q.device)
-        qh = _stats.split_heads(q, call.heads).index_select(1, head_idx)
-        kh = _stats.split_heads(k, call.heads).index_select(1, head_idx)
+        qh = _select(_stats.split_heads(q, call.heads), 1, heads)
+        kh = _select(_stats.split_heads(k, call.heads), 1, heads)
         chunk = p.chunk_budget_bytes
         for branch, rows in branch_rows.items():
             if not rows:
                 continue
-            ridx = torch.as_tensor(rows, device=q.device)
-            qb, kb = qh.index_select(0, ridx), kh.index_select(0, ridx)
+            qb, kb = _select(qh, 0, rows), _select(kh, 0, rows)
             if call.kind == CROSS_TEXT and p.record_cross:
                 self.text_len = k.shape[1]
                 self._record_cross(call, branch, qb, kb, scale, chunk)

@@ -12,6 +12,7 @@ causal Wan does. These functions are the narrow interface that faster GPU kernel
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
@@ -73,6 +74,22 @@ class SinkStats(NamedTuple):
     q_frame0: int
 
 
+def kernels_for(q: torch.Tensor, k: torch.Tensor):
+    """The Triton kernels module when it handles these inputs, else None (the torch path runs).
+
+    ``WAN_CAPTURE_BACKEND``: ``auto`` (kernels on CUDA), ``torch`` (never), ``triton`` (also under
+    ``TRITON_INTERPRET=1`` on the CPU, for testing the kernels without a GPU).
+    """
+    mode = os.environ.get("WAN_CAPTURE_BACKEND", "auto")
+    if mode == "torch" or (not q.is_cuda and mode != "triton"):
+        return None
+    try:
+        from . import kernels
+    except ImportError:  # no Triton: the torch path is exact too, only slower
+        return None
+    return kernels if kernels.supported(q, k) else None
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, L, heads*D]`` -> ``[B, heads, L, D]`` (a view where possible)."""
     b, length, inner = x.shape
@@ -128,6 +145,9 @@ def cross_attention_probs(q: torch.Tensor, k: torch.Tensor, positions: Sequence[
     pos = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= kf.shape[1]):
         raise IndexError(f"tracked positions {list(positions)} fall outside the {kf.shape[1]} keys")
+    kern = kernels_for(q, k)
+    if kern is not None and layout.causal is None and pos.numel():
+        return kern.cross_probs(q, k, pos, scale).view(r, h, qf.shape[1], pos.numel())
     out = torch.empty(r * h, qf.shape[1], pos.numel(), dtype=torch.float32, device=q.device)
     for rs, qs in _chunks(r * h, qf.shape[1], kf.shape[1], chunk_bytes):
         s, _ = _scores(qf, kf, rs, qs, scale, layout)
@@ -145,6 +165,9 @@ def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, 
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens: int,
                     chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> SinkStats:
     """Received attention and max score per key, frame x frame mass and entropy per query frame, in one pass."""
+    kern = kernels_for(q, k)
+    if kern is not None and -(-k.shape[2] // frame_tokens) <= kern.MAX_FRAMES:
+        return _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
     qf, kf = _flat(q, k)
     r, h = q.shape[:2]
     rh, lq, lk = qf.shape[0], qf.shape[1], kf.shape[1]
@@ -179,6 +202,27 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
                      entropy.view(r, h, fq), q_frame0)
 
 
+def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
+    r, h, lq = q.shape[:3]
+    lk = k.shape[2]
+    q_frame, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
+    q_frame = q_frame.to(q.device)
+    fk = -(-lk // frame_tokens)
+    counts = torch.bincount(q_frame, minlength=fq).clamp_min(1).to(torch.float32)
+    per_head = r * lq * (fk + 3) * 4  # per-query outputs the kernels write for one head
+    step = max(1, min(h, chunk_bytes // max(1, per_head)))
+    parts = []
+    for h0 in range(0, h, step):
+        qs, ks = q[:, h0:h0 + step], k[:, h0:h0 + step]
+        received, key_max, mass_rows, ent_rows, _ = kern.sink_statistics(qs, ks, scale, frame_tokens, layout)
+        rh = received.shape[0]
+        mass = torch.zeros(rh, fq, fk, device=q.device).index_add_(1, q_frame, mass_rows) / counts[None, :, None]
+        ent = torch.zeros(rh, fq, device=q.device).index_add_(1, q_frame, ent_rows) / counts[None, :]
+        hs = qs.shape[1]
+        parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.view(r, hs, fq, fk), ent.view(r, hs, fq)))
+    return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
+
+
 def window_bytes(rows: int, heads: int, q_len: int, k_len: int) -> int:
     """Host bytes an exact window needs: float32 scores and probabilities."""
     return rows * heads * q_len * k_len * 4 * 2
@@ -201,6 +245,18 @@ def score_window(q: torch.Tensor, k: torch.Tensor, scale: float, q_range: Tuple[
     sub = KeyLayout(layout.q_offset + q0, layout.causal, layout.frame_tokens)
     scores = torch.empty(r * h, q1 - q0, k1 - k0, dtype=torch.float32, device=q.device)
     probs = torch.empty_like(scores)
+    kern = kernels_for(q, k)
+    if kern is not None:  # the row pass gives each query's log-sum-exp over all keys: only the window is scored
+        lse_all = kern.row_pass(q[:, :, q0:q1], k, scale, sub, layout.frame_tokens or 1, want_mass=False)[0]
+        kw = kf[:, k0:k1]
+        for rs, qs in _chunks(r * h, q1 - q0, k1 - k0, chunk_bytes):
+            s = torch.matmul(qf[rs, qs].float(), kw[rs].float().transpose(1, 2)).mul_(scale)
+            vis = sub.visible(torch.arange(qs.start, qs.stop, device=s.device), torch.arange(k0, k1, device=s.device))
+            if vis is not None:
+                s.masked_fill_(~vis, float("-inf"))
+            scores[rs, qs] = s
+            probs[rs, qs] = torch.exp(s - lse_all[rs, qs, None])
+        return scores.view(r, h, q1 - q0, k1 - k0), probs.view(r, h, q1 - q0, k1 - k0)
     for rs, qs in _chunks(r * h, q1 - q0, kf.shape[1], chunk_bytes):
         s, _ = _scores(qf, kf, rs, qs, scale, sub)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)

@@ -1,0 +1,16 @@
+"""The pack's ComfyExtension: the list of its nodes."""
+from comfy_api.latest import ComfyExtension, io
+
+from .attach_node import NODES as _ATTACH
+from .heatmap_node import NODES as _HEATMAP
+from .save_node import NODES as _SAVE
+from .tracker_node import NODES as _TRACKER
+
+
+class WanAttentionCaptureExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*_ATTACH, *_TRACKER, *_SAVE, *_HEATMAP]
+
+
+async def comfy_entrypoint() -> WanAttentionCaptureExtension:
+    return WanAttentionCaptureExtension()

@@ -1,0 +1,84 @@
+"""Kernels against the float64 reference: run by test_kernels.py on CUDA, or on the CPU under TRITON_INTERPRET=1.
+
+    python tests/kernel_cases.py DEVICE DTYPE [quick]
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reference import naive_probs, naive_scores, naive_sink  # noqa: E402
+from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics  # noqa: E402
+from wan_capture.stats import kernels_for  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4}  # relative error vs float64 on the same inputs
+
+
+def rel(got, want):
+    want = want.double()
+    got = got.double().to(want.device)
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin), "non-finite values differ (unwritten or NaN output?)"
+    return float((got[fin] - want[fin]).norm() / want[fin].norm().clamp_min(1e-30))
+
+
+def case(device, dtype, r, h, lq, lk, d, ft, layout_kw, positions, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(r, h, lq, d, generator=g) * 1.5).to(dtype)
+    k = (torch.randn(r, h, lk, d, generator=g) * 1.5).to(dtype)
+    # strided like ComfyUI's [B, L, H*D] views, not contiguous per head
+    q = q.transpose(1, 2).contiguous().transpose(1, 2).to(device)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2).to(device)
+    assert kernels_for(q, k) is not None, "the kernels were not selected"
+    layout = KeyLayout(layout_kw.get("q_offset", 0), layout_kw.get("causal"), ft)
+    scale = d ** -0.5
+    qd, kd = q.cpu().double(), k.cpu().double()
+    out = {}
+    st = sink_statistics(q, k, scale, ft, 1 << 30, layout)
+    received, key_max, mass, ent, f0 = naive_sink(qd, kd, ft, scale=scale, **layout_kw)
+    assert st.q_frame0 == f0
+    out["received"] = rel(st.received, received)
+    out["key_max"] = rel(st.key_max, key_max)
+    out["frame_mass"] = rel(st.frame_mass, mass)
+    out["entropy"] = rel(st.entropy, ent)
+    s, _ = naive_scores(qd, kd, scale=scale, frame_tokens=ft, **layout_kw)
+    p = naive_probs(s)
+    if not layout_kw.get("causal"):
+        got = cross_attention_probs(q, k, positions, scale)
+        out["cross"] = rel(got, p[..., positions])
+    q0, q1 = lq // 3, lq // 3 + max(1, lq // 4)
+    sc, pr = score_window(q, k, scale, (q0, q1), (1, lk), layout=layout)
+    out["window_scores"] = rel(sc, s[:, :, q0:q1, 1:lk])
+    out["window_probs"] = rel(pr, p[:, :, q0:q1, 1:lk])
+    return out
+
+
+CASES = [
+    # r, h, lq, lk, d, frame_tokens, layout, positions
+    (2, 2, 200, 200, 64, 40, {}, [0, 5, 199]),
+    (1, 3, 97, 97, 128, 13, {}, [3, 96]),
+    (1, 2, 130, 130, 64, 26, {"causal": "token"}, [0]),
+    (2, 1, 120, 120, 64, 30, {"causal": "frame"}, [0]),
+    (1, 2, 90, 150, 64, 30, {"q_offset": 60, "causal": "frame"}, [0]),
+    (1, 2, 70, 77, 32, 11, {"q_offset": 7, "causal": "token"}, [0]),
+    (2, 2, 150, 512, 128, 600, {}, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 500]),
+]
+
+
+def main(device, dtype_name, quick=False):
+    dtype = getattr(torch, dtype_name)
+    worst = 0.0
+    for i, (r, h, lq, lk, d, ft, kw, pos) in enumerate(CASES[:3] if quick else CASES):
+        errs = case(device, dtype, r, h, lq, lk, d, ft, kw, pos, seed=i)
+        print(f"case {i} {dtype_name} r{r} h{h} lq{lq} lk{lk} d{d} ft{ft} {kw}: " +
+              " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+        worst = max(worst, *errs.values())
+        bad = {n: e for n, e in errs.items() if not e <= TOL[dtype]}
+        assert not bad, f"case {i}: over the {TOL[dtype]:.0e} tolerance: {bad}"
+    print(f"ok worst relative error {worst:.1e} (tolerance {TOL[dtype]:.0e})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], len(sys.argv) > 3)

@@ -1,0 +1,30 @@
+"""Triton kernels against the float64 reference: on CUDA when there is a GPU, and always through Triton's CPU
+interpreter on small shapes (so the kernels' indexing and masking are checked in CI too)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_kernels_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", WAN_CAPTURE_BACKEND="triton")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "kernel_cases.py"), "cpu", "float32"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok worst relative error" in out.stdout
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tests: no CUDA device here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_kernels_on_cuda(dtype):
+    sys.path.insert(0, HERE)
+    import kernel_cases
+    kernel_cases.main("cuda", dtype)

@@ -1,0 +1,315 @@
+"""Triton kernels behind :mod:`wan_capture.stats` on CUDA: exact statistics without materialising scores.
+
+* ``row pass`` (one program per query block, all keys): online log-sum-exp, softmax entropy, and probability mass
+  per key frame (per-frame accumulators rescaled like the running sum), so one sweep gives ``lse``, ``entropy`` and
+  ``frame_mass`` per query.
+* ``column pass`` (one program per key block, all queries): with the row pass's ``lse``, the attention each key
+  receives and the maximum score it gets; no atomics, each program owns its keys.
+* ``cross`` (one program per query block): log-sum-exp over all text keys, then the probabilities of the tracked
+  keys only.
+
+Scores are ``tl.dot`` of the model's own bf16/fp16 q and k with float32 accumulation (float32 inputs use IEEE
+float32, never TF32), kept in base-2 units inside the kernels (``exp2``), reported in natural units.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_FRAMES = 128  # frame accumulators live in registers: longer videos fall back to the torch path for frame_mass
+
+
+@triton.jit
+def _visible(offs_q_abs, offs_k, Lk, frame_tokens, CAUSAL: tl.constexpr):
+    valid = offs_k[None, :] < Lk
+    if CAUSAL == 1:
+        valid = valid & (offs_k[None, :] <= offs_q_abs[:, None])
+    if CAUSAL == 2:
+        valid = valid & ((offs_k[None, :] // frame_tokens) <= (offs_q_abs[:, None] // frame_tokens))
+    return valid
+
+
+@triton.jit
+def _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, Lk, frame_tokens, c,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, WANT_MASS: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """One key tile of the row pass: raw scores s, probabilities exp2(c*(s - m)) with the running max m."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=offs_n[:, None] < Lk, other=0.0)
+    else:
+        k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        valid = _visible(q_abs, offs_n, Lk, frame_tokens, CAUSAL)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    mc = m_new * c
+    p = tl.exp2(s * c - mc[:, None])
+    alpha = tl.exp2(m * c - mc)
+    psum = tl.sum(p, 1)
+    l = l * alpha + psum
+    if MASKED:
+        u = u * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+    else:
+        u = u * alpha + tl.sum(p * s, 1)
+    if WANT_MASS:
+        fm = fm * alpha[:, None]
+        f_lo = start_n // frame_tokens
+        f_hi = (tl.minimum(start_n + BLOCK_N, Lk) - 1) // frame_tokens
+        if f_lo == f_hi:  # most tiles lie inside one frame: its mass is the row sum already at hand
+            fm = tl.where(cols[None, :] == f_lo, fm + psum[:, None], fm)
+        else:
+            kf = offs_n // frame_tokens
+            for f in range(f_lo, f_hi + 1):
+                pf = tl.sum(tl.where(kf[None, :] == f, p, 0.0), 1)
+                fm = tl.where(cols[None, :] == f, fm + pf[:, None], fm)
+    return m_new, l, u, fm
+
+
+@triton.jit
+def _row_kernel(Q, K, LSE, ENT, MASS, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk, q_offset,
+                frame_tokens, Fk, c, CAUSAL: tl.constexpr, WANT_MASS: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, FKP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+                mask=offs_m[:, None] < Lq, other=0.0)
+    kbase = K + r * sk_r + h * sk_h
+    q_abs = offs_m + q_offset
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    u = tl.zeros([BLOCK_M], tl.float32)
+    fm = tl.zeros([BLOCK_M, FKP], tl.float32)
+    cols = tl.arange(0, FKP)
+    if CAUSAL == 0:
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            m, l, u, fm = _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, Lk,
+                                    frame_tokens, c, CAUSAL, False, WANT_MASS, IEEE, BLOCK_N)
+        if n_full < Lk:
+            m, l, u, fm = _row_tile(q, kbase, sk_l, sk_d, offs_d, n_full, q_abs, m, l, u, fm, cols, Lk,
+                                    frame_tokens, c, CAUSAL, True, WANT_MASS, IEEE, BLOCK_N)
+    else:
+        last_q = tl.minimum((pid_m + 1) * BLOCK_M, Lq) - 1 + q_offset
+        if CAUSAL == 1:
+            hi = tl.minimum(Lk, last_q + 1)
+        else:
+            hi = tl.minimum(Lk, (last_q // frame_tokens + 1) * frame_tokens)
+        for start_n in range(0, hi, BLOCK_N):
+            m, l, u, fm = _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, Lk,
+                                    frame_tokens, c, CAUSAL, True, WANT_MASS, IEEE, BLOCK_N)
+    lse2 = m * c + tl.log2(l)
+    row_ok = offs_m < Lq
+    tl.store(LSE + pid_bh * Lq + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
+    tl.store(ENT + pid_bh * Lq + offs_m, (lse2 - c * u / l) * 0.6931471805599453, mask=row_ok)
+    if WANT_MASS:
+        tl.store(MASS + (pid_bh * Lq + offs_m[:, None]) * Fk + cols[None, :], fm / l[:, None],
+                 mask=row_ok[:, None] & (cols[None, :] < Fk))
+
+
+@triton.jit
+def _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pid_bh, Lq, Lk, q_offset,
+              frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """One query tile of the column pass, keys x queries so that the per-key sums are row reductions."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASKED:
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=offs_m[:, None] < Lq, other=0.0)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    else:
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+    if IEEE:
+        s = tl.dot(k, tl.trans(q), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(q))
+    if MASKED:
+        q_abs = offs_m + q_offset
+        valid = (offs_m[None, :] < Lq) & (offs_n[:, None] < Lk)
+        if CAUSAL == 1:
+            valid = valid & (offs_n[:, None] <= q_abs[None, :])
+        if CAUSAL == 2:
+            valid = valid & ((offs_n[:, None] // frame_tokens) <= (q_abs[None, :] // frame_tokens))
+        s = tl.where(valid, s, float("-inf"))
+    recv += tl.sum(tl.exp2(s * c - lse2[None, :]), 1)
+    kmax = tl.maximum(kmax, tl.max(s, 1))
+    return recv, kmax
+
+
+@triton.jit
+def _col_kernel(Q, K, LSE, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk, q_offset,
+                frame_tokens, c, scale, CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + r * sk_r + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d,
+                mask=offs_n[:, None] < Lk, other=0.0)  # keys past Lk score 0 and are not stored
+    qbase = Q + r * sq_r + h * sq_h
+    recv = tl.zeros([BLOCK_N], tl.float32)
+    kmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    if CAUSAL == 0:
+        m_full = (Lq // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            recv, kmax = _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pid_bh, Lq, Lk,
+                                   q_offset, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_M)
+        if m_full < Lq:
+            recv, kmax = _col_tile(k, qbase, sq_l, sq_d, offs_d, m_full, offs_n, recv, kmax, LSE, pid_bh, Lq, Lk,
+                                   q_offset, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_M)
+    else:
+        first_key = pid_n * BLOCK_N
+        if CAUSAL == 1:
+            lo = tl.maximum(first_key - q_offset, 0)
+        else:
+            lo = tl.maximum((first_key // frame_tokens) * frame_tokens - q_offset, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, Lq, BLOCK_M):
+            recv, kmax = _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pid_bh, Lq, Lk,
+                                   q_offset, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_M)
+    ok = offs_n < Lk
+    tl.store(RECV + pid_bh * Lk + offs_n, recv, mask=ok)
+    tl.store(KMAX + pid_bh * Lk + offs_n, kmax * scale, mask=ok)
+
+
+@triton.jit
+def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk, T, scale_log2,
+                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  TP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+                mask=offs_m[:, None] < Lq, other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + r * sk_r + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d,
+                    mask=offs_n[:, None] < Lk, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(offs_n[None, :] < Lk, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    lse2 = m + tl.log2(l)
+    offs_t = tl.arange(0, TP)
+    pos = tl.load(POS + offs_t, mask=offs_t < T, other=0)
+    kt = tl.load(K + r * sk_r + h * sk_h + pos[:, None] * sk_l + offs_d[None, :] * sk_d)
+    if IEEE:
+        st = tl.dot(q, tl.trans(kt), input_precision="ieee")
+    else:
+        st = tl.dot(q, tl.trans(kt))
+    p = tl.exp2(st * scale_log2 - lse2[:, None])
+    tl.store(OUT + (pid_bh * Lq + offs_m[:, None]) * T + offs_t[None, :], p,
+             mask=(offs_m[:, None] < Lq) & (offs_t[None, :] < T))
+
+
+_CAUSAL = {None: 0, "token": 1, "frame": 2}
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels handle these inputs (else the torch path runs)."""
+    d = q.shape[-1]
+    return (q.is_cuda or _interpreting()) and q.dtype in (torch.bfloat16, torch.float16, torch.float32) \
+        and q.dtype == k.dtype and d >= 16 and d == triton.next_power_of_2(d) and d <= 256
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    return q.dtype == torch.float32
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, picked on an H100 by bench/tune_kernels.py for head_dim 128
+ROW_CONFIG = (128, 64, 8, 3)
+COL_CONFIG = (64, 128, 4, 3)
+SMALL_CONFIG = (64, 64, 4, 2)  # head_dim > 128, and Triton's CPU interpreter
+
+
+def _config(default, d):
+    return SMALL_CONFIG if d > 128 or _interpreting() else default
+
+
+def row_pass(q, k, scale, layout, frame_tokens, want_mass: bool, config=None):
+    """``lse [R*H, Lq]``, ``entropy [R*H, Lq]`` and, when ``want_mass``, ``mass [R*H, Lq, Fk]`` (rows sum to 1)."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    fk = -(-lk // frame_tokens) if frame_tokens else 1
+    want_mass = want_mass and fk <= MAX_FRAMES
+    dev = q.device
+    lse = torch.empty(r * h, lq, device=dev, dtype=torch.float32)
+    ent = torch.empty_like(lse)
+    mass = torch.empty(r * h, lq, fk, device=dev, dtype=torch.float32) if want_mass else lse
+    bm, bn, warps, stages = config or _config(ROW_CONFIG, d)
+    grid = (triton.cdiv(lq, bm), r * h)
+    _row_kernel[grid](q, k, lse, ent, mass, *_strides(q), *_strides(k), h, lq, lk, layout.q_offset,
+                      frame_tokens or 1, fk, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal], WANT_MASS=want_mass,
+                      IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, FKP=max(16, triton.next_power_of_2(fk)),
+                      num_warps=warps, num_stages=stages)
+    return lse, ent, (mass if want_mass else None)
+
+
+def column_pass(q, k, scale, layout, frame_tokens, lse, config=None):
+    """``received_sum [R*H, Lk]`` (sum over queries of P) and ``key_max [R*H, Lk]`` (natural units)."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    recv = torch.empty(r * h, lk, device=q.device, dtype=torch.float32)
+    kmax = torch.empty_like(recv)
+    bm, bn, warps, stages = config or _config(COL_CONFIG, d)
+    grid = (triton.cdiv(lk, bn), r * h)
+    _col_kernel[grid](q, k, lse, recv, kmax, *_strides(q), *_strides(k), h, lq, lk, layout.q_offset,
+                      frame_tokens or 1, scale * LOG2E, scale, CAUSAL=_CAUSAL[layout.causal], IEEE=_ieee(q),
+                      BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
+    return recv, kmax
+
+
+def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[R*H, Lq, T]`` softmax probabilities over all keys at ``positions``."""
+    r, h, lq, d = q.shape
+    lk, t = k.shape[2], positions.numel()
+    out = torch.empty(r * h, lq, t, device=q.device, dtype=torch.float32)
+    tp = max(16, triton.next_power_of_2(t))
+    bm = 64 if d > 128 or _interpreting() else 128
+    grid = (triton.cdiv(lq, bm), r * h)
+    _cross_kernel[grid](q, k, positions.to(torch.int32).contiguous(), out, *_strides(q), *_strides(k), h, lq, lk, t,
+                        scale * LOG2E, IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=64, D=d, TP=tp,
+                        num_warps=8 if bm == 128 else 4, num_stages=2)
+    return out
+
+
+def sink_statistics(q, k, scale, frame_tokens, layout):
+    """The :func:`wan_capture.stats.sink_statistics` quantities, flat over ``R*H``: received (mean), key_max,
+    per-query mass ``[R*H, Lq, Fk]`` (None past MAX_FRAMES key frames) and per-query entropy."""
+    lse, ent, mass = row_pass(q, k, scale, layout, frame_tokens, want_mass=True)
+    recv, kmax = column_pass(q, k, scale, layout, frame_tokens, lse)
+    return recv / q.shape[2], kmax, mass, ent, lse
+
+
+__all__ = ["cross_probs", "row_pass", "column_pass", "sink_statistics", "supported", "MAX_FRAMES"]
