@@ -1,56 +1,81 @@
-"""First recording in one command: a tiny random Wan model sampled through real ComfyUI with the recorder attached.
+"""First recording in one command: start ComfyUI headless with this pack, run the Wan 2.1 t2v example through the
+API, and print where the heatmaps and arrays are.
 
-    python scripts/demo.py [--out DIR]
+    python scripts/demo.py                      # tiny random models built on the fly: runs anywhere, in seconds
+    python scripts/demo.py --unet wan2.1_t2v_1.3B_fp16.safetensors --clip umt5_xxl_fp8_e4m3fn_scaled.safetensors \\
+        --vae wan_2.1_vae.safetensors [--base-directory <folder with models/>] [--gpu]
 
-Builds a tiny Wan 2.1 checkpoint (no weights are downloaded), samples 9 frames with KSampler, and prints what was
-recorded: cross-attention maps of the tracked text positions and the self-attention sink statistics per step.
+ComfyUI is found at COMFYUI_PATH or two folders up (the pack in <ComfyUI>/custom_nodes/).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_comfy as tc  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+import comfy_server  # noqa: E402
+import tiny_comfy  # noqa: E402
+from tiny_workflow import to_tiny  # noqa: E402
+
+from wan_capture import AttentionAnalyzer  # noqa: E402
+from wan_capture.runner import plan_jobs, run_batch  # noqa: E402
+
+WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder for the tiny checkpoint (default: a temporary folder)")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--unet", help="Wan 2.1 t2v diffusion model file in models/diffusion_models")
+    ap.add_argument("--clip", help="umt5 text encoder file in models/text_encoders")
+    ap.add_argument("--vae", help="Wan 2.1 VAE file in models/vae")
+    ap.add_argument("--base-directory", help="ComfyUI base directory holding models/ (default: a temporary one)")
+    ap.add_argument("--prompt", default="a beautiful (flower:2.5) near a (tree:1.5), gentle wind, sunny garden")
     args = ap.parse_args(argv)
-    if tc.COMFYUI is None:
-        print(tc.NOT_FOUND, file=sys.stderr)
+    if tiny_comfy.COMFYUI is None:
+        print(tiny_comfy.NOT_FOUND, file=sys.stderr)
         return 2
-    pack = tc.load_comfy()
-    wc = pack.wan_capture
-    from importlib import import_module
-    attach = import_module(pack.__name__ + ".nodes.comfy_attach").attach_recorder
-    out = args.out or tempfile.mkdtemp(prefix="wan_capture_demo_")
-    os.makedirs(out, exist_ok=True)
-    ckpt = tc.tiny_wan_checkpoint(os.path.join(out, "tiny_wan21_t2v.safetensors"))
-    model = tc.load_model(ckpt)
-    plan = wc.RecordingPlan(text_positions=tuple(range(8)), record_sink_stats=True, storage_dtype="float32")
-    rec = wc.Recorder(plan)
-    recorded = attach(model, rec)
-    latent = tc.ksampler(recorded, tc.conditioning("t2v", 1), tc.conditioning("t2v", 2), tc.empty_latent("t2v"),
-                         steps=args.steps)
-    take = rec.find(wc.fingerprint(latent["samples"]))
-    s = take.summary()
-    print(f"checkpoint: {ckpt}")
-    print(f"recorded take {s['take']} ({s['status']}): grid {s['grid']} (frames x height x width), "
-          f"{s['total_steps']} steps, blocks {s['blocks']}, heads {s['heads']}, text positions {s['text_positions']}")
-    for step in take.steps:
-        maps = take.cross[(step, "cond")]  # [batch, blocks, heads, tokens, T]
-        sink = take.sink[(step, "cond")]
-        received = sink["received"][0].mean(dim=(0, 1))  # mean over blocks and heads, per key
-        top = received.topk(3)
-        print(f"step {step} sigma {take.step_sigmas[step]:.3f}: cross maps {list(maps.shape)}, "
-              f"mass on tracked tokens {float(maps.sum(-1).mean()):.4f}; top sink keys "
-              f"{top.indices.tolist()} receive {[round(v, 4) for v in top.values.tolist()]} "
-              f"(uniform would be {1 / received.numel():.4f})")
+    real = all((args.unet, args.clip, args.vae))
+    with open(WORKFLOW) as f:
+        workflow = json.load(f)
+    if real:
+        for node in workflow.values():
+            key = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "vae_name"}.get(node["class_type"])
+            if key:
+                node["inputs"][key] = {"unet_name": args.unet, "clip_name": args.clip, "vae_name": args.vae}[key]
+    else:
+        workflow = to_tiny(workflow)
+    base = args.base_directory or tempfile.mkdtemp(prefix="wan_capture_demo_")
+    print(f"starting ComfyUI ({tiny_comfy.COMFYUI}) with base directory {base} ...")
+    proc, url, log = comfy_server.start(tiny_comfy.COMFYUI, base, tiny_nodes=not real)
+    try:
+        jobs = plan_jobs([args.prompt], [42])
+        manifest = asyncio.run(run_batch(workflow, jobs, [url], "demo", base))
+    finally:
+        comfy_server.stop(proc)
+    entry = manifest.videos[jobs[0].video_id]
+    if entry["status"] != "done":
+        print(f"the demo failed: {entry.get('error')} (server log: {log})", file=sys.stderr)
+        return 1
+    out = os.path.join(base, "output")
+    maps = os.path.join(out, "demo", "attention_maps")
+    an = AttentionAnalyzer(maps)
+    video = jobs[0].video_id
+    print(f"\nattention arrays and metadata: {os.path.join(maps, video)}")
+    for token in an.list_tokens(video):
+        evo = an.get_temporal_evolution(video, token)  # [steps, spatial, pieces]
+        peak = an.get_spatial_attention_map(video, token, step=an.list_steps(video, token)[-1])[0]
+        f, y, x = (int(i) for i in __import__("numpy").unravel_index(peak.argmax(), peak.shape))
+        print(f"  token '{token}': {evo.shape[0]} steps, last-step attention peaks at frame {f}, pixel ({x}, {y})")
+    heat = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, names in os.walk(os.path.join(out, "demo"))
+                  for n in names if n.endswith((".webp", ".png")))
+    print("heatmaps:\n" + "\n".join(f"  {os.path.join(out, h)}" for h in heat))
     return 0
 
 

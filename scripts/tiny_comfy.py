@@ -166,3 +166,20 @@ def tiny_clip(spiece: bytes, workdir: str, seed: int = 0):
     missing, unexpected = clip.cond_stage_model.umt5xxl.transformer.load_state_dict(sd, strict=False)
     assert not unexpected and not [m for m in missing if "weight" in m], (missing, unexpected)
     return clip
+
+
+def tiny_vae(variant: str = "t2v", seed: int = 0):
+    """ComfyUI's real Wan VAE (2.1, or 2.2 for ti2v) with random weights: decodes to the right shape, not a picture."""
+    import comfy.sd
+    if variant == "ti2v":
+        import comfy.ldm.wan.vae2_2 as wv
+        model = wv.WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                          temperal_downsample=[False, True, True], dropout=0.0)
+    else:
+        import comfy.ldm.wan.vae as wv
+        model = wv.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                          temperal_downsample=[False, True, True], dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.randn(v.shape, generator=g) * 0.02 if v.is_floating_point() else v)
+          for k, v in model.state_dict().items()}
+    return comfy.sd.VAE(sd=sd)

@@ -17,3 +17,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = sum("ComfyUI NOT FOUND" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
     if COMFYUI is None and skipped:
         terminalreporter.write_line(f"!!! {NOT_FOUND} ({skipped} ComfyUI tests skipped) !!!", red=True, bold=True)
+
+
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real headless ComfyUI with this pack and the tiny-model helper nodes, for API-level tests."""
+    if COMFYUI is None:
+        pytest.skip(NOT_FOUND)
+    import comfy_server as cs
+    base = tmp_path_factory.mktemp("comfy_base")
+    proc, url, log = cs.start(COMFYUI, str(base))
+    yield types.SimpleNamespace(url=url, base=base, output=base / "output", log=log)
+    cs.stop(proc)

@@ -1,0 +1,63 @@
+"""``python -m wan_capture``: headless batch runs against running ComfyUI servers, and template expansion.
+
+    python -m wan_capture run --workflow example_workflows/wan21_t2v_attention.api.json \\
+        --template "a beautiful [(flower:2.5) near a tree|(tree:3) next to a flower]" --seeds 1,2 \\
+        --server http://127.0.0.1:8188 [--server http://127.0.0.1:8189] --batch-name study
+    python -m wan_capture expand "a [red|blue] car"
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .runner import plan_jobs, run_batch
+from .templates import TemplateError, expand_template
+
+
+def _templates(args) -> list:
+    out = list(args.template or [])
+    if args.templates:
+        with open(args.templates, encoding="utf-8") as f:
+            out += [line.rstrip("\n") for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise SystemExit("give --template TEXT or --templates FILE (one template a line)")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m wan_capture", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="queue templates x seeds on ComfyUI servers, resumable")
+    run.add_argument("--workflow", required=True, help="API-format workflow JSON (an example_workflows/*.api.json)")
+    run.add_argument("--template", action="append", help="a prompt template; repeatable")
+    run.add_argument("--templates", help="a file of templates, one a line ('#' comments)")
+    run.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3")
+    run.add_argument("--server", action="append", help="ComfyUI URL; repeat for several servers (one per GPU)")
+    run.add_argument("--batch-name", default="wan_attention")
+    run.add_argument("--state-dir", default=".", help="where the batch manifest is kept (for resuming)")
+    run.add_argument("--download", help="also copy every saved file here, from the servers' /view")
+    run.add_argument("--output-dir", help="the servers' output folder, when local: finished videos found there are skipped")
+    exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
+    exp.add_argument("template")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "expand":
+            for v in expand_template(args.template):
+                print(f"{v.prompt_id}\t{v.prompt}")
+            return 0
+        with open(args.workflow, encoding="utf-8") as f:
+            workflow = json.load(f)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        jobs = plan_jobs(_templates(args), seeds)
+        manifest = asyncio.run(run_batch(workflow, jobs, args.server or ["http://127.0.0.1:8188"], args.batch_name,
+                                         args.state_dir, args.download, args.output_dir))
+    except (TemplateError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(manifest.done(j.video_id) for j in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""A small client for a running ComfyUI server: queue an API-format prompt, follow it over the websocket, read
+``/history``, download outputs with ``/view``. Needs aiohttp (ComfyUI's own dependency)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+from urllib.parse import urlencode
+
+
+class ComfyError(RuntimeError):
+    """The server refused or failed a prompt; the message carries the server's own words."""
+
+
+@dataclass
+class Progress:
+    prompt_id: str
+    node: Optional[str] = None
+    value: int = 0
+    max: int = 0
+    events: list = field(default_factory=list)
+
+
+class ComfyClient:
+    def __init__(self, url: str, timeout: float = 3600.0):
+        self.url = url.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+        self.timeout = timeout
+
+    async def run(self, session, prompt: dict, on_progress: Optional[Callable[[Progress], None]] = None) -> dict:
+        """Queue ``prompt``, wait for it over the websocket, return its ``/history`` entry (raises ComfyError)."""
+        ws_url = self.url.replace("http", "ws", 1) + "/ws?" + urlencode({"clientId": self.client_id})
+        async with session.ws_connect(ws_url, heartbeat=30) as ws:
+            async with session.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id}) as r:
+                body = await r.json(content_type=None)
+                if r.status != 200 or "prompt_id" not in body:
+                    raise ComfyError(f"{self.url} refused the prompt: {json.dumps(body)[:2000]}")
+            pid = body["prompt_id"]
+            progress = Progress(pid)
+            await asyncio.wait_for(self._follow(ws, progress, on_progress), self.timeout)
+        return await self.history(session, pid)
+
+    async def _follow(self, ws, progress: Progress, on_progress) -> None:
+        async for msg in ws:
+            if msg.type.name != "TEXT":
+                continue  # binary preview frames
+            data = json.loads(msg.data)
+            kind, d = data.get("type"), data.get("data", {})
+            if d.get("prompt_id") not in (None, progress.prompt_id):
+                continue
+            if kind == "progress":
+                progress.value, progress.max, progress.node = d.get("value", 0), d.get("max", 0), d.get("node")
+                if on_progress:
+                    on_progress(progress)
+            elif kind == "execution_error":
+                raise ComfyError(f"node {d.get('node_id')} ({d.get('node_type')}) failed: "
+                                 f"{d.get('exception_type')}: {d.get('exception_message')}")
+            elif kind == "execution_interrupted":
+                raise ComfyError("the prompt was interrupted on the server")
+            elif kind == "execution_success" or (kind == "executing" and d.get("node") is None
+                                                  and d.get("prompt_id") == progress.prompt_id):
+                return
+
+    async def history(self, session, prompt_id: str, wait: float = 30.0) -> dict:
+        # the websocket can announce the end a moment before the server files the history entry
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            async with session.get(f"{self.url}/history/{prompt_id}") as r:
+                data = await r.json(content_type=None)
+            if prompt_id in data or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        if prompt_id not in data:
+            raise ComfyError(f"{self.url}/history has no entry for prompt {prompt_id}")
+        entry = data[prompt_id]
+        status = entry.get("status", {})
+        if status.get("status_str") == "error":
+            raise ComfyError(f"prompt {prompt_id} failed: {json.dumps(status.get('messages', []))[:2000]}")
+        return entry
+
+    async def download(self, session, subfolder: str, filename: str, kind: str = "output") -> bytes:
+        query = urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
+        async with session.get(f"{self.url}/view?{query}") as r:
+            if r.status != 200:
+                raise ComfyError(f"could not download {subfolder}/{filename}: HTTP {r.status}")
+            return await r.read()
+
+    async def object_info(self, session) -> dict:
+        async with session.get(self.url + "/object_info") as r:
+            return await r.json(content_type=None)

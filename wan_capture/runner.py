@@ -1,0 +1,165 @@
+"""Headless batch runs: prompt templates x seeds through an API-format workflow on one or more ComfyUI servers.
+
+Each (variation, seed) is one video ``<prompt_id>_vid<NNN>`` (prompt ids count across every template's variations
+in order; NNN is the seed's position, from 001). The runner writes each job into the workflow's Weighted Token
+Tracker, sampler seeds and Save Attention Maps node, spreads the queue over the servers (one job at a time per
+server), records every finished or failed video in a manifest next to the batch, and on a restart skips what is
+done. A failed video is reported and the batch goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+from .storage import atomic_write, inside, safe_name
+from .templates import expand_template
+
+SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "RandomNoise": "noise_seed"}
+TRACKER, SAVE = "WanWeightedTokenTracker", "WanSaveAttentionMaps"
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_id: str
+    prompt: str
+    seed: int
+    video_number: int
+
+    @property
+    def video_id(self) -> str:
+        return f"{self.prompt_id}_vid{self.video_number:03d}"
+
+
+def plan_jobs(templates: Sequence[str], seeds: Sequence[int]) -> List[Job]:
+    """Every variation of every template, times every seed, in a stable order."""
+    prompts = [v.prompt for t in templates for v in expand_template(t)]
+    return [Job(f"prompt_{i:03d}", p, int(seed), n + 1) for i, p in enumerate(prompts) for n, seed in enumerate(seeds)]
+
+
+def prepare(workflow: dict, job: Job, batch_name: str) -> dict:
+    """A copy of the API-format ``workflow`` set up for ``job``."""
+    graph = copy.deepcopy(workflow)
+    saves = [n for n in graph.values() if n.get("class_type") == SAVE]
+    if not saves:
+        raise ValueError("the workflow has no 'Save Attention Maps' node (WanSaveAttentionMaps): nothing would be kept")
+    for node in graph.values():
+        cls, inputs = node.get("class_type"), node.setdefault("inputs", {})
+        if cls == TRACKER:
+            inputs.update(text=job.prompt, variation=0)
+        elif cls == SAVE:
+            inputs.update(batch_name=batch_name, prompt_id=job.prompt_id, video_number=job.video_number)
+        if cls in SEED_INPUTS and not isinstance(inputs.get(SEED_INPUTS[cls]), list):
+            inputs[SEED_INPUTS[cls]] = job.seed
+        prefix = inputs.get("filename_prefix")
+        if isinstance(prefix, str):
+            inputs["filename_prefix"] = f"{safe_name(batch_name)}/{job.video_id}/{os.path.basename(prefix)}"
+    return graph
+
+
+class Manifest:
+    """``<state_dir>/<batch_name>.manifest.json``: what each video came to, rewritten atomically after each one."""
+
+    def __init__(self, state_dir: str, batch_name: str):
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = inside(state_dir, f"{safe_name(batch_name)}.manifest.json")
+        self.videos: Dict[str, dict] = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.videos = json.load(f).get("videos", {})
+
+    def done(self, video_id: str) -> bool:
+        return self.videos.get(video_id, {}).get("status") == "done"
+
+    def record(self, video_id: str, **entry) -> None:
+        self.videos[video_id] = entry
+        atomic_write(self.path, (json.dumps({"videos": self.videos}, indent=2) + "\n").encode())
+
+
+def saved_files(history: dict) -> List[dict]:
+    """The Save Attention Maps reports in a ``/history`` entry."""
+    out = []
+    for node_out in history.get("outputs", {}).values():
+        out.extend(node_out.get("attention_maps", []))
+    return out
+
+
+def locally_complete(output_dir: Optional[str], batch_name: str, video_id: str) -> bool:
+    if not output_dir:
+        return False
+    path = os.path.join(output_dir, safe_name(batch_name), "attention_maps", video_id, "summary.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str], batch_name: str, state_dir: str,
+                    download: Optional[str] = None, output_dir: Optional[str] = None, log=print) -> Manifest:
+    """Run every job not yet done; returns the manifest (each video: done with its files, or failed with why)."""
+    import aiohttp
+    from .client import ComfyClient, ComfyError
+    manifest = Manifest(state_dir, batch_name)
+    todo = []
+    for j in jobs:
+        if manifest.done(j.video_id):
+            continue
+        if locally_complete(output_dir, batch_name, j.video_id):  # finished on the server after a runner was killed
+            manifest.record(j.video_id, status="done", server=None, found_in=output_dir, job=asdict(j))
+            continue
+        todo.append(j)
+    skipped = len(jobs) - len(todo)
+    log(f"batch {batch_name}: {len(jobs)} videos, {skipped} already done, {len(todo)} to run on {len(servers)} server(s)")
+    queue: asyncio.Queue = asyncio.Queue()
+    for j in todo:
+        queue.put_nowait(j)
+    counter = {"n": skipped}
+
+    async def worker(url: str, session) -> None:
+        client = ComfyClient(url)
+        while True:
+            try:
+                job = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = time.monotonic()
+
+            def progress(p):
+                if p.max:
+                    print(f"\r  {job.video_id} on {url}: step {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
+            try:
+                entry = await client.run(session, prepare(workflow, job, batch_name), progress)
+                reports = saved_files(entry)
+                files = [f for r in reports for f in r.get("files", [])]
+                if download:
+                    for rel in files:
+                        sub, name = os.path.dirname(rel), os.path.basename(rel)
+                        data = await client.download(session, sub, name)
+                        dest = inside(download, *rel.split("/"))
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        atomic_write(dest, data)
+                status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"
+                manifest.record(job.video_id, status=status, server=url, seconds=round(time.monotonic() - t0, 2),
+                                files=files, job=asdict(job), **({} if status == "done" else
+                                                                 {"error": "the save node reported partial data"}))
+            except (ComfyError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+                manifest.record(job.video_id, status="failed", server=url, error=f"{type(e).__name__}: {e}",
+                                job=asdict(job))
+            counter["n"] += 1
+            entry = manifest.videos[job.video_id]
+            print("", file=sys.stderr)
+            log(f"[{counter['n']}/{len(jobs)}] {job.video_id} {entry['status']} on {url}"
+                + (f": {entry['error']}" if entry["status"] != "done" else f" ({entry['seconds']} s)"))
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(url, session) for url in servers))
+    failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
+    log(f"batch {batch_name}: {len(jobs) - len(failed)} done, {len(failed)} failed" +
+        (f" ({', '.join(failed)})" if failed else ""))
+    return manifest
