@@ -12,6 +12,7 @@ setup: $(VENV)/.core $(if $(COMFYUI_PATH),$(VENV)/.comfy)
 $(VENV)/.core: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps wan22==2.2.11  # the official Wan code, without its flash-attn requirement
 	touch $@
 
 $(VENV)/.comfy: $(VENV)/.core

@@ -2,6 +2,7 @@
 
 This package never imports ComfyUI; ``nodes/`` holds the ComfyUI glue.
 """
+from .adapters import CausalRecorder, record
 from .analyzer import AttentionAnalyzer, load_array
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
 from .grid import Grid, pool_spatial
@@ -15,7 +16,7 @@ from .tokens import TokenTracking, TrackedWord, TrackingError
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionAnalyzer", "SaveOptions", "StorageError", "TemplateError", "TokenTracking", "TrackedWord",
+    "AttentionAnalyzer", "CausalRecorder", "record", "SaveOptions", "StorageError", "TemplateError", "TokenTracking", "TrackedWord",
     "TrackingError", "expand_template", "load_array", "save_take", "AttentionCall", "BudgetError", "CROSS_IMAGE", "CROSS_TEXT", "FrameWindow", "Grid", "KeyLayout", "PlanError",
     "Recorder", "RecordingPlan", "SELF", "SinkStats", "Take", "branch_rows", "cross_attention_probs", "fingerprint",
     "parse_index_list", "pool_spatial", "score_window", "sink_statistics", "split_heads", "__version__",

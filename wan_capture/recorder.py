@@ -122,11 +122,12 @@ class Take:
         self._seen: set = set()
         self._budget_checked = False
         self._open_step: Optional[int] = None
+        self._dynamic_steps: Dict[float, int] = {}  # pass begun without a schedule: steps by first appearance
 
     # -- geometry -----------------------------------------------------------------------------------
     @property
     def total_steps(self) -> int:
-        return sum(len(s) - 1 for _, s in self.passes)
+        return sum(len(s) - 1 for _, s in self.passes) + len(self._dynamic_steps)
 
     @property
     def blocks(self) -> Tuple[int, ...]:
@@ -317,13 +318,23 @@ class Recorder:
         return self
 
     # -- passes ------------------------------------------------------------------------------------
-    def begin_pass(self, sigmas: Sequence[float], model: dict, input_fingerprint: Optional[str] = None,
+    def begin_pass(self, sigmas: Optional[Sequence[float]], model: dict, input_fingerprint: Optional[str] = None,
                    sampling: Optional[dict] = None) -> Take:
         """Start a sampling pass; it continues the latest take when it starts where that one stopped.
 
-        ``sampling`` (seed, cfg, ...) describes the sampler; the first pass's values are kept.
+        ``sampling`` (seed, cfg, ...) describes the sampler; the first pass's values are kept. ``sigmas=None``
+        (a pipeline whose schedule is not known): each new sigma or timestep seen is the next step.
         """
-        sigmas = [float(s) for s in sigmas]
+        sigmas = [float(s) for s in sigmas] if sigmas is not None else None
+        if sigmas is None:
+            take = Take(self.plan, model)
+            take.sampling = dict(sampling or {})
+            self.takes.append(take)
+            del self.takes[:-self.keep_takes]
+            take.passes.append((0, [0.0]))  # a pass of no scheduled steps; locate() numbers them as they come
+            take._dynamic = True
+            self.active = take
+            return take
         prev = self.takes[-1] if self.takes else None
         if (prev is not None and prev.status == "complete" and prev.passes and prev.model == dict(model)
                 and continues(prev.passes[-1][1], sigmas)
@@ -356,6 +367,9 @@ class Recorder:
         if self.active is None or not self.active.passes:
             return None, False
         offset, sigmas = self.active.passes[-1]
+        if getattr(self.active, "_dynamic", False):
+            steps = self.active._dynamic_steps
+            return steps.setdefault(float(sigma), len(steps)), True
         step, exact = step_of(sigma, sigmas)
         return (None, False) if step is None else (offset + step, exact)
 

@@ -1,0 +1,79 @@
+"""diffusers' ``WanTransformer3DModel``: recording processors around the model's own attention processors.
+
+Each block's ``attn1``/``attn2`` processor is wrapped (block and kind known, the original processor does the work);
+the q/k tap sits at ``dispatch_attention_fn`` in diffusers' Wan module while the context is open. All are restored.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
+from ..grid import Grid
+from .session import Session, timestep_of
+
+
+def is_diffusers_wan(model) -> bool:
+    return type(model).__name__ == "WanTransformer3DModel" and type(model).__module__.startswith("diffusers")
+
+
+class RecordingProcessor:
+    """Runs the original processor with the block and kind of its attention calls known to the session."""
+
+    def __init__(self, inner, session: Session, block: int, kinds):
+        self.inner, self.session, self.block, self.kinds = inner, session, block, kinds
+
+    def __call__(self, attn, *args, **kwargs):
+        self.session.enter(self.block, self.kinds)
+        try:
+            return self.inner(attn, *args, **kwargs)
+        finally:
+            self.session.leave()
+
+
+@contextmanager
+def attach(model, recorder, branch_order=("cond", "uncond")):
+    import diffusers.models.transformers.transformer_wan as tw
+    session = Session(recorder, branch_order)
+    original_dispatch = tw.dispatch_attention_fn
+
+    def tapped(query, key, value, *args, **kwargs):
+        return session.tap(query, key, lambda: original_dispatch(query, key, value, *args, **kwargs))
+
+    originals = dict(model.attn_processors)
+    wrapped = {}
+    for name, proc in originals.items():
+        _, block, which = name.split(".")[:3]
+        attn = getattr(model.blocks[int(block)], which)
+        kinds = (SELF,) if which == "attn1" else (
+            (CROSS_IMAGE, CROSS_TEXT) if getattr(attn, "add_k_proj", None) is not None else (CROSS_TEXT,))
+        wrapped[name] = RecordingProcessor(proc, session, int(block), kinds)
+
+    def pre_forward(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        pt, ph, pw = module.config.patch_size
+        f, h, w = x.shape[-3:]
+        session.begin_forward(timestep_of(t), x.shape[0], Grid(f // pt, h // ph, w // pw))
+
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    info = {"model_type": "diffusers-WanTransformer3DModel", "num_blocks": len(model.blocks), "num_heads": heads,
+            "head_dim": int(cfg.attention_head_dim), "patch_size": list(cfg.patch_size),
+            "vae_stride": [4, 16, 16] if cfg.out_channels == 48 else [4, 8, 8]}
+    hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
+             model.register_forward_hook(lambda *a: session.end_forward())]
+    model.set_attn_processor(wrapped)
+    tw.dispatch_attention_fn = tapped
+    recorder.begin_pass(None, info)
+    try:
+        yield recorder
+    except BaseException as e:
+        recorder.end_pass(error=e)
+        raise
+    else:
+        recorder.end_pass()
+    finally:
+        tw.dispatch_attention_fn = original_dispatch
+        model.set_attn_processor(originals)
+        for h in hooks:
+            h.remove()
