@@ -7,10 +7,18 @@ from .save_node import NODES as _SAVE
 from .tracker_node import NODES as _TRACKER
 
 
+def _register_routes() -> None:
+    from server import PromptServer  # only a running ComfyUI server has an instance
+    if getattr(PromptServer, "instance", None) is not None:
+        from .viewer_routes import register
+        register(PromptServer.instance.routes)
+
+
 class WanAttentionCaptureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*_ATTACH, *_TRACKER, *_SAVE, *_HEATMAP]
 
 
 async def comfy_entrypoint() -> WanAttentionCaptureExtension:
+    _register_routes()
     return WanAttentionCaptureExtension()

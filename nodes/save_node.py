@@ -36,6 +36,8 @@ class SaveAttentionMaps(io.ComfyNode):
                 io.Int.Input("video_number", default=1, min=0, max=99999,
                              tooltip="Number of the first video (batch items count up from it)."),
                 io.String.Input("prompt_id", default="", tooltip="Empty: the token tracker's id (prompt_000)."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The decoded frames: saved beside the maps for the viewer to draw over."),
             ],
             outputs=[io.String.Output(display_name="attention_maps_path")],
             hidden=[io.Hidden.unique_id],
@@ -43,14 +45,16 @@ class SaveAttentionMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, recorder, samples, batch_name, storage_format, compress, storage_interval, storage_dtype,
-                spatial_downsample_factor, video_number, prompt_id) -> io.NodeOutput:
+                spatial_downsample_factor, video_number, prompt_id, images=None) -> io.NodeOutput:
         take = take_for_latent(recorder, samples)
         opts = SaveOptions(storage_format=storage_format, compress=compress, storage_interval=storage_interval,
                            storage_dtype=storage_dtype, spatial_downsample_factor=spatial_downsample_factor,
                            video_number=video_number, prompt_id=prompt_id or None)
         out_dir = folder_paths.get_output_directory()
         pbar = comfy.utils.ProgressBar(plan_file_count(take, opts) * (take.batch or 1), node_id=cls.hidden.unique_id)
-        videos = save_take(take, out_dir, batch_name, opts, progress=lambda _path: pbar.update(1), version=__version__)
+        frames = None if images is None else images.float().cpu().numpy()
+        videos = save_take(take, out_dir, batch_name, opts, progress=lambda _path: pbar.update(1), version=__version__,
+                           frames=frames)
         rel = lambda p: os.path.relpath(p, out_dir).replace(os.sep, "/")  # noqa: E731
         ui = {"attention_maps": [{"video_id": v.video_id, "subfolder": rel(v.path), "status": v.status,
                                   "files": [rel(f) for f in v.files]} for v in videos]}

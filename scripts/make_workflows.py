@@ -44,7 +44,8 @@ def text(tracker_text, words=""):
 
 def outputs(recorder, samples, images, first_id=20, views=("token overlay", "token grid")):
     nodes = {
-        str(first_id): ("WanSaveAttentionMaps", {"recorder": recorder, "samples": samples, "batch_name": "wan_attention"}),
+        str(first_id): ("WanSaveAttentionMaps", {"recorder": recorder, "samples": samples, "images": images,
+                                                 "batch_name": "wan_attention"}),
     }
     for i, view in enumerate(views):
         hid, sid = str(first_id + 1 + 2 * i), str(first_id + 2 + 2 * i)

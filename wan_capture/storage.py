@@ -160,18 +160,35 @@ def plan_file_count(take: Take, opts: SaveOptions) -> int:
 
 
 def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
-              progress: Optional[Callable[[str], None]] = None, version: str = "") -> List[SavedVideo]:
-    """Write every video (batch item) of ``take``; returns where each went."""
+              progress: Optional[Callable[[str], None]] = None, version: str = "",
+              frames: Optional[np.ndarray] = None) -> List[SavedVideo]:
+    """Write every video (batch item) of ``take``; returns where each went.
+
+    ``frames``: the decoded videos ``[batch * T, H, W, 3]`` in [0, 1] (ComfyUI's IMAGE), kept as
+    ``frames/frame_NNNN.png`` in each video folder for the viewer to draw over.
+    """
     if take.grid is None:
         raise ValueError("this recording holds no attention data (nothing was recorded: check the plan's steps, "
                          "blocks and branch)")
     root = inside(output_root, safe_name(batch_name, "attention_batch"), "attention_maps")
     tracking = tracking_of(take)
     prompt_id = safe_name(opts.prompt_id or tracking.prompt_id, "prompt_000")
-    return [_save_video(take, tracking, root, prompt_id, b, opts, progress, version) for b in range(take.batch or 1)]
+    batch = take.batch or 1
+    if frames is not None and len(frames) % batch:
+        raise ValueError(f"{len(frames)} decoded frames do not split into the recording's {batch} videos")
+    per = None if frames is None else len(frames) // batch
+    return [_save_video(take, tracking, root, prompt_id, b, opts, progress, version,
+                        None if frames is None else frames[b * per:(b + 1) * per]) for b in range(batch)]
 
 
-def _save_video(take, tracking, root, prompt_id, b, opts, progress, version) -> SavedVideo:
+def _png(frame: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(frame[..., :3], 0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, frames=None) -> SavedVideo:
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
     folder = inside(root, video_id)
     os.makedirs(folder, exist_ok=True)
@@ -212,6 +229,9 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version) -> 
                 for (step, block, br), win in sorted(take.windows.items()):
                     if br == branch and step in steps:
                         _save_window(w, step, block, branch, b, prefix, win, base)
+        for t, frame in enumerate(frames if frames is not None else []):
+            w.write(f"frames/frame_{t:04d}.png", _png(frame))
+        summary["frames"] = 0 if frames is None else len(frames)
     except BaseException as e:
         summary["partial_reason"] = f"writing failed: {type(e).__name__}: {e}"
         summary["files_written"] = len(w.files)

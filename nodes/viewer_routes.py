@@ -1,0 +1,86 @@
+"""Server routes of the interactive viewer, on ComfyUI's PromptServer. Everything is read from ComfyUI's output
+folder only; other paths get 403, missing files 404, and nothing about the request's path is logged."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from aiohttp import web
+
+from ..wan_capture.analyzer import AttentionAnalyzer
+from ..wan_capture.slices import Refused, resolve, sink_slice, token_slice
+
+PREFIX = "/wan_capture"
+
+
+def _guard(handler):
+    async def wrapped(request):
+        try:
+            return await handler(request)
+        except Refused:
+            return web.json_response({"error": "forbidden"}, status=403)
+        except (FileNotFoundError, KeyError, IndexError):
+            return web.json_response({"error": "not found"}, status=404)
+        except ValueError:
+            return web.json_response({"error": "bad request"}, status=400)
+    return wrapped
+
+
+def _maps_dir(request) -> str:
+    return resolve(folder_paths.get_output_directory(), request.query.get("path", ""))
+
+
+def _video(request, maps_dir: str) -> str:
+    video = request.query.get("video", "")
+    resolve(maps_dir, video)
+    return video
+
+
+def register(routes) -> None:
+    @routes.get(PREFIX + "/videos")
+    @_guard
+    async def videos(request):
+        maps_dir = _maps_dir(request)
+        return web.json_response({"videos": AttentionAnalyzer(maps_dir).list_videos()})
+
+    @routes.get(PREFIX + "/summary")
+    @_guard
+    async def summary(request):
+        maps_dir = _maps_dir(request)
+        video = _video(request, maps_dir)
+        s = AttentionAnalyzer(maps_dir).summary(video)
+        s["frames_saved"] = sorted(n for n in _list(maps_dir, video, "frames") if n.endswith(".png"))
+        return web.json_response(s)
+
+    @routes.get(PREFIX + "/slice")
+    @_guard
+    async def slice_(request):
+        maps_dir = _maps_dir(request)
+        video = _video(request, maps_dir)
+        q = request.query
+        step, branch = int(q.get("step", "0")), q.get("branch", "cond")
+        if q.get("kind", "token") == "sink":
+            data, _ = sink_slice(maps_dir, video, step, branch, q.get("block", "mean"), q.get("head", "mean"))
+        else:
+            data, _ = token_slice(maps_dir, video, q["token"], step, branch, q.get("block", "mean"),
+                                  q.get("head", "mean"))
+        headers = {"X-Shape": ",".join(map(str, data.shape)), "Access-Control-Expose-Headers": "X-Shape",
+                   "Cache-Control": "no-store"}
+        return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",
+                            headers=headers)
+
+    @routes.get(PREFIX + "/frame")
+    @_guard
+    async def frame(request):
+        maps_dir = _maps_dir(request)
+        video = _video(request, maps_dir)
+        index = int(request.query.get("index", "0"))
+        path = resolve(maps_dir, f"{video}/frames/frame_{index:04d}.png")
+        return web.FileResponse(path)
+
+
+def _list(maps_dir: str, video: str, sub: str):
+    try:
+        return os.listdir(resolve(maps_dir, f"{video}/{sub}"))
+    except (FileNotFoundError, Refused):
+        return []

@@ -1,0 +1,111 @@
+"""The interactive viewer: its server routes (byte-exact slices, refused paths) and the page in a real browser."""
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from api_util import run_prompt
+from tiny_workflow import to_tiny
+from wan_capture import AttentionAnalyzer
+from wan_capture.colormaps import apply_colormap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODE_DIR = os.path.join(ROOT, ".cache", "node")
+
+
+@pytest.fixture(scope="module")
+def recording(comfy_server):
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api["7"]["inputs"].update(record_sink_stats=True, store_per_head=True)
+    api["20"]["inputs"]["batch_name"] = "viewer"
+    entry = run_prompt(comfy_server.url, to_tiny(api))
+    report = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]
+    return "viewer/attention_maps", report["video_id"]
+
+
+def fetch(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_slices_are_byte_exact(comfy_server, recording):
+    path, video = recording
+    an = AttentionAnalyzer(str(comfy_server.output / path))
+    status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=2&block=1&head=0")
+    assert status == 200 and headers["X-Shape"] == "3,4,4"
+    want = an.load_step(video, "flower", 2)[1, 0].mean(axis=-1).reshape(3, 4, 4).astype("<f4")
+    assert body == want.tobytes()
+    status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=sink&step=0")
+    want = an.load_self_attention(video, 0, "received").mean(axis=(0, 1)).reshape(3, 4, 4).astype("<f4")
+    assert status == 200 and body == want.tobytes()
+    status, _, body = fetch(f"{comfy_server.url}/wan_capture/summary?path={path}&video={video}")
+    summary = json.loads(body)
+    assert status == 200 and len(summary["frames_saved"]) == 9 and summary["frames"] == 9
+    status, headers, body = fetch(f"{comfy_server.url}/wan_capture/frame?path={path}&video={video}&index=4")
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paths_outside_the_output_folder_are_refused(comfy_server, recording, tmp_path):
+    path, video = recording
+    secret = tmp_path / "secret_dir"
+    (secret / video).mkdir(parents=True)
+    (secret / video / "summary.json").write_text("{}")
+    os.symlink(secret, comfy_server.output / "escape_link")
+    url = comfy_server.url + "/wan_capture"
+    for bad in ["../../etc", "/etc", "viewer/../../x", "escape_link", "viewer\\..\\..", ""]:
+        status, _, _ = fetch(f"{url}/videos?path={urllib.parse.quote(bad)}")
+        assert status in (403, 400), (bad, status)
+    assert fetch(f"{url}/summary?path={path}&video=..%2F..%2F..%2Fetc")[0] == 403
+    assert fetch(f"{url}/summary?path={path}&video=nope_vid001")[0] == 404
+    assert fetch(f"{url}/slice?path={path}&video={video}&token=rose&step=0")[0] == 404
+    assert fetch(f"{url}/frame?path={path}&video={video}&index=99")[0] == 404
+    log = open(comfy_server.log).read()
+    assert "secret_dir" not in log and "escape_link" not in log
+
+
+def playwright_ready():
+    if not shutil.which("node") or not os.path.exists("/usr/bin/chromium"):
+        return False
+    if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core")):
+        if not shutil.which("npm"):
+            return False
+        subprocess.run(["npm", "install", "--prefix", NODE_DIR, "--no-audit", "--no-fund", "playwright-core@1"],
+                       capture_output=True, timeout=300)
+    return os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core"))
+
+
+def test_viewer_in_chromium_draws_the_array(comfy_server, recording, tmp_path):
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm "
+                    "(playwright-core is installed into .cache/node)")
+    path, video = recording
+    script = os.path.join(NODE_DIR, "browser_viewer.mjs")
+    shutil.copy(os.path.join(ROOT, "tests", "browser_viewer.mjs"), script)
+    shot = os.path.join(ROOT, ".cache", "viewer_screenshot.png")  # kept as a test artefact
+    page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
+    out = subprocess.run(["node", script, page, shot], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["errors"], result["errors"]
+    an = AttentionAnalyzer(str(comfy_server.output / path))
+    steps = an.list_steps(video, "flower")
+    for key, step, frame in (("before", steps[0], 0), ("after", steps[-1], 1)):
+        r = result[key]
+        assert r["step"] == step and r["frame"] == frame and r["shape"] == [3, 4, 4]
+        maps = an.load_step(video, "flower", step).mean(axis=(0, 1, 3)).reshape(3, 4, 4)[frame]
+        lo, hi = maps.min(), maps.max()
+        np.testing.assert_allclose(r["range"], [lo, hi], rtol=1e-5)
+        want = np.round(apply_colormap((maps - lo) / (hi - lo), "viridis") * 255).reshape(-1, 3)
+        got = np.array(r["cells"])
+        assert np.abs(got - want).max() <= 2, (got, want)
+    assert result["before"]["cells"] != result["after"]["cells"]
+    assert os.path.getsize(shot) > 1000

@@ -1,0 +1,64 @@
+"""Slices of saved recordings for the interactive viewer: one step x block x head x token map as float32 bytes,
+read lazily, from files that must lie inside a given root (the ComfyUI output folder)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .analyzer import AttentionAnalyzer
+
+
+class Refused(PermissionError):
+    """The request points outside the allowed root (``..``, an absolute path, a symlink out)."""
+
+
+def resolve(root: str, rel: str) -> str:
+    """``root/rel`` if it exists and resolves (symlinks included) inside ``root``; else Refused/FileNotFoundError."""
+    if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.strip("/").split("/")):
+        raise Refused("path refused")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise Refused("path refused")
+    if not os.path.exists(real):
+        raise FileNotFoundError("not found")
+    return real
+
+
+def _axis(values: list, choice: str, name: str) -> Optional[int]:
+    """Position along a saved blocks/heads axis for a model index, or None for the mean."""
+    if choice in ("", "mean", "all") or values == [-1]:
+        return None
+    try:
+        return values.index(int(choice))
+    except ValueError:
+        raise FileNotFoundError(f"{name} {choice} was not saved; saved: {values}") from None
+
+
+def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = "cond", block: str = "mean",
+                head: str = "mean") -> Tuple[np.ndarray, dict]:
+    """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
+    an = AttentionAnalyzer(maps_dir)
+    b = "" if branch == "cond" else branch
+    data = an.load_step(video, token, step, b)  # [blocks, heads, spatial, pieces]
+    meta = an.load_metadata(video, token, step, b)
+    bi, hi = _axis(meta["blocks"], block, "block"), _axis(meta["heads"], head, "head")
+    data = data.mean(axis=0) if bi is None else data[bi]
+    data = data.mean(axis=0) if hi is None else data[hi]
+    f, h, w = meta["map_grid"]
+    return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
+
+
+def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
+               head: str = "mean") -> Tuple[np.ndarray, dict]:
+    """``[F, H, W]`` attention received per key at one step, on the latent grid."""
+    an = AttentionAnalyzer(maps_dir)
+    summary = an.summary(video)
+    data = an.load_self_attention(video, step, "received", "" if branch == "cond" else branch)
+    bi, hi = _axis(summary["blocks"], block, "block"), _axis(summary["heads"], head, "head")
+    data = data.mean(axis=0) if bi is None else data[bi]
+    data = data.mean(axis=0) if hi is None else data[hi]
+    f, h, w = summary["latent_grid"]
+    return np.ascontiguousarray(data.reshape(f, h, w), dtype=np.float32), summary

@@ -1,0 +1,195 @@
+// Wan Attention Capture: the interactive viewer, shared by the node widget and viewer.html.
+// Exports only (ComfyUI loads every .js here as an extension): a recording is browsed slice by slice from the
+// server routes /wan_capture/* as float32 bytes, drawn on a canvas over the decoded frame when it was saved.
+
+const ANCHORS = {
+  viridis: "440154 472d7b 3b528b 2c728e 21918c 28ae80 5ec962 addc30 fde725",
+  inferno: "000004 1f0c48 550f6d 88226a ba3655 e35932 f98c0a f9c932 fcffa4",
+  magma: "000004 1c1044 4f127b 812581 b5367a e55064 fb8761 fec287 fcfdbf",
+};
+export const COLORMAPS = ["viridis", "inferno", "magma", "turbo", "jet", "gray"];
+export const NORMALIZE = ["per_frame", "per_video", "fixed", "percentile"];
+
+const clamp = (x) => Math.min(1, Math.max(0, x));
+
+/** RGB (0..255) of value x in [0, 1], the same maps as the Python renderer. */
+export function colormap(name, x) {
+  x = clamp(Number.isFinite(x) ? x : 0);
+  if (ANCHORS[name]) {
+    const cols = ANCHORS[name].split(" ").map((h) => [0, 2, 4].map((i) => parseInt(h.slice(i, i + 2), 16)));
+    const pos = x * (cols.length - 1);
+    const i = Math.min(cols.length - 2, Math.floor(pos));
+    const f = pos - i;
+    return cols[i].map((c, k) => Math.round(c + (cols[i + 1][k] - c) * f));
+  }
+  let rgb;
+  if (name === "turbo") {
+    rgb = [
+      0.13572138 + x * (4.6153926 + x * (-42.66032258 + x * (132.13108234 + x * (-152.94239396 + x * 59.28637943)))),
+      0.09140261 + x * (2.19418839 + x * (4.84296658 + x * (-14.18503333 + x * (4.27729857 + x * 2.82956604)))),
+      0.1066733 + x * (12.64194608 + x * (-60.58204836 + x * (110.36276771 + x * (-89.90310912 + x * 27.34824973)))),
+    ];
+  } else if (name === "jet") {
+    rgb = [1.5 - Math.abs(4 * x - 3), 1.5 - Math.abs(4 * x - 2), 1.5 - Math.abs(4 * x - 1)];
+  } else {
+    rgb = [x, x, x];
+  }
+  return rgb.map((c) => Math.round(clamp(c) * 255));
+}
+
+function range(values, mode, vmin, vmax) {
+  if (mode === "fixed") return [vmin, vmax];
+  if (mode === "percentile") {
+    const s = Float32Array.from(values).sort();
+    const at = (p) => s[Math.min(s.length - 1, Math.max(0, Math.round((p / 100) * (s.length - 1))))];
+    return [at(1), at(99)];
+  }
+  let lo = Infinity, hi = -Infinity;
+  for (const v of values) { if (v < lo) lo = v; if (v > hi) hi = v; }
+  return [lo, hi];
+}
+
+export class Viewer {
+  constructor(root, apiBase = "") {
+    this.api = apiBase;
+    this.root = root;
+    this.root.classList.add("wan-capture-viewer");
+    this.root.innerHTML = `
+      <div class="wcv-row"><input class="wcv-path" placeholder="batch/attention_maps" size="28">
+        <select class="wcv-video"></select><button class="wcv-open">open</button></div>
+      <div class="wcv-row"><select class="wcv-token"></select><select class="wcv-branch"></select>
+        <select class="wcv-cmap"></select><select class="wcv-norm"></select>
+        alpha <input class="wcv-alpha" type="range" min="0" max="1" step="0.05" value="0.6"></div>
+      <div class="wcv-row">step <input class="wcv-step" type="range" min="0" max="0" value="0"><span class="wcv-step-v"></span>
+        block <select class="wcv-block"></select> head <select class="wcv-head"></select>
+        frame <input class="wcv-frame" type="range" min="0" max="0" value="0"><span class="wcv-frame-v"></span></div>
+      <canvas class="wcv-canvas" width="320" height="180"></canvas>
+      <div class="wcv-readout">&nbsp;</div><div class="wcv-legend"></div>`;
+    this.$ = (c) => this.root.querySelector(".wcv-" + c);
+    for (const c of COLORMAPS) this.$("cmap").add(new Option(c, c));
+    for (const n of NORMALIZE) this.$("norm").add(new Option(n, n));
+    this.$("cmap").value = "inferno";
+    this.$("norm").value = "per_video";
+    this.$("open").onclick = () => this.open(this.$("path").value, this.$("video").value);
+    for (const c of ["token", "branch", "step", "block", "head"]) this.$(c).oninput = () => this.load();
+    for (const c of ["frame", "cmap", "norm", "alpha"]) this.$(c).oninput = () => this.draw();
+    this.$("canvas").onmousemove = (e) => this.hover(e);
+    this.slice = null;
+  }
+
+  async json(route, params) {
+    const r = await fetch(`${this.api}/wan_capture/${route}?${new URLSearchParams(params)}`);
+    if (!r.ok) throw new Error(`${route}: HTTP ${r.status}`);
+    return r.json();
+  }
+
+  async open(path, video) {
+    this.path = path;
+    this.$("path").value = path;
+    const list = (await this.json("videos", { path })).videos;
+    const sel = this.$("video");
+    sel.innerHTML = "";
+    for (const v of list) sel.add(new Option(v, v));
+    sel.value = video && list.includes(video) ? video : list[0];
+    this.summary = await this.json("summary", { path, video: sel.value });
+    const s = this.summary;
+    const fill = (el, items) => { el.innerHTML = ""; for (const [v, t] of items) el.add(new Option(t, v)); };
+    fill(this.$("token"), [...(s.tokens || []).map((t) => [t.label, `token: ${t.label}`]),
+      ...(s.self_attention ? [["__sink__", "attention received (sinks)"]] : [])]);
+    fill(this.$("branch"), s.branches.map((b) => [b, b]));
+    fill(this.$("block"), [["mean", "mean"], ...s.blocks.filter((b) => b >= 0).map((b) => [String(b), String(b)])]);
+    fill(this.$("head"), [["mean", "mean"], ...s.heads.filter((h) => h >= 0).map((h) => [String(h), String(h)])]);
+    this.$("step").max = String(s.steps.length - 1);
+    this.$("step").value = "0";
+    this.frames = {};
+    await this.load();
+  }
+
+  async load() {
+    const s = this.summary;
+    const step = s.steps[Number(this.$("step").value)];
+    this.$("step-v").textContent = ` ${step} `;
+    const token = this.$("token").value;
+    const params = { path: this.path, video: this.$("video").value, step, branch: this.$("branch").value,
+      block: this.$("block").value, head: this.$("head").value };
+    if (token === "__sink__") params.kind = "sink"; else params.token = token;
+    const id = (this.loadId = (this.loadId || 0) + 1);
+    this.root.dataset.ready = "0";
+    const r = await fetch(`${this.api}/wan_capture/slice?${new URLSearchParams(params)}`);
+    if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
+    const shape = r.headers.get("X-Shape").split(",").map(Number);
+    const data = new Float32Array(await r.arrayBuffer());
+    if (id !== this.loadId) return;  // a later request superseded this one
+    this.slice = { data, shape, step, token };
+    this.$("frame").max = String(shape[0] - 1);
+    if (Number(this.$("frame").value) > shape[0] - 1) this.$("frame").value = "0";
+    await this.draw();
+  }
+
+  async frameImage(t) {
+    const saved = this.summary.frames_saved || [];
+    if (!saved.length) return null;
+    const pixel = Math.min(saved.length - 1, t === 0 ? 0 : 4 * t - 3);  // latent frame t covers 4t-3..4t
+    if (!(pixel in this.frames)) {
+      const img = new Image();
+      img.src = `${this.api}/wan_capture/frame?${new URLSearchParams({ path: this.path, video: this.$("video").value, index: pixel })}`;
+      await img.decode().catch(() => null);
+      this.frames[pixel] = img.complete && img.naturalWidth ? img : null;
+    }
+    return this.frames[pixel];
+  }
+
+  async draw() {
+    if (!this.slice) return;
+    const id = (this.drawId = (this.drawId || 0) + 1);  // a later draw supersedes this one
+    this.root.dataset.ready = "0";
+    const [F, h, w] = this.slice.shape;
+    const t = Number(this.$("frame").value);
+    this.$("frame-v").textContent = ` ${t} `;
+    const frame = this.slice.data.subarray(t * h * w, (t + 1) * h * w);
+    const mode = this.$("norm").value;
+    const [lo, hi] = range(mode === "per_video" ? this.slice.data : frame, mode, 0, 1);
+    const img = await this.frameImage(t);
+    if (id !== this.drawId) return;
+    const canvas = this.$("canvas");
+    const cell = Math.max(1, Math.floor(320 / w));
+    canvas.width = img ? img.naturalWidth : w * cell;
+    canvas.height = img ? img.naturalHeight : h * cell;
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    if (img) ctx.drawImage(img, 0, 0);
+    const base = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const alpha = img ? Number(this.$("alpha").value) : 1;
+    const span = hi > lo ? hi - lo : 1;
+    for (let y = 0; y < canvas.height; y++) {
+      const cy = Math.min(h - 1, Math.floor((y * h) / canvas.height));
+      for (let x = 0; x < canvas.width; x++) {
+        const cx = Math.min(w - 1, Math.floor((x * w) / canvas.width));
+        const rgb = colormap(this.$("cmap").value, (frame[cy * w + cx] - lo) / span);
+        const o = (y * canvas.width + x) * 4;
+        for (let k = 0; k < 3; k++) base.data[o + k] = Math.round((1 - alpha) * base.data[o + k] + alpha * rgb[k]);
+        base.data[o + 3] = 255;
+      }
+    }
+    ctx.putImageData(base, 0, 0);
+    this.range = [lo, hi];
+    this.$("legend").textContent = `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}`;
+    this.drawn = { step: this.slice.step, frame: t, token: this.slice.token };
+    this.root.dataset.ready = "1";
+  }
+
+  hover(e) {
+    if (!this.slice) return;
+    const [, h, w] = this.slice.shape;
+    const canvas = this.$("canvas");
+    const r = canvas.getBoundingClientRect();
+    const cx = Math.min(w - 1, Math.floor(((e.clientX - r.left) / r.width) * w));
+    const cy = Math.min(h - 1, Math.floor(((e.clientY - r.top) / r.height) * h));
+    const t = Number(this.$("frame").value);
+    const v = this.slice.data[t * h * w + cy * w + cx];
+    this.$("readout").textContent = `step ${this.slice.step}, frame ${t}, cell (${cy}, ${cx}): ${v.toPrecision(4)}`;
+  }
+}
+
+export const STYLE = `.wan-capture-viewer{font:12px sans-serif;color:#ddd}.wan-capture-viewer .wcv-row{margin:2px 0}
+.wan-capture-viewer canvas{image-rendering:pixelated;width:480px;max-width:100%;border:1px solid #444}`;
