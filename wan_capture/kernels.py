@@ -23,6 +23,15 @@ MAX_FRAMES = 128  # frame accumulators live in registers: longer videos fall bac
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with float32 accumulation; IEEE float32 for float32 inputs (Triton would use TF32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _visible(offs_q_abs, offs_k, Lk, frame_tokens, CAUSAL: tl.constexpr):
     valid = offs_k[None, :] < Lk
     if CAUSAL == 1:
@@ -42,10 +51,7 @@ def _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, L
         k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=offs_n[:, None] < Lk, other=0.0)
     else:
         k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = _dot(q, tl.trans(k), IEEE)
     if MASKED:
         valid = _visible(q_abs, offs_n, Lk, frame_tokens, CAUSAL)
         s = tl.where(valid, s, float("-inf"))
@@ -130,10 +136,7 @@ def _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pi
     else:
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
         lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
-    if IEEE:
-        s = tl.dot(k, tl.trans(q), input_precision="ieee")
-    else:
-        s = tl.dot(k, tl.trans(q))
+    s = _dot(k, tl.trans(q), IEEE)
     if MASKED:
         q_abs = offs_m + q_offset
         valid = (offs_m[None, :] < Lq) & (offs_n[:, None] < Lk)
@@ -203,11 +206,7 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(K + r * sk_r + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d,
                     mask=offs_n[:, None] < Lk, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(offs_n[None, :] < Lk, s * scale_log2, float("-inf"))
+        s = tl.where(offs_n[None, :] < Lk, _dot(q, tl.trans(k), IEEE) * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m = m_new
@@ -215,10 +214,7 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
     offs_t = tl.arange(0, TP)
     pos = tl.load(POS + offs_t, mask=offs_t < T, other=0)
     kt = tl.load(K + r * sk_r + h * sk_h + pos[:, None] * sk_l + offs_d[None, :] * sk_d)
-    if IEEE:
-        st = tl.dot(q, tl.trans(kt), input_precision="ieee")
-    else:
-        st = tl.dot(q, tl.trans(kt))
+    st = _dot(q, tl.trans(kt), IEEE)
     p = tl.exp2(st * scale_log2 - lse2[:, None])
     tl.store(OUT + (pid_bh * Lq + offs_m[:, None]) * T + offs_t[None, :], p,
              mask=(offs_m[:, None] < Lq) & (offs_t[None, :] < T))

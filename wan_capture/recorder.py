@@ -122,7 +122,8 @@ class Take:
         self._seen: set = set()
         self._budget_checked = False
         self._open_step: Optional[int] = None
-        self._dynamic_steps: Dict[float, int] = {}  # pass begun without a schedule: steps by first appearance
+        self._dynamic = False  # a pass begun without a schedule numbers its steps by first appearance
+        self._dynamic_steps: Dict[float, int] = {}
 
     # -- geometry -----------------------------------------------------------------------------------
     @property
@@ -367,7 +368,7 @@ class Recorder:
         if self.active is None or not self.active.passes:
             return None, False
         offset, sigmas = self.active.passes[-1]
-        if getattr(self.active, "_dynamic", False):
+        if self.active._dynamic:
             steps = self.active._dynamic_steps
             return steps.setdefault(float(sigma), len(steps)), True
         step, exact = step_of(sigma, sigmas)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
-from .session import Session, timestep_of
+from .session import Session, recording_pass, timestep_of
 
 
 def is_diffusers_wan(model) -> bool:
@@ -62,18 +62,13 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
             "vae_stride": [4, 16, 16] if cfg.out_channels == 48 else [4, 8, 8]}
     hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
              model.register_forward_hook(lambda *a: session.end_forward())]
-    model.set_attn_processor(wrapped)
-    tw.dispatch_attention_fn = tapped
-    recorder.begin_pass(None, info)
-    try:
-        yield recorder
-    except BaseException as e:
-        recorder.end_pass(error=e)
-        raise
-    else:
-        recorder.end_pass()
-    finally:
+    def undo():
         tw.dispatch_attention_fn = original_dispatch
         model.set_attn_processor(originals)
         for h in hooks:
             h.remove()
+
+    model.set_attn_processor(wrapped)
+    tw.dispatch_attention_fn = tapped
+    with recording_pass(recorder, info, undo) as rec:
+        yield rec

@@ -12,7 +12,7 @@ import torch
 
 from ..call import CROSS_TEXT, SELF
 from ..grid import Grid
-from .session import Session, timestep_of
+from .session import Session, recording_pass, timestep_of
 
 
 def is_official(model) -> bool:
@@ -75,16 +75,11 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
     info = {"model_type": "wan-official", "num_blocks": len(model.blocks), "num_heads": int(model.num_heads),
             "head_dim": int(model.dim // model.num_heads), "patch_size": list(model.patch_size),
             "vae_stride": [4, 16, 16] if model.out_dim == 48 else [4, 8, 8]}
-    wm.flash_attention = tapped
-    recorder.begin_pass(None, info)
-    try:
-        yield recorder
-    except BaseException as e:
-        recorder.end_pass(error=e)
-        raise
-    else:
-        recorder.end_pass()
-    finally:
+    def undo():
         wm.flash_attention = original
         for h in hooks:
             h.remove()
+
+    wm.flash_attention = tapped
+    with recording_pass(recorder, info, undo) as rec:
+        yield rec

@@ -1,6 +1,7 @@
 """What every adapter shares: the model evaluation in flight, the attention module running, and the tap."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -70,3 +71,18 @@ def timestep_of(t) -> float:
     if isinstance(t, torch.Tensor):
         return float(t.detach().float().max())
     return float(t)
+
+
+@contextmanager
+def recording_pass(recorder: Recorder, info: dict, undo: Callable[[], None]):
+    """One pass of a pipeline: steps numbered as they come, partial on error, and ``undo()`` always run."""
+    recorder.begin_pass(None, info)
+    try:
+        yield recorder
+    except BaseException as e:
+        recorder.end_pass(error=e)
+        raise
+    else:
+        recorder.end_pass()
+    finally:
+        undo()
