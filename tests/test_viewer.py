@@ -109,3 +109,21 @@ def test_viewer_in_chromium_draws_the_array(comfy_server, recording, tmp_path):
         assert np.abs(got - want).max() <= 2, (got, want)
     assert result["before"]["cells"] != result["after"]["cells"]
     assert os.path.getsize(shot) > 1000
+
+
+def test_frontend_loads_an_example_and_the_save_node_has_the_viewer(comfy_server):
+    """The real ComfyUI frontend: our extension registers, a UI example loads whole, the Save node carries the viewer."""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    script = os.path.join(NODE_DIR, "browser_frontend.mjs")
+    shutil.copy(os.path.join(ROOT, "tests", "browser_frontend.mjs"), script)
+    example = os.path.join(ROOT, "example_workflows", "wan21_t2v_attention.json")
+    shot = os.path.join(ROOT, ".cache", "frontend_screenshot.png")
+    out = subprocess.run(["node", script, comfy_server.url, example, shot], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["errors"], result["errors"]
+    wf = json.load(open(example))
+    assert result["types"] == sorted(n["type"] for n in wf["nodes"])
+    assert result["links"] == len(wf["links"])
+    assert result["hasViewer"] and "attention_viewer" in result["saveWidgets"]

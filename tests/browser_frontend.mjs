@@ -1,0 +1,37 @@
+// Opens the real ComfyUI frontend in Debian's chromium, loads a UI workflow, reports what the graph holds.
+// Usage: node browser_frontend.mjs URL WORKFLOW_JSON OUT_PNG
+import { chromium } from "playwright-core";
+import { readFileSync } from "fs";
+
+const [url, workflowPath, shot] = process.argv.slice(2);
+const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+const errors = [];
+page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ")));
+page.on("console", (m) => { if (m.type() === "error" && /wan|viewer/i.test(m.text())) errors.push(m.text()); });
+await page.goto(url);
+await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager !== undefined, null, { timeout: 90000 });
+await page.waitForFunction(() => (window.app.extensions || []).some((e) => e.name === "wan_attention_capture.viewer"), null, { timeout: 30000 });
+await page.waitForTimeout(1500);
+const startup = errors.splice(0);  // errors the frontend raises on its own, before our workflow is loaded
+const result = await page.evaluate(async (wf) => {
+  await window.app.loadGraphData(wf);
+  const nodes = window.app.graph._nodes || window.app.graph.nodes;
+  const save = nodes.find((n) => n.type === "WanSaveAttentionMaps");
+  return {
+    types: nodes.map((n) => n.type).sort(),
+    links: Object.keys(window.app.graph.links || {}).length || (window.app.graph.links?.size ?? 0),
+    saveWidgets: save ? save.widgets.map((w) => w.name) : null,
+    hasViewer: !!(save && save.wanViewer),
+  };
+}, workflow);
+await page.keyboard.press("Escape");  // the first-run template dialog
+await page.waitForTimeout(500);
+await page.screenshot({ path: shot });
+console.log(JSON.stringify({ ...result, errors, startup }));
+await browser.close();
