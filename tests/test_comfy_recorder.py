@@ -229,3 +229,22 @@ def test_node_schema_and_execute(pack, models):
     with pytest.raises(core(pack).PlanError, match="blocks"):
         node.execute(model=models["t2v"], **bad)
     assert math.isfinite(float(rec.latest.cross[(0, "cond")].float().sum()))
+
+
+def test_sampler_custom_advanced_records_and_returns_the_same_latent(pack, models):
+    from comfy_extras import nodes_custom_sampler as cs
+    pos, neg = conditioning("t2v", 1), conditioning("t2v", 2)
+    latent = empty_latent("t2v")
+
+    def run(model):
+        guider = cs.CFGGuider().get_guider(model, pos, neg, 3.0)[0]
+        sigmas = cs.BasicScheduler().get_sigmas(model, "simple", 4, 1.0)[0]
+        sampler = cs.KSamplerSelect().get_sampler("euler")[0]
+        return cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(5)[0], guider, sampler, sigmas, latent)[0]
+    plain = run(models["t2v"])
+    model, rec = attach(pack, models["t2v"], text_positions=(0, 3), branch="both", storage_dtype="float32")
+    out = run(model)
+    assert torch.equal(out["samples"], plain["samples"])
+    take = recording(pack).take_for_latent(rec, out)
+    assert take.steps == [0, 1, 2, 3] and take.sampling["cfg"] == 3.0 and take.cross[(3, "uncond")].shape == (1, 2, 2, 48, 2)
+    torch.testing.assert_close(take.cross[(0, "cond")].sum(-1) <= 1.0 + 1e-6, torch.ones(1, 2, 2, 48, dtype=torch.bool))
