@@ -16,6 +16,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     for token in an.list_tokens(video):
         evo = an.get_temporal_evolution(video, token)  # [steps, spatial, pieces]
         peak = an.get_spatial_attention_map(video, token, step=an.list_steps(video, token)[-1])[0]
-        f, y, x = (int(i) for i in __import__("numpy").unravel_index(peak.argmax(), peak.shape))
+        f, y, x = (int(i) for i in np.unravel_index(peak.argmax(), peak.shape))
         print(f"  token '{token}': {evo.shape[0]} steps, last-step attention peaks at frame {f}, pixel ({x}, {y})")
     heat = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, names in os.walk(os.path.join(out, "demo"))
                   for n in names if n.endswith((".webp", ".png")))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, tiny_clip, tiny_spiece_model,
-                           tiny_wan_checkpoint)
+                           tiny_wan_checkpoint, widget_defaults)
 
 pytestmark = needs_comfy
 
@@ -25,9 +25,7 @@ def scene(tmp_path_factory):
     spec, prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
         clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)", mode="weighted", words="", variation=0).args
     attach = mod("attach_node").AttachAttentionRecorder
-    widgets = {i.id: getattr(i, "default", None) for i in attach.GET_SCHEMA().inputs
-               if i.id not in ("model", "token_tracking", "share_recorder")}
-    widgets.update(record_sink_stats=True, store_per_head=True, window_query_frames="1")
+    widgets = widget_defaults(attach, record_sink_stats=True, store_per_head=True, window_query_frames="1")
     recorded, rec = attach.execute(model=model, token_tracking=spec, **widgets).args
     pos, neg = nodes.CLIPTextEncode().encode(clip, prompt)[0], nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = ksampler(recorded, pos, neg, empty_latent("t2v"))

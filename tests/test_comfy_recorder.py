@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_harness import (conditioning, empty_latent, ksampler, ksampler_advanced, load_comfy, load_model,
-                           needs_comfy, tiny_wan_checkpoint)
+                           needs_comfy, tiny_wan_checkpoint, widget_defaults)
 from reference import naive_probs, naive_scores, naive_sink
 
 pytestmark = needs_comfy
@@ -219,8 +219,7 @@ def test_node_schema_and_execute(pack, models):
     node = pack.nodes.attach_node.AttachAttentionRecorder
     schema = node.GET_SCHEMA()
     assert schema.node_id == "WanAttachAttentionRecorder"
-    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs if i.id not in ("model", "token_tracking",
-                                                                                         "share_recorder")}
+    defaults = widget_defaults(node)
     out = node.execute(model=models["t2v"], **defaults)
     model, rec = out.args
     ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, tiny_clip, tiny_spiece_model,
-                           tiny_wan_checkpoint)
+                           tiny_wan_checkpoint, widget_defaults)
 
 pytestmark = needs_comfy
 
@@ -22,9 +22,7 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
         clip=clip, text="a [(flower:2.5) near a tree|(tree:3) next to a flower]", mode="weighted", words="",
         variation=1).args
     attach = mod("attach_node").AttachAttentionRecorder
-    widgets = {i.id: getattr(i, "default", None) for i in attach.GET_SCHEMA().inputs
-               if i.id not in ("model", "token_tracking", "share_recorder")}
-    widgets.update(record_sink_stats=True, store_per_head=True, branch="both")
+    widgets = widget_defaults(attach, record_sink_stats=True, store_per_head=True, branch="both")
     recorded, rec = attach.execute(model=model, token_tracking=spec, **widgets).args
     pos, neg = nodes.CLIPTextEncode().encode(clip, prompt)[0], nodes.CLIPTextEncode().encode(clip, "")[0]
     first = ksampler(recorded, pos, neg, empty_latent("t2v", batch=2), seed=3)

@@ -1,5 +1,6 @@
 """Write then read back: arrays, metadata, the seed's own usage script, failures and hostile names."""
 import gzip
+import io
 import itertools
 import json
 import os
@@ -183,4 +184,4 @@ def test_symlink_out_of_the_output_folder_is_refused(tmp_path):
 def test_gzip_files_are_gzip(tmp_path):
     save_take(recorded(), str(tmp_path), "b", SaveOptions(compress=True))
     path = tmp_path / "b" / "attention_maps" / "prompt_000_vid001" / "token_tree" / "step_000.npy.gz"
-    np.load(__import__("io").BytesIO(gzip.decompress(path.read_bytes())))
+    np.load(io.BytesIO(gzip.decompress(path.read_bytes())))

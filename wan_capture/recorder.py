@@ -326,19 +326,11 @@ class Recorder:
         ``sampling`` (seed, cfg, ...) describes the sampler; the first pass's values are kept. ``sigmas=None``
         (a pipeline whose schedule is not known): each new sigma or timestep seen is the next step.
         """
-        sigmas = [float(s) for s in sigmas] if sigmas is not None else None
-        if sigmas is None:
-            take = Take(self.plan, model)
-            take.sampling = dict(sampling or {})
-            self.takes.append(take)
-            del self.takes[:-self.keep_takes]
-            take.passes.append((0, [0.0]))  # a pass of no scheduled steps; locate() numbers them as they come
-            take._dynamic = True
-            self.active = take
-            return take
+        dynamic = sigmas is None
+        sigmas = [] if dynamic else [float(s) for s in sigmas]
         prev = self.takes[-1] if self.takes else None
-        if (prev is not None and prev.status == "complete" and prev.passes and prev.model == dict(model)
-                and continues(prev.passes[-1][1], sigmas)
+        if (not dynamic and prev is not None and prev.status == "complete" and prev.passes
+                and prev.model == dict(model) and continues(prev.passes[-1][1], sigmas)
                 and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint)):
             take = prev
             take.status = "recording"
@@ -347,9 +339,11 @@ class Recorder:
             take = Take(self.plan, model)
             take.input_fingerprint = input_fingerprint
             take.sampling = dict(sampling or {})
+            take._dynamic = dynamic
             self.takes.append(take)
             del self.takes[:-self.keep_takes]
-        take.passes.append((take.total_steps, sigmas))
+        # a dynamic pass has no scheduled steps ([0.0]); locate() numbers its steps as they come
+        take.passes.append((take.total_steps, [0.0] if dynamic else sigmas))
         take._seen.clear()
         self.active = take
         return take
