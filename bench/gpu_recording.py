@@ -55,16 +55,12 @@ def build_model(blocks: int):
 
 
 def install(pack, model, plan, to: dict):
-    """What attach_recorder puts in model_options, put straight into transformer_options."""
+    """The Attach node's patch points, installed into ``transformer_options`` through the public install function."""
     ca = importlib.import_module(PACK + ".nodes.comfy_attach")
     wc = pack.wan_capture
     rec = wc.Recorder(plan)
-    info = {"num_blocks": len(model.blocks), "num_heads": 12, "head_dim": 128, "patch_size": [1, 2, 2]}
-    state = ca._State(rec, info, (wc.SELF, wc.CROSS_TEXT), None, None)
-    to["optimized_attention_override"] = ca._make_override(state)
-    to["patches_replace"] = {"dit": {("double_block", i): ca._make_block_patch(state, i, None)
-                                     for i in range(len(model.blocks))}}
-    to["wrappers"] = {"diffusion_model": {ca.KEY: [ca._make_forward(state)]}}
+    info = wc.describe_model(model, model_type="WAN21")
+    ca.install_recorder(to, rec, info)
     return rec, info
 
 

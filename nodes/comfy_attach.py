@@ -12,36 +12,23 @@ original) run as before, and nothing is left behind after sampling.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import comfy.patcher_extension as patcher_extension
 
-from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, Grid, Recorder, branch_rows, fingerprint
+from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, Grid, Recorder, branch_rows, fingerprint
+from ..wan_capture.model_info import ModelInfo, describe_model
+from ..wan_capture.tracker import CallTracker, Evaluation
 
 KEY = "wan_attention_capture"
-HEAD_DIM = 128
 
 
-@dataclass
-class _Forward:
-    """What is known about the model evaluation in flight."""
+class _Comfy(CallTracker):
+    """The call tracker plus what the ComfyUI patch points need: the sampling's sigmas and an earlier override."""
 
-    grid: Grid
-    step: Optional[int]
-    exact: bool
-    sigma: float
-    timestep: Optional[float]
-    branches: Tuple[str, ...]
-    block: Optional[int] = None
-    calls: int = 0
-
-
-class _State:
-    def __init__(self, recorder: Recorder, info: dict, kinds: Tuple[str, ...], model_sampling, previous_override):
-        self.recorder, self.info, self.kinds = recorder, info, kinds
+    def __init__(self, recorder: Recorder, info: ModelInfo, kinds, model_sampling, previous_override):
+        super().__init__(recorder, info, kinds)
         self.model_sampling, self.previous = model_sampling, previous_override
-        self.fwd: Optional[_Forward] = None
 
 
 def wan_diffusion_model(model_patcher):
@@ -59,26 +46,11 @@ def wan_diffusion_model(model_patcher):
     return dm
 
 
-def model_info(model_patcher) -> Tuple[dict, Tuple[str, ...]]:
+def model_info(model_patcher) -> Tuple[ModelInfo, Tuple[str, ...]]:
     """Facts about the Wan model the recording depends on, and the kinds of its per-block attention calls."""
     dm = wan_diffusion_model(model_patcher)
-    i2v = type(dm.blocks[0].cross_attn).__name__ == "WanI2VCrossAttention"
-    latent_channels = int(dm.out_dim)
-    vae_spatial = 16 if latent_channels == 48 else 8  # the Wan 2.2 TI2V VAE compresses 16x, Wan 2.1's 8x
-    info = {
-        "model_type": type(model_patcher.model).__name__,
-        "diffusion_model": type(dm).__name__,
-        "num_blocks": len(dm.blocks),
-        "num_heads": int(dm.num_heads),
-        "head_dim": int(dm.dim // dm.num_heads),
-        "dim": int(dm.dim),
-        "cross_attention": "i2v" if i2v else "t2v",
-        "in_channels": int(dm.patch_embedding.weight.shape[1]),
-        "patch_size": list(dm.patch_size),
-        "latent_channels": latent_channels,
-        "vae_stride": [4, vae_spatial, vae_spatial],
-    }
-    kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if i2v else (SELF, CROSS_TEXT)
+    info = describe_model(dm, model_type=type(model_patcher.model).__name__)
+    kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (SELF, CROSS_TEXT)
     return info, kinds
 
 
@@ -92,7 +64,7 @@ def _transformer_options(args, kwargs) -> dict:
     return {}
 
 
-def _make_outer_sample(state: _State):
+def _make_outer_sample(state: _Comfy):
     def outer_sample(executor, *args, **kwargs):
         # args: noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed
         latent_image, sigmas = args[1], args[3]
@@ -105,15 +77,15 @@ def _make_outer_sample(state: _State):
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, marked partial
             state.recorder.end_pass(error=e)
-            state.fwd = None
+            state.end_evaluation()
             raise
         state.recorder.end_pass(output_fingerprint=fingerprint(out))
-        state.fwd = None
+        state.end_evaluation()
         return out
     return outer_sample
 
 
-def _make_forward(state: _State):
+def _make_forward(state: _Comfy):
     def forward(executor, *args, **kwargs):
         x = args[0]
         to = _transformer_options(args, kwargs)
@@ -125,73 +97,88 @@ def _make_forward(state: _State):
             t += time_dim_concat.shape[-3]
         if "reference_latent" in kwargs and getattr(executor.class_obj, "ref_conv", None) is not None:
             t += 1
-        grid = Grid.from_latent((t, h, w), tuple(state.info["patch_size"]))
+        grid = Grid.from_latent((t, h, w), state.info.patch_size)
         sigmas = to.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else float("nan")
-        step, exact = state.recorder.locate(sigma)
+        step, exact = state.locate(sigma)
         timestep = None
         if state.model_sampling is not None and sigmas is not None:
             timestep = float(state.model_sampling.timestep(sigmas.flatten()[:1].float().cpu())[0])
-        state.fwd = _Forward(grid, step, exact, sigma, timestep, branch_rows(to.get("cond_or_uncond"), x.shape[0]))
+        state.begin_evaluation(Evaluation(step, exact, sigma, timestep,
+                                          branch_rows(to.get("cond_or_uncond"), x.shape[0]), grid))
         try:
             return executor(*args, **kwargs)
         finally:
-            state.fwd = None
+            state.end_evaluation()
     return forward
 
 
-def _make_block_patch(state: _State, index: int, existing):
+def _make_block_patch(state: _Comfy, index: int, existing):
     def block(args, extra):
-        fwd = state.fwd
-        if fwd is not None:
-            fwd.block, fwd.calls = index, 0
+        tracking = state.evaluation is not None
+        if tracking:
+            state.enter_block(index)
         try:
             return existing(args, extra) if existing is not None else extra["original_block"](args)
         finally:
-            if fwd is not None:
-                fwd.block = None
+            if tracking:
+                state.leave_block()
     return block
 
 
-def _make_override(state: _State):
+def _make_override(state: _Comfy):
     def override(func, *args, **kwargs):
         def attend():
             if state.previous is not None:
                 return state.previous(func, *args, **kwargs)
             return func(*args, **kwargs)
 
-        fwd = state.fwd
-        if fwd is None or fwd.block is None or fwd.step is None:
-            return attend()
-        position, fwd.calls = fwd.calls, fwd.calls + 1
-        q, k = args[0], args[1]
         heads = kwargs["heads"] if "heads" in kwargs else args[3]
-        kind = state.kinds[position] if position < len(state.kinds) else None
-        if kind == SELF and k.shape[1] != q.shape[1]:
-            kind = None
-        if kind is None or q.dim() != 3:
-            take = state.recorder.active
-            if take is not None:
-                take.skipped["unrecognised_attention_calls"] += 1
-            return attend()
-        call = AttentionCall(block=fwd.block, kind=kind, step=fwd.step, sigma=fwd.sigma, branches=fwd.branches,
-                             grid=fwd.grid, heads=int(heads), timestep=fwd.timestep)
-        return state.recorder.tap(call, q, k, attend, exact_step=fwd.exact)
+        return state.tap(args[0], args[1], int(heads), attend)
     return override
+
+
+def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = None,
+                     kinds: Optional[Tuple[str, ...]] = None, model_sampling=None) -> CallTracker:
+    """Route every Wan attention call through ``recorder``; returns the call tracker.
+
+    ``target``: a ``ModelPatcher`` (patched in place, so pass a clone; ``info``/``kinds`` are read from it), or the
+    ``transformer_options`` dict of a Wan DiT called directly (benchmarks: give ``info``; there is no sampling pass,
+    so call ``recorder.begin_pass``/``end_pass`` around the evaluations). Installs an ``optimized_attention_override``
+    (calling through an earlier one), per-block ``dit``/``double_block`` patches, a ``DIFFUSION_MODEL`` wrapper and,
+    on a patcher, an ``OUTER_SAMPLE`` wrapper.
+    """
+    patcher = not isinstance(target, dict)
+    if patcher and (info is None or kinds is None):
+        info, kinds = model_info(target)
+    if info is None:
+        raise ValueError("install_recorder on a transformer_options dict needs the model's ModelInfo")
+    if kinds is None:
+        kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (SELF, CROSS_TEXT)
+    to = target.model_options.setdefault("transformer_options", {}) if patcher else target
+    if patcher and model_sampling is None:
+        model_sampling = getattr(target.model, "model_sampling", None)
+    state = _Comfy(recorder, info, kinds, model_sampling, to.get("optimized_attention_override"))
+    to["optimized_attention_override"] = _make_override(state)
+    replace = to.get("patches_replace", {}).get("dit", {})
+    patches = {i: _make_block_patch(state, i, replace.get(("double_block", i))) for i in range(info.num_blocks)}
+    if patcher:
+        target.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _make_outer_sample(state))
+        target.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _make_forward(state))
+        for i, patch in patches.items():
+            target.set_model_patch_replace(patch, "dit", "double_block", i)
+    else:
+        patcher_extension.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
+                                               _make_forward(state), to)
+        dit = to.setdefault("patches_replace", {}).setdefault("dit", {})
+        for i, patch in patches.items():
+            dit[("double_block", i)] = patch
+    return state
 
 
 def attach_recorder(model_patcher, recorder: Recorder):
     """A clone of ``model_patcher`` whose every Wan attention call goes through ``recorder``."""
     info, kinds = model_info(model_patcher)
     model = model_patcher.clone()
-    to = model.model_options.setdefault("transformer_options", {})
-    sampling = getattr(model.model, "model_sampling", None)
-    state = _State(recorder, info, kinds, sampling, to.get("optimized_attention_override"))
-    to["optimized_attention_override"] = _make_override(state)
-    model.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _make_outer_sample(state))
-    model.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _make_forward(state))
-    replace = to.get("patches_replace", {}).get("dit", {})
-    for i in range(info["num_blocks"]):
-        model.set_model_patch_replace(_make_block_patch(state, i, replace.get(("double_block", i))),
-                                      "dit", "double_block", i)
+    install_recorder(model, recorder, info, kinds)
     return model

@@ -124,7 +124,8 @@ class AttentionHeatmap(io.ComfyNode):
             mass = np.mean([src.sink(s, "frame_mass", branch)[bi].mean(axis=0) for s in step_sel], axis=0)
             hi = axis_index(src.heads, head_list, "heads")
             out = pad_to(frame_mass_images(mass[hi], [src.heads[i] for i in hi], each_head=head_list is not None,
-                                           cmap=colormap, title=f"steps {step_sel[0]}..{step_sel[-1]}:"))
+                                           cmap=colormap, title=f"steps {step_sel[0]}..{step_sel[-1]}:",
+                                           sink_frames=getattr(src, "sink_frames", ())))
         image = torch.from_numpy(np.ascontiguousarray(out))
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 

@@ -8,7 +8,7 @@ import folder_paths
 from aiohttp import web
 
 from ..wan_capture.analyzer import AttentionAnalyzer
-from ..wan_capture.slices import Refused, resolve, sink_slice, token_slice
+from ..wan_capture.slices import Refused, frame_mass_slice, resolve, sink_slice, token_slice
 
 PREFIX = "/wan_capture"
 
@@ -59,13 +59,18 @@ def register(routes) -> None:
         video = _video(request, maps_dir)
         q = request.query
         step, branch = int(q.get("step", "0")), q.get("branch", "cond")
+        sinks = ""
         if q.get("kind", "token") == "sink":
             data, _ = sink_slice(maps_dir, video, step, branch, q.get("block", "mean"), q.get("head", "mean"))
+        elif q.get("kind") == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
+            data, meta = frame_mass_slice(maps_dir, video, step, branch, q.get("block", "mean"), q.get("head", "mean"))
+            data = data[None]
+            sinks = ",".join(str(f) for f in meta["sink_frames"])
         else:
             data, _ = token_slice(maps_dir, video, q["token"], step, branch, q.get("block", "mean"),
                                   q.get("head", "mean"))
-        headers = {"X-Shape": ",".join(map(str, data.shape)), "Access-Control-Expose-Headers": "X-Shape",
-                   "Cache-Control": "no-store"}
+        headers = {"X-Shape": ",".join(map(str, data.shape)), "X-Sinks": sinks,
+                   "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
         return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",
                             headers=headers)
 

@@ -6,12 +6,14 @@ from .adapters import CausalRecorder, record
 from .analyzer import AttentionAnalyzer, load_array
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
 from .grid import Grid, pool_spatial
+from .model_info import ModelInfo, describe_model
 from .plan import FrameWindow, PlanError, RecordingPlan, parse_index_list
 from .recorder import BudgetError, Recorder, Take, fingerprint
 from .stats import KeyLayout, SinkStats, cross_attention_probs, score_window, sink_statistics, split_heads
 from .storage import SaveOptions, StorageError, save_take
 from .templates import TemplateError, expand_template
 from .tokens import TokenTracking, TrackedWord, TrackingError
+from .tracker import CallTracker
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ __all__ = [
     "AttentionAnalyzer", "CausalRecorder", "record", "SaveOptions", "StorageError", "TemplateError", "TokenTracking", "TrackedWord",
     "TrackingError", "expand_template", "load_array", "save_take", "AttentionCall", "BudgetError", "CROSS_IMAGE", "CROSS_TEXT", "FrameWindow", "Grid", "KeyLayout", "PlanError",
     "Recorder", "RecordingPlan", "SELF", "SinkStats", "Take", "branch_rows", "cross_attention_probs", "fingerprint",
-    "parse_index_list", "pool_spatial", "score_window", "sink_statistics", "split_heads", "__version__",
+    "parse_index_list", "pool_spatial", "ModelInfo", "describe_model", "CallTracker", "score_window", "sink_statistics", "split_heads", "__version__",
 ]

@@ -4,6 +4,7 @@
         --template "a beautiful [(flower:2.5) near a tree|(tree:3) next to a flower]" --seeds 1,2 \\
         --server http://127.0.0.1:8188 [--server http://127.0.0.1:8189] --batch-name study
     python -m wan_capture expand "a [red|blue] car"
+    python -m wan_capture causal-demo [--self-forcing ~/Self-Forcing] [--out out/causal_demo]
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _templates(args) -> list:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["causal-demo"]:
+        from .causal_demo import main as causal_demo
+        return causal_demo(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m wan_capture", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="queue templates x seeds on ComfyUI servers, resumable")
@@ -39,6 +44,7 @@ def main(argv=None) -> int:
     run.add_argument("--state-dir", default=".", help="where the batch manifest is kept (for resuming)")
     run.add_argument("--download", help="also copy every saved file here, from the servers' /view")
     run.add_argument("--output-dir", help="the servers' output folder, when local: finished videos found there are skipped")
+    sub.add_parser("causal-demo", help="record a tiny causal Wan with a KV cache, save and draw it (see --help)")
     exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
     exp.add_argument("template")
     args = ap.parse_args(argv)

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from .causal_stats import assemble_chunks, sink_frames_of
 from .grid import latent_frame_of, pixel_frame_count
 from .storage import safe_name
 
@@ -130,13 +131,70 @@ class AttentionAnalyzer:
             raise FileNotFoundError(f"no self-attention statistics saved for {video_id!r}")
         return np.stack([self.load_self_attention(video_id, s, name, branch) for s in steps])
 
-    def load_window(self, video_id: str, step: int, block: int, branch: str = "") -> dict:
-        """An exact window: ``scores`` and ``probs`` ``[heads, queries, keys]`` and its metadata (token ranges)."""
-        stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}")
+    def load_window(self, video_id: str, step: int, block: int, branch: str = "", chunk: Optional[int] = None) -> dict:
+        """An exact window: ``scores`` and ``probs`` ``[heads, queries, keys]`` and its metadata (token ranges);
+        causal recordings keep one per chunk (``chunk``: the chunk's first frame)."""
+        suffix = "" if chunk is None else f"_chunk_{chunk:03d}"
+        stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}{suffix}")
         with open(stem + "_metadata.json") as f:
             meta = json.load(f)
         return {"scores": load_array(self._find(stem + "_scores")), "probs": load_array(self._find(stem + "_probs")),
                 "metadata": meta}
+
+    # -- causal Wan: chunks, the KV-cache log, statistics in absolute frames (docs/FORMAT.md) -------------
+    def is_causal(self, video_id: str) -> bool:
+        """True for a recording of causal Wan (chunks against a KV cache)."""
+        return "causal" in self.summary(video_id)
+
+    def list_chunks(self, video_id: str) -> List[int]:
+        """First latent frame of each chunk of a causal recording."""
+        return list(self.summary(video_id).get("causal", {}).get("chunks", []))
+
+    def load_kv_cache_events(self, video_id: str) -> List[dict]:
+        """The KV-cache log: per chunk, step and block the absolute ``key_frames`` attended to (cache order, the
+        chunk last), what ``wrote`` each of them, the frames ``evicted`` since the block's previous call, the
+        ``sink_frames``, and ``unknown_key_frames`` (cached keys the log could not place)."""
+        with open(os.path.join(self._video(video_id), "kv_cache_events.json")) as f:
+            return json.load(f)["events"]
+
+    def sink_frames(self, video_id: str) -> List[int]:
+        """Frames the causal model kept at the front of its cache as attention sinks."""
+        return sink_frames_of(self.load_kv_cache_events(video_id))
+
+    def load_chunk_self_attention(self, video_id: str, step: int, chunk: int, name: str, branch: str = "") -> np.ndarray:
+        """One chunk's sink statistic: ``received``/``key_max`` ``[blocks, heads, keys]`` over the keys the chunk
+        attended to (cache order; their frames are the metadata's ``key_frames``), ``frame_mass``
+        ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
+        return load_array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
+                                                  f"step_{step:03d}_chunk_{chunk:03d}_{name}")))
+
+    def load_chunk_metadata(self, video_id: str, step: int, chunk: int, branch: str = "") -> dict:
+        path = os.path.join(self._branch_dir(video_id, "self_attention", branch),
+                            f"step_{step:03d}_chunk_{chunk:03d}_metadata.json")
+        with open(path) as f:
+            return json.load(f)
+
+    def load_chunk_window(self, video_id: str, step: int, block: int, chunk: int, branch: str = "") -> dict:
+        """A causal exact window: ``scores``/``probs`` ``[heads, queries, keys]``; ``q_frames``/``k_frames`` in the
+        metadata are the absolute frames of its rows and columns."""
+        return self.load_window(video_id, step, block, branch, chunk)
+
+    def get_causal_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
+        """A sink statistic of one step over the whole video in absolute frames (see
+        :mod:`wan_capture.causal_stats`): ``frame_mass`` ``[blocks, heads, F, F]`` (the causal frame x frame
+        matrix), ``received``/``key_max`` ``[blocks, heads, F * frame_tokens]``, ``entropy`` ``[blocks, heads, F]``."""
+        summary = self.summary(video_id)
+        causal = summary.get("causal")
+        if not causal:
+            raise ValueError(f"{video_id!r} is not a causal recording; use load_self_attention")
+        parts = []
+        for chunk in causal["chunks"]:
+            meta = self.load_chunk_metadata(video_id, step, chunk, branch)
+            arrays = {n: self.load_chunk_self_attention(video_id, step, chunk, n, branch)
+                      for n in ("received", "key_max", "frame_mass", "entropy")}
+            parts.append({**arrays, "query_frames": meta["query_frames"], "key_frames": _key_frames(meta)})
+        frames = summary["latent_grid"][0]
+        return assemble_chunks(parts, frames, causal["frame_tokens"])[name]
 
     def get_spatial_attention_map(self, video_id: str, token: str, step: Union[int, Sequence[int], None] = None,
                                   height: Optional[int] = None, width: Optional[int] = None,
@@ -155,6 +213,16 @@ class AttentionAnalyzer:
         maps = np.stack([self.load_step(video_id, token, s, branch).mean(axis=(0, 1, 3)) for s in steps])
         maps = maps.reshape(len(steps), f, h, w)
         return align_to_video(maps, meta, height, width, frames)
+
+
+def _key_frames(meta: dict) -> List[int]:
+    if meta.get("key_frames") is not None:
+        return meta["key_frames"]
+    per_block = meta.get("key_frames_per_block") or {}
+    firsts = sorted(per_block.items(), key=lambda kv: int(kv[0]))
+    if not firsts:
+        raise ValueError(f"chunk metadata of step {meta.get('step')} names no key frames")
+    return firsts[0][1]
 
 
 def align_to_video(maps: np.ndarray, meta: dict, height: Optional[int], width: Optional[int],

@@ -16,7 +16,8 @@ class AttentionCall:
     """Everything the recorder needs to file one attention call.
 
     ``branches`` labels each batch row ``"cond"`` or ``"uncond"``; ``step`` is the global sampling step;
-    ``layout`` places queries among keys (KV cache offset, causal mask) for causal models.
+    ``layout`` places queries among keys (KV cache offset, causal mask, absolute key frames) for causal models;
+    ``chunk`` is then the absolute latent frame of the chunk's first query frame (``grid`` is the chunk's grid).
     """
 
     block: int
@@ -29,6 +30,7 @@ class AttentionCall:
     timestep: Optional[float] = None
     layout: KeyLayout = field(default_factory=KeyLayout)
     scale: Optional[float] = None  # None: 1/sqrt(head_dim), what SDPA uses
+    chunk: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -259,6 +259,8 @@ def row_pass(q, k, scale, layout, frame_tokens, want_mass: bool, config=None):
     lk = k.shape[2]
     fk = -(-lk // frame_tokens) if frame_tokens else 1
     want_mass = want_mass and fk <= MAX_FRAMES
+    # without mass the frame accumulator is unused: size it minimally (sizing it by Lk cannot compile)
+    fkp = max(16, triton.next_power_of_2(fk)) if want_mass else 16
     dev = q.device
     lse = torch.empty(r * h, lq, device=dev, dtype=torch.float32)
     ent = torch.empty_like(lse)
@@ -267,7 +269,7 @@ def row_pass(q, k, scale, layout, frame_tokens, want_mass: bool, config=None):
     grid = (triton.cdiv(lq, bm), r * h)
     _row_kernel[grid](q, k, lse, ent, mass, *_strides(q), *_strides(k), h, lq, lk, layout.q_offset,
                       frame_tokens or 1, fk, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal], WANT_MASS=want_mass,
-                      IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, FKP=max(16, triton.next_power_of_2(fk)),
+                      IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, FKP=fkp,
                       num_warps=warps, num_stages=stages)
     return lse, ent, (mass if want_mass else None)
 

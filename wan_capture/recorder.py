@@ -16,7 +16,15 @@ Recorded arrays (host memory, ``plan.storage_dtype`` except windows, which stay 
   ``frame_mass`` ``[batch, blocks', heads', Fq, Fk]``, ``entropy`` ``[batch, blocks', heads', Fq]``; aggregation over
   blocks/heads is the mean, except ``key_max`` which takes the max.
 * ``take.windows[(step, block, branch)]``: dict with ``scores`` and ``probs`` ``[batch, heads, nq, nk]`` float32 and the
-  token ranges ``q_range``/``k_range``.
+  token ranges ``q_range``/``k_range`` (and ``q_frames``/``k_frames``, absolute latent frames of its rows/columns).
+
+Causal Wan (a KV cache, chunks of frames): the take is one generation and ``take.chunks[first_query_frame]`` holds
+each chunk's own recording with the arrays above (its ``grid`` is the chunk's frames; its self-attention keys are the
+keys the chunk attended to, cached and current, whose absolute latent frames are ``chunk.key_frames[(step, block)]``).
+The chunks' cross-attention maps are also assembled along time into ``take.cross`` over the whole video, so token
+maps read the same as a bidirectional take's. ``take.kv_events`` is the KV-cache log (one entry per chunk, step and
+block: the absolute frames in the cache, the evicted ones, the sink frames); ``take.step_pass[step]`` is
+``"denoise"`` or ``"context"`` (the clean-frame pass that refills the cache).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch
 from . import stats as _stats
 from .call import CROSS_TEXT, SELF, AttentionCall
 from .grid import Grid, pool_spatial
+from .model_info import ModelInfo
 from .plan import PlanError, RecordingPlan
 from .steps import continues, step_of
 
@@ -98,10 +107,12 @@ class _Slot:
 class Take:
     """One generation's recording. See the module docstring for the arrays it holds."""
 
-    def __init__(self, plan: RecordingPlan, model: dict):
-        self.id = next(_take_ids)
+    def __init__(self, plan: RecordingPlan, model, parent: Optional["Take"] = None):
+        self.id = next(_take_ids) if parent is None else parent.id
         self.plan = plan
-        self.model = dict(model)
+        self.info: Optional[ModelInfo] = model if isinstance(model, ModelInfo) else None
+        self.model = model.as_dict() if isinstance(model, ModelInfo) else dict(model)
+        self.parent = parent
         self.status = "recording"  # then "complete", or "partial" when a pass failed or was interrupted
         self.error: Optional[str] = None
         self.grid: Optional[Grid] = None
@@ -124,6 +135,22 @@ class Take:
         self._open_step: Optional[int] = None
         self._dynamic = False  # a pass begun without a schedule numbers its steps by first appearance
         self._dynamic_steps: Dict[float, int] = {}
+        # causal Wan
+        self.chunks: Dict[int, Take] = {}
+        self.key_frames: Dict[Tuple[int, int], Tuple[int, ...]] = {}  # (step, block) -> absolute frame per key frame
+        self.kv_events: List[dict] = []
+        self.step_pass: Dict[int, str] = {}
+        self._chunk_steps: set = set()
+        self.chunk_origin = 0  # absolute latent frame where the assembled grid starts
+
+    @property
+    def causal(self) -> bool:
+        """True for a recording of causal Wan: its data lives in :attr:`chunks`."""
+        return bool(self.chunks)
+
+    def log_kv(self, event: dict) -> None:
+        """Append a KV-cache event (see the module docstring)."""
+        self.kv_events.append(dict(event))
 
     # -- geometry -----------------------------------------------------------------------------------
     @property
@@ -150,9 +177,33 @@ class Take:
     @property
     def steps(self) -> List[int]:
         keys = {s for s, _ in self.cross} | {s for s, _ in self.sink} | {s for s, _, _ in self.windows}
+        for chunk in self.chunks.values():
+            keys |= set(chunk.steps)
         return sorted(keys)
 
-    def window_ranges(self, grid: Grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    def window_ranges(self, grid: Grid, layout: Optional[_stats.KeyLayout] = None, keys: Optional[int] = None,
+                      chunk: Optional[int] = None):
+        """Query and key token ranges of the plan's window in this call, or None when the call holds none of it.
+
+        Bidirectional: frames of the latent grid. Causal (``chunk`` set): the chunk's queries of the window's query
+        frames, and the cached keys whose absolute frames lie in the window's key frames.
+        """
+        if chunk is None:
+            return self._window_ranges(grid)
+        w, ft = self.plan.window, grid.frame_tokens
+        q_lo, q_hi = max(w.q_start, chunk), min(w.q_stop, chunk + grid.frames)
+        if q_lo >= q_hi:
+            return None
+        frames = layout.absolute_key_frames(keys)
+        k_stop = float("inf") if w.k_stop is None else w.k_stop
+        picked = [i for i, f in enumerate(frames) if w.k_start <= f < k_stop]
+        if not picked:
+            return None
+        # cache order is absolute order (sinks, window, chunk): the picked frames form one run; take its cover
+        k0, k1 = picked[0], picked[-1] + 1
+        return ((q_lo - chunk) * ft, (q_hi - chunk) * ft), (k0 * ft, min(k1 * ft, keys))
+
+    def _window_ranges(self, grid: Grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         w, ft = self.plan.window, grid.frame_tokens
         if w.q_start >= grid.frames or w.k_start >= grid.frames:
             raise PlanError(f"RecordingPlan.window: frames start at q={w.q_start}, k={w.k_start} but the latent has "
@@ -162,8 +213,11 @@ class Take:
         return (w.q_start * ft, q_stop * ft), (w.k_start * ft, k_stop * ft)
 
     # -- budget ---------------------------------------------------------------------------------------
-    def bytes_per_step(self, grid: Grid, batch: int) -> int:
+    def bytes_per_step(self, grid: Grid, batch: int, keys: Optional[int] = None) -> int:
+        """Host bytes one recorded step takes (``keys``: self-attention keys, the grid's tokens unless cached)."""
         p = self.plan
+        keys = grid.tokens if keys is None else keys
+        key_frames = -(-keys // grid.frame_tokens)
         size = 2 if p.storage_dtype == "float16" else 4
         rows = batch * len(p.branch_names())
         nb = len(p.selected_blocks(self.model["num_blocks"]))
@@ -173,21 +227,26 @@ class Take:
         if p.record_cross:
             total += rows * sb * sh * grid.pooled(p.spatial_downsample_factor).tokens * len(p.text_positions) * size
         if p.record_sink_stats:
-            total += rows * sb * sh * (2 * grid.tokens + grid.frames * grid.frames + grid.frames) * size
+            total += rows * sb * sh * (2 * keys + grid.frames * key_frames + grid.frames) * size
         if p.window is not None:
-            (q0, q1), (k0, k1) = self.window_ranges(grid)
+            if self.parent is None:
+                (q0, q1), (k0, k1) = self._window_ranges(grid)
+            else:  # causal: at most the chunk's queries against every cached key
+                (q0, q1), (k0, k1) = (0, grid.tokens), (0, keys)
             total += nb * _stats.window_bytes(rows, nh, q1 - q0, k1 - k0)
         return total
 
     def _check_budget(self, grid: Grid, batch: int) -> None:
         offset, sigmas = self.passes[-1]
         steps = [s for s in range(offset, offset + max(1, len(sigmas) - 1)) if self.plan.wants_step(s)]
-        need = self.bytes_per_step(grid, batch) * len(steps)
+        self._reserve(self.bytes_per_step(grid, batch) * len(steps), len(steps), grid, batch)
+
+    def _reserve(self, need: int, steps: int, grid: Grid, batch: int) -> None:
         budget = self.plan.memory_budget_bytes
         if self.reserved_bytes + need > budget:
             mib = 1024 * 1024
             raise BudgetError(
-                f"recording {len(steps)} steps on a {grid.as_list()} latent grid (batch {batch}) needs "
+                f"recording {steps} steps on a {grid.as_list()} latent grid (batch {batch}) needs "
                 f"{need / mib:.1f} MiB of host memory{' more' if self.reserved_bytes else ''}, over the "
                 f"memory_budget_mb of {budget / mib:.1f} MiB (already reserved {self.reserved_bytes / mib:.1f} MiB). "
                 "Raise memory_budget_mb, or record less: fewer steps (storage_interval), blocks or heads, "
@@ -210,6 +269,9 @@ class Take:
 
     def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
         p = self.plan
+        if call.chunk is not None and self.parent is None:
+            self._record_chunk(call, q, k)
+            return
         if self.grid is None:
             self.grid = call.grid
         elif call.grid != self.grid:
@@ -221,7 +283,13 @@ class Take:
             return
         if self.batch is None:
             self.batch = batch
-        if not self._budget_checked:
+        if self.parent is not None:
+            # causal: each chunk's step is sized when it starts (the cache length is known only then)
+            if call.step not in self.parent._chunk_steps_of(call.chunk):
+                need = self.bytes_per_step(call.grid, batch, keys=k.shape[1] if call.kind == SELF else None)
+                self.parent._reserve(need, 1, call.grid, batch)
+                self.parent._chunk_steps.add((call.chunk, call.step))
+        elif not self._budget_checked:
             self._check_budget(call.grid, self.batch)
             self._budget_checked = True
         self._advance(call.step)
@@ -243,6 +311,22 @@ class Take:
             elif call.kind == SELF:
                 self._record_self(call, branch, qb, kb, scale, chunk)
 
+    def _chunk_steps_of(self, chunk: int) -> set:
+        return {s for c, s in self._chunk_steps if c == chunk}
+
+    def _record_chunk(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
+        sub = self.chunks.get(call.chunk)
+        if sub is None:
+            sub = self.chunks[call.chunk] = Take(self.plan, self.info or self.model, parent=self)
+            sub.status = self.status
+        self.step_sigmas[call.step] = call.sigma
+        self.step_timesteps[call.step] = call.timestep
+        sub.record(call, q, k)
+        if self.batch is None:
+            self.batch = sub.batch
+        if call.kind == CROSS_TEXT and self.text_len is None:
+            self.text_len = sub.text_len
+
     def _record_cross(self, call, branch, qb, kb, scale, chunk) -> None:
         p = self.plan
         if qb.shape[2] != call.grid.tokens:
@@ -256,9 +340,9 @@ class Take:
 
     def _record_self(self, call, branch, qb, kb, scale, chunk) -> None:
         p = self.plan
-        layout = call.layout
-        if layout.frame_tokens is None:
-            layout = _stats.KeyLayout(layout.q_offset, layout.causal, call.grid.frame_tokens)
+        layout = call.layout.with_frame_tokens(call.grid.frame_tokens)
+        if call.chunk is not None:
+            self.key_frames[(call.step, call.block)] = layout.absolute_key_frames(kb.shape[2])
         if p.record_sink_stats:
             st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, chunk, layout)
             for name in SINK_NAMES:
@@ -268,13 +352,24 @@ class Take:
                     value = value.amax(dim=1, keepdim=True) if reduce == "max" else value.mean(dim=1, keepdim=True)
                 self._slot(("sink", call.step, branch, name), reduce).add(call.block, value)
         if p.window is not None:
-            q_range, k_range = self.window_ranges(call.grid)
+            ranges = self.window_ranges(call.grid, layout, kb.shape[2], call.chunk)
+            if ranges is None:
+                return
+            q_range, k_range = ranges
             scores, probs = _stats.score_window(qb, kb, scale, q_range, k_range, chunk, layout)
+            ft, q0 = call.grid.frame_tokens, call.chunk or 0
+            frames = layout.absolute_key_frames(kb.shape[2])
             self.windows[(call.step, call.block, branch)] = {
-                "scores": _to_host(scores), "probs": _to_host(probs), "q_range": q_range, "k_range": k_range}
+                "scores": _to_host(scores), "probs": _to_host(probs), "q_range": q_range, "k_range": k_range,
+                "q_frames": list(range(q0 + q_range[0] // ft, q0 + -(-q_range[1] // ft))),
+                "k_frames": list(frames[k_range[0] // ft:-(-k_range[1] // ft)])}
 
     def finish_pass(self, ok: bool, error: Optional[str] = None) -> None:
         """Collect the pass's slots into the public arrays; mark the take complete or partial."""
+        for sub in self.chunks.values():
+            sub.finish_pass(ok, error)
+        if self.chunks:
+            self._assemble_chunks()
         for slot in self._slots.values():
             slot.flush()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -291,6 +386,24 @@ class Take:
         elif self.status == "recording":
             self.status = "complete"
 
+    def _assemble_chunks(self) -> None:
+        """The chunks' grids and cross maps along time: the whole video's grid and token maps."""
+        order = sorted(self.chunks)
+        subs = [self.chunks[c] for c in order if self.chunks[c].grid is not None]
+        if not subs:
+            return
+        g0 = subs[0].grid
+        if any((s.grid.height, s.grid.width) != (g0.height, g0.width) for s in subs):
+            raise ValueError("chunks of one causal recording have different frame sizes")
+        first = min(order)
+        last = max(c + self.chunks[c].grid.frames for c in order if self.chunks[c].grid is not None)
+        self.grid = Grid(last, g0.height, g0.width) if first == 0 else Grid(last - first, g0.height, g0.width)
+        self.chunk_origin = first
+        contiguous = all(a + self.chunks[a].grid.frames == b for a, b in zip(order, order[1:]))
+        keys = set.intersection(*[set(s.cross) for s in subs]) if contiguous else set()
+        for key in keys:
+            self.cross[key] = torch.cat([s.cross[key] for s in subs], dim=3)
+
     def summary(self) -> dict:
         """A JSON-able description of the take (what nodes show and metadata starts from)."""
         return {
@@ -299,7 +412,10 @@ class Take:
             "map_grid": None if self.map_grid is None else self.map_grid.as_list(),
             "batch": self.batch, "total_steps": self.total_steps, "recorded_steps": self.steps,
             "blocks": list(self.blocks), "heads": list(self.heads), "text_positions": list(self.plan.text_positions),
-            "text_len": self.text_len, "model": self.model, "sampling": self.sampling, "skipped": dict(self.skipped),
+            "text_len": self.text_len, "model": self.model, "sampling": self.sampling,
+            "skipped": dict(self.skipped) if not self.chunks else dict(sum((c.skipped for c in self.chunks.values()),
+                                                                             Counter(self.skipped))),
+            "chunks": sorted(self.chunks) if self.chunks else None,
         }
 
 
@@ -319,7 +435,7 @@ class Recorder:
         return self
 
     # -- passes ------------------------------------------------------------------------------------
-    def begin_pass(self, sigmas: Optional[Sequence[float]], model: dict, input_fingerprint: Optional[str] = None,
+    def begin_pass(self, sigmas: Optional[Sequence[float]], model, input_fingerprint: Optional[str] = None,
                    sampling: Optional[dict] = None) -> Take:
         """Start a sampling pass; it continues the latest take when it starts where that one stopped.
 
@@ -330,7 +446,8 @@ class Recorder:
         sigmas = [] if dynamic else [float(s) for s in sigmas]
         prev = self.takes[-1] if self.takes else None
         if (not dynamic and prev is not None and prev.status == "complete" and prev.passes
-                and prev.model == dict(model) and continues(prev.passes[-1][1], sigmas)
+                and prev.model == (model.as_dict() if isinstance(model, ModelInfo) else dict(model))
+                and continues(prev.passes[-1][1], sigmas)
                 and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint)):
             take = prev
             take.status = "recording"
@@ -384,7 +501,7 @@ class Recorder:
         if not exact_step:
             take.skipped["evaluations_between_steps"] += 1
             return False
-        key = (call.step, call.block, call.kind, call.branches)
+        key = (call.step, call.block, call.kind, call.branches, call.chunk)
         if key in take._seen:
             take.skipped["repeated_evaluations"] += 1
             return False

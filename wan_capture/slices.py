@@ -53,12 +53,36 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
 
 def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
                head: str = "mean") -> Tuple[np.ndarray, dict]:
-    """``[F, H, W]`` attention received per key at one step, on the latent grid."""
+    """``[F, H, W]`` attention received per key at one step, on the latent grid (causal Wan: assembled over the
+    chunks, see :mod:`wan_capture.causal_stats`)."""
     an = AttentionAnalyzer(maps_dir)
     summary = an.summary(video)
-    data = an.load_self_attention(video, step, "received", "" if branch == "cond" else branch)
+    br = "" if branch == "cond" else branch
+    if "causal" in summary:  # causal Wan: per-chunk statistics assembled over the video in absolute frames
+        data = np.nan_to_num(an.get_causal_self_attention(video, step, "received", br))
+    else:
+        data = an.load_self_attention(video, step, "received", br)
     bi, hi = _axis(summary["blocks"], block, "block"), _axis(summary["heads"], head, "head")
     data = data.mean(axis=0) if bi is None else data[bi]
     data = data.mean(axis=0) if hi is None else data[hi]
     f, h, w = summary["latent_grid"]
     return np.ascontiguousarray(data.reshape(f, h, w), dtype=np.float32), summary
+
+
+def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
+                     head: str = "mean") -> Tuple[np.ndarray, dict]:
+    """``[F, F]`` query-frame x key-frame probability mass at one step; causal Wan: the assembled causal matrix,
+    with the sink frames in the returned summary's ``sink_frames``."""
+    an = AttentionAnalyzer(maps_dir)
+    summary = dict(an.summary(video))
+    br = "" if branch == "cond" else branch
+    if "causal" in summary:
+        data = an.get_causal_self_attention(video, step, "frame_mass", br)
+        summary["sink_frames"] = an.sink_frames(video)
+    else:
+        data = an.load_self_attention(video, step, "frame_mass", br)
+        summary["sink_frames"] = []
+    bi, hi = _axis(summary["blocks"], block, "block"), _axis(summary["heads"], head, "head")
+    data = data.mean(axis=0) if bi is None else data[bi]
+    data = data.mean(axis=0) if hi is None else data[hi]
+    return np.ascontiguousarray(data, dtype=np.float32), summary

@@ -29,11 +29,14 @@ class KeyLayout:
     ``q_offset``: absolute token index of the first query (keys start at 0). ``causal``: None (all keys),
     ``"token"`` (key j visible to query i iff j <= i) or ``"frame"`` (visible iff frame(j) <= frame(i), Wan's
     block-causal mask). ``frame_tokens``: tokens per latent frame, needed for frame statistics and frame masks.
+    ``key_frames``: with a KV cache, the absolute latent frame of each group of ``frame_tokens`` keys in key order
+    (sink frames first, then the local window, then the current chunk); None means key frame i is frame i.
     """
 
     q_offset: int = 0
     causal: Optional[str] = None
     frame_tokens: Optional[int] = None
+    key_frames: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         if self.causal not in CAUSAL_MODES:
@@ -44,6 +47,22 @@ class KeyLayout:
             raise ValueError("KeyLayout.causal='frame' needs frame_tokens (tokens per latent frame)")
         if self.frame_tokens is not None and self.frame_tokens < 1:
             raise ValueError(f"KeyLayout.frame_tokens must be >= 1, got {self.frame_tokens}")
+        if self.key_frames is not None:
+            object.__setattr__(self, "key_frames", tuple(int(f) for f in self.key_frames))
+            if not self.frame_tokens:
+                raise ValueError("KeyLayout.key_frames needs frame_tokens (tokens per latent frame)")
+
+    def with_frame_tokens(self, frame_tokens: int) -> "KeyLayout":
+        """This layout with ``frame_tokens`` filled in when it had none."""
+        if self.frame_tokens is not None:
+            return self
+        return KeyLayout(self.q_offset, self.causal, frame_tokens, self.key_frames)
+
+    def absolute_key_frames(self, keys: int) -> Tuple[int, ...]:
+        """Absolute latent frame of each key-frame group of a ``keys``-long key sequence."""
+        if self.key_frames is not None:
+            return self.key_frames
+        return tuple(range(-(-keys // self.frame_tokens)))
 
     def visible(self, q_index: torch.Tensor, k_index: torch.Tensor) -> Optional[torch.Tensor]:
         """Boolean ``[len(q_index), len(k_index)]`` mask of visible keys (None = all visible)."""

@@ -8,6 +8,8 @@ Layout (see docs/FORMAT.md)::
         uncond/token_<word>/step_<NNN>.npy     the other CFG branch, when both were recorded
         self_attention/step_<NNN>_<stat>.npy   received/key_max [blocks, heads, keys], frame_mass [.., Fq, Fk], entropy [.., Fq]
         windows/step_<NNN>_block_<BB>_{scores,probs}.npy   [heads, queries, keys] float32
+        kv_cache_events.json                   causal Wan: the KV-cache log (chunks' sink statistics and windows
+                                               carry _chunk_<FFF> in their names, FFF the chunk's first frame)
 
 Every file is written under a temporary name and renamed; ``summary.json`` says ``"status": "partial"`` until the
 last file of the video is in place, and stays partial when the take itself was interrupted.
@@ -154,9 +156,10 @@ def plan_file_count(take: Take, opts: SaveOptions) -> int:
     """Files one video of ``take`` will take (for progress bars)."""
     steps = [s for s in take.steps if s % opts.storage_interval == 0]
     per_step = len(tracking_of(take).words) * 2 * len(take.plan.branch_names()) if take.cross else 0
-    per_step += (len(SINK_NAMES) + 1) * len(take.plan.branch_names()) if take.sink else 0
-    per_step += 3 * len(take.blocks) * len(take.plan.branch_names()) if take.windows else 0
-    return len(steps) * per_step + 2
+    for part in (list(take.chunks.values()) or [take]):
+        per_step += (len(SINK_NAMES) + 1) * len(take.plan.branch_names()) if part.sink else 0
+        per_step += 3 * len(take.blocks) * len(take.plan.branch_names()) if part.windows else 0
+    return len(steps) * per_step + 2 + (1 if take.causal else 0)
 
 
 def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
@@ -206,8 +209,17 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
         "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
         "storage_format": opts.storage_format, "compressed": opts.compress, "pack_version": version, **opts.extra,
     }
+    chunks = [take.chunks[c] for c in sorted(take.chunks)]
+    has_sink = bool(take.sink) or any(c.sink for c in chunks)
+    has_windows = bool(take.windows) or any(c.windows for c in chunks)
     summary = {**base, "status": "partial", "partial_reason": "writing", "steps": steps,
-               "branches": recorded, "tokens": [], "self_attention": bool(take.sink), "windows": bool(take.windows)}
+               "branches": recorded, "tokens": [], "self_attention": has_sink, "windows": has_windows}
+    if take.causal:
+        summary["causal"] = {
+            "chunks": sorted(take.chunks), "chunk_frames": {str(c): take.chunks[c].grid.frames for c in sorted(take.chunks)
+                                                            if take.chunks[c].grid is not None},
+            "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
+            "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json"}
     w.write("summary.json", _json(summary))
     if take.status != "complete":
         summary["partial_reason"] = f"recording {take.status}: {take.error}"
@@ -222,13 +234,16 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
                     for step in steps:
                         _save_token_step(w, take, tracking, word, step, branch, b, prefix + folder_name, dtype, opts,
                                          base)
-            if take.sink:
-                for step in steps:
-                    _save_sink_step(w, take, step, branch, b, prefix, dtype, base)
-            if take.windows:
-                for (step, block, br), win in sorted(take.windows.items()):
+            for chunk in ([None] if not take.causal else sorted(take.chunks)):
+                part = take if chunk is None else take.chunks[chunk]
+                if part.sink:
+                    for step in steps:
+                        _save_sink_step(w, part, step, branch, b, prefix, dtype, base, chunk)
+                for (step, block, br), win in sorted(part.windows.items()):
                     if br == branch and step in steps:
-                        _save_window(w, step, block, branch, b, prefix, win, base)
+                        _save_window(w, step, block, branch, b, prefix, win, base, chunk)
+        if take.causal:
+            w.write("kv_cache_events.json", _json({"events": take.kv_events}))
         for t, frame in enumerate(frames if frames is not None else []):
             w.write(f"frames/frame_{t:04d}.png", _png(frame))
         summary["frames"] = 0 if frames is None else len(frames)
@@ -280,27 +295,42 @@ def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, op
         "spatial_resolution": [spatial, ntok], "num_blocks": nb, "num_heads": nh, "threshold_applied": None,
         **_axis_meta(take), "branch": branch,
     }
+    if take.causal:
+        meta["pass"] = take.step_pass.get(step, "denoise")
     w.write(f"{folder}/step_{step:03d}_metadata.json", _json(meta))
 
 
-def _save_sink_step(w, take, step, branch, b, prefix, dtype, base) -> None:
+def _chunk_suffix(chunk: Optional[int]) -> str:
+    return "" if chunk is None else f"_chunk_{chunk:03d}"
+
+
+def _save_sink_step(w, take, step, branch, b, prefix, dtype, base, chunk=None) -> None:
     stats = take.sink.get((step, branch))
     if not stats:
         return
+    stem = f"{prefix}self_attention/step_{step:03d}{_chunk_suffix(chunk)}"
     shapes = {}
     for name in SINK_NAMES:
         arr = stats[name][b].to(dtype).contiguous()
         shapes[name] = list(arr.shape)
-        w.array(f"{prefix}self_attention/step_{step:03d}_{name}", arr)
+        w.array(f"{stem}_{name}", arr)
     meta = {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
             "shapes": shapes, **_axis_meta(take), "branch": branch,
             "frame_tokens": take.grid.frame_tokens, "key_max_aggregation": "max"}
-    w.write(f"{prefix}self_attention/step_{step:03d}_metadata.json", _json(meta))
+    if chunk is not None:
+        parent = take.parent
+        key_frames = {tuple(v) for (s, _), v in take.key_frames.items() if s == step}
+        meta.update(chunk=chunk, query_frames=list(range(chunk, chunk + take.grid.frames)),
+                    key_frames=list(next(iter(key_frames))) if len(key_frames) == 1 else None,
+                    key_frames_per_block={str(blk): list(v) for (s, blk), v in sorted(take.key_frames.items())
+                                          if s == step} if len(key_frames) > 1 else None,
+                    chunk_grid=take.grid.as_list(), **{"pass": parent.step_pass.get(step, "denoise")})
+    w.write(f"{stem}_metadata.json", _json(meta))
 
 
-def _save_window(w, step, block, branch, b, prefix, win, base) -> None:
+def _save_window(w, step, block, branch, b, prefix, win, base, chunk=None) -> None:
     ft = base["latent_grid"][1] * base["latent_grid"][2]
-    stem = f"{prefix}windows/step_{step:03d}_block_{block:02d}"
+    stem = f"{prefix}windows/step_{step:03d}_block_{block:02d}{_chunk_suffix(chunk)}"
     # exact windows stay float32 whatever the storage dtype: they are for precise study
     w.array(f"{stem}_scores", win["scores"][b].contiguous())
     w.array(f"{stem}_probs", win["probs"][b].contiguous())
@@ -308,4 +338,6 @@ def _save_window(w, step, block, branch, b, prefix, win, base) -> None:
             "q_range": list(win["q_range"]), "k_range": list(win["k_range"]),
             "q_frames": [win["q_range"][0] // ft, win["q_range"][1] // ft],
             "k_frames": [win["k_range"][0] // ft, win["k_range"][1] // ft], "shape": list(win["scores"][b].shape)}
+    if chunk is not None:  # token ranges index this chunk's queries and the keys it attended to, in cache order
+        meta.update(chunk=chunk, q_frames=list(win["q_frames"]), k_frames=list(win["k_frames"]))
     w.write(f"{stem}_metadata.json", _json(meta))

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .analyzer import AttentionAnalyzer, align_to_video
+from .causal_stats import assemble_chunks, sink_frames_of
 from .colormaps import apply_colormap
 from .grid import pixel_frame_count
 from .recorder import Take
@@ -31,6 +32,8 @@ class TakeSource:
         self.steps = take.steps
         self.blocks, self.heads = list(take.blocks), list(take.heads)
         self.meta = {"latent_grid": take.grid.as_list(), "map_grid": take.map_grid.as_list(), "model": take.model}
+        self.causal = take.causal
+        self.sink_frames = sink_frames_of(take.kv_events)
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         if (step, branch) not in self.take.cross:
@@ -39,17 +42,31 @@ class TakeSource:
         return self.take.cross[(step, branch)][self.b][..., self.tracking.columns(word)].float().numpy()
 
     def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        """A sink statistic of one step; causal takes give it assembled over the whole video."""
+        if self.take.causal:
+            parts = []
+            for c in sorted(self.take.chunks):
+                chunk = self.take.chunks[c]
+                if (step, branch) not in chunk.sink:
+                    raise KeyError(f"no self-attention statistics for step {step} ({branch}) in chunk {c}")
+                frames = [v for (s, _), v in sorted(chunk.key_frames.items()) if s == step][0]
+                parts.append({**{n: v[self.b].float().numpy() for n, v in chunk.sink[(step, branch)].items()},
+                              "query_frames": range(c, c + chunk.grid.frames), "key_frames": frames})
+            return assemble_chunks(parts, self.take.grid.frames, self.take.grid.frame_tokens)[name]
         if (step, branch) not in self.take.sink:
             raise KeyError(f"no self-attention statistics for step {step} ({branch})")
         return self.take.sink[(step, branch)][name][self.b].float().numpy()
 
     def window(self, step: int, block: int, branch: str = "cond") -> dict:
         w = self.take.windows.get((step, block, branch))
+        for c in sorted(self.take.chunks):  # causal: the chunk whose queries hold the window
+            w = w or self.take.chunks[c].windows.get((step, block, branch))
         if w is None:
             raise KeyError(f"no exact window for step {step}, block {block} ({branch}); recorded: "
                            f"{sorted((s, b) for s, b, br in self.take.windows if br == branch)}")
         return {"scores": w["scores"][self.b].numpy(), "probs": w["probs"][self.b].numpy(),
-                "q_range": list(w["q_range"]), "k_range": list(w["k_range"])}
+                "q_range": list(w["q_range"]), "k_range": list(w["k_range"]),
+                **({"q_frames": w["q_frames"], "k_frames": w["k_frames"]} if self.take.causal else {})}
 
 
 class SavedSource:
@@ -62,17 +79,33 @@ class SavedSource:
         self.steps = summary["steps"]
         self.blocks, self.heads = summary["blocks"], summary["heads"]
         self.meta = {"latent_grid": summary["latent_grid"], "map_grid": summary["map_grid"], "model": summary["model"]}
+        self.causal = "causal" in summary
+        self.sink_frames = self.an.sink_frames(video_id) if self.causal else []
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         return self.an.load_step(self.video, label, step, "" if branch == "cond" else branch)
 
     def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
-        return self.an.load_self_attention(self.video, step, name, "" if branch == "cond" else branch)
+        br = "" if branch == "cond" else branch
+        if self.causal:
+            return self.an.get_causal_self_attention(self.video, step, name, br)
+        return self.an.load_self_attention(self.video, step, name, br)
 
     def window(self, step: int, block: int, branch: str = "cond") -> dict:
-        w = self.an.load_window(self.video, step, block, "" if branch == "cond" else branch)
-        return {"scores": w["scores"], "probs": w["probs"], "q_range": w["metadata"]["q_range"],
-                "k_range": w["metadata"]["k_range"]}
+        br = "" if branch == "cond" else branch
+        w = None
+        for chunk in (self.an.list_chunks(self.video) if self.causal else [None]):
+            try:
+                w = self.an.load_window(self.video, step, block, br, chunk)
+                break
+            except FileNotFoundError:
+                if not self.causal:
+                    raise
+        if w is None:
+            raise FileNotFoundError(f"no exact window saved for step {step}, block {block} in {self.video!r}")
+        meta = w["metadata"]
+        return {"scores": w["scores"], "probs": w["probs"], "q_range": meta["q_range"], "k_range": meta["k_range"],
+                **({"q_frames": meta["q_frames"], "k_frames": meta["k_frames"]} if "chunk" in meta else {})}
 
 
 def axis_index(recorded: Sequence[int], wanted: Optional[Sequence[int]], name: str) -> List[int]:
@@ -112,8 +145,9 @@ def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
     """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
     bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
     f, h, w = source.meta["latent_grid"]
-    maps = np.stack([source.sink(s, "received", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
-                     for s in _steps(source, steps)])
+    # nan: a causal key no chunk attended to (shown as 0, the attention it received)
+    maps = np.nan_to_num(np.stack([source.sink(s, "received", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
+                                   for s in _steps(source, steps)]))
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
 
 
@@ -173,11 +207,21 @@ def window_image(window: dict, which: str, heads: Optional[Sequence[int]], frame
     names = [f"mean of heads {list(heads)}" if heads is not None else "mean over heads"]
     ticks = lambda start, n: [(p - start, f"f{p // frame_tokens}") for p in range(start, start + n)  # noqa: E731
                               if p % frame_tokens == 0] or [(0, str(start))]
+    if "k_frames" in window:  # causal: columns are cached keys in cache order; label them by absolute frame
+        kf, qf = list(window["k_frames"]), list(window["q_frames"])
+        k_ticks = [(i * frame_tokens, f"f{f}") for i, f in enumerate(kf)]
+        q_ticks = [(i * frame_tokens, f"f{f}") for i, f in enumerate(qf)]
+    else:
+        k_ticks, q_ticks = None, None
     out = []
     for m, name in zip(mats, names):
         ranges = value_ranges(m[None, None], "shared" if mode in ("per_video", "per_frame") else mode,
                               vmin, vmax, p_low, p_high)
         label = "pre-softmax QK^T/sqrt(d)" if which == "scores" else "probability"
+        if k_ticks is not None:
+            out.append(matrix_plot(m, cmap, *ranges[0, 0], "cached key frame (cache order)", "query frame",
+                                   f"{title} {label}, {name}", k_ticks, q_ticks))
+            continue
         out.append(matrix_plot(m, cmap, *ranges[0, 0], f"key token ({k0}..{k0 + m.shape[1] - 1})",
                                f"query token ({q0}..{q0 + m.shape[0] - 1})", f"{title} {label}, {name}",
                                ticks(k0, m.shape[1]), ticks(q0, m.shape[0])))
@@ -185,13 +229,17 @@ def window_image(window: dict, which: str, heads: Optional[Sequence[int]], frame
 
 
 def frame_mass_images(mass: np.ndarray, heads_axis: Sequence[int], each_head: bool, cmap: str,
-                      title: str) -> List[np.ndarray]:
-    """``[heads, Fq, Fk]`` query-frame x key-frame probability mass: one plot per head, or their mean."""
+                      title: str, sink_frames: Sequence[int] = ()) -> List[np.ndarray]:
+    """``[heads, Fq, Fk]`` query-frame x key-frame probability mass: one plot per head, or their mean.
+
+    ``sink_frames`` (causal Wan): key frames kept as attention sinks, marked ``S`` on the key axis.
+    """
     mats = [(f"head {h}", mass[i]) for i, h in enumerate(heads_axis)] if each_head else [("mean over heads", mass.mean(0))]
+    sinks = set(sink_frames)
     out = []
     for name, m in mats:
         ticks_q = [(i, str(i)) for i in range(m.shape[0])]
-        ticks_k = [(i, str(i)) for i in range(m.shape[1])]
+        ticks_k = [(i, f"{i}S" if i in sinks else str(i)) for i in range(m.shape[1])]
         out.append(matrix_plot(m, cmap, 0.0, float(max(m.max(), 1e-12)), "key frame", "query frame",
                                f"{title} frame x frame mass, {name}", ticks_k, ticks_q))
     return out

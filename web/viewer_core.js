@@ -95,7 +95,8 @@ export class Viewer {
     const s = this.summary;
     const fill = (el, items) => { el.innerHTML = ""; for (const [v, t] of items) el.add(new Option(t, v)); };
     fill(this.$("token"), [...(s.tokens || []).map((t) => [t.label, `token: ${t.label}`]),
-      ...(s.self_attention ? [["__sink__", "attention received (sinks)"]] : [])]);
+      ...(s.self_attention ? [["__sink__", "attention received (sinks)"],
+        ["__frame_mass__", s.causal ? "frame x frame mass (causal, S = sink)" : "frame x frame mass"]] : [])]);
     fill(this.$("branch"), s.branches.map((b) => [b, b]));
     fill(this.$("block"), [["mean", "mean"], ...s.blocks.filter((b) => b >= 0).map((b) => [String(b), String(b)])]);
     fill(this.$("head"), [["mean", "mean"], ...s.heads.filter((h) => h >= 0).map((h) => [String(h), String(h)])]);
@@ -112,7 +113,9 @@ export class Viewer {
     const token = this.$("token").value;
     const params = { path: this.path, video: this.$("video").value, step, branch: this.$("branch").value,
       block: this.$("block").value, head: this.$("head").value };
-    if (token === "__sink__") params.kind = "sink"; else params.token = token;
+    if (token === "__sink__") params.kind = "sink";
+    else if (token === "__frame_mass__") params.kind = "frame_mass";
+    else params.token = token;
     const id = (this.loadId = (this.loadId || 0) + 1);
     this.root.dataset.ready = "0";
     const r = await fetch(`${this.api}/wan_capture/slice?${new URLSearchParams(params)}`);
@@ -120,7 +123,8 @@ export class Viewer {
     const shape = r.headers.get("X-Shape").split(",").map(Number);
     const data = new Float32Array(await r.arrayBuffer());
     if (id !== this.loadId) return;  // a later request superseded this one
-    this.slice = { data, shape, step, token };
+    const sinks = (r.headers.get("X-Sinks") || "").split(",").filter((x) => x !== "").map(Number);
+    this.slice = { data, shape, step, token, sinks, matrix: token === "__frame_mass__" };
     this.$("frame").max = String(shape[0] - 1);
     if (Number(this.$("frame").value) > shape[0] - 1) this.$("frame").value = "0";
     await this.draw();
@@ -149,7 +153,7 @@ export class Viewer {
     const frame = this.slice.data.subarray(t * h * w, (t + 1) * h * w);
     const mode = this.$("norm").value;
     const [lo, hi] = range(mode === "per_video" ? this.slice.data : frame, mode, 0, 1);
-    const img = await this.frameImage(t);
+    const img = this.slice.matrix ? null : await this.frameImage(t);
     if (id !== this.drawId) return;
     const canvas = this.$("canvas");
     const cell = Math.max(1, Math.floor(320 / w));
@@ -173,7 +177,12 @@ export class Viewer {
     }
     ctx.putImageData(base, 0, 0);
     this.range = [lo, hi];
-    this.$("legend").textContent = `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}`;
+    const sinkNote = this.slice.matrix && this.slice.sinks.length ? `; sink frames: ${this.slice.sinks.join(", ")}` : "";
+    if (this.slice.matrix && this.slice.sinks.length) {  // mark the sink frames' key columns
+      ctx.strokeStyle = "#00e5ff";
+      for (const f of this.slice.sinks) ctx.strokeRect(f * (canvas.width / w) + 0.5, 0.5, canvas.width / w - 1, canvas.height - 1);
+    }
+    this.$("legend").textContent = `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}${sinkNote}`;
     this.drawn = { step: this.slice.step, frame: t, token: this.slice.token };
     this.root.dataset.ready = "1";
   }
@@ -187,7 +196,9 @@ export class Viewer {
     const cy = Math.min(h - 1, Math.floor(((e.clientY - r.top) / r.height) * h));
     const t = Number(this.$("frame").value);
     const v = this.slice.data[t * h * w + cy * w + cx];
-    this.$("readout").textContent = `step ${this.slice.step}, frame ${t}, cell (${cy}, ${cx}): ${v.toPrecision(4)}`;
+    this.$("readout").textContent = this.slice.matrix
+      ? `step ${this.slice.step}, query frame ${cy}, key frame ${cx}${this.slice.sinks.includes(cx) ? " (sink)" : ""}: ${v.toPrecision(4)}`
+      : `step ${this.slice.step}, frame ${t}, cell (${cy}, ${cx}): ${v.toPrecision(4)}`;
   }
 }
 

@@ -1,12 +1,13 @@
-"""The capture core outside ComfyUI: ``with record(model, plan) as rec: ...`` for the official Wan code and
-diffusers' ``WanTransformer3DModel``, and :class:`CausalRecorder` for causal Wan with a KV cache.
+"""The capture core outside ComfyUI: ``with record(model, plan) as rec: ...`` for the official Wan code,
+diffusers' ``WanTransformer3DModel`` and causal Wan with a KV cache (Self-Forcing / CausVid ``CausalWanModel``), and
+:class:`CausalRecorder` for calling the tap by hand from another causal model.
 
 The model's own attention computes the output; the model is restored when the block ends, also on error.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ..plan import RecordingPlan
 from ..recorder import Recorder
@@ -14,22 +15,30 @@ from .causal import CausalRecorder
 
 
 @contextmanager
-def record(model, plan: Union[RecordingPlan, Recorder], branch_order: Sequence[str] = ("cond", "uncond")):
+def record(model, plan: Union[RecordingPlan, Recorder], branch_order: Optional[Sequence[str]] = None,
+           context_timestep: float = 0.0):
     """Record ``model``'s attention while the block runs; yields the :class:`Recorder` (``rec.latest`` is the take).
 
-    ``branch_order``: which branch the k-th model evaluation of a step is (pipelines call cond, then uncond).
+    ``model``: the official Wan code's ``WanModel``, diffusers' ``WanTransformer3DModel``, or a causal Wan
+    ``CausalWanModel`` (Self-Forcing, CausVid) run with its KV cache. ``branch_order``: which branch the k-th model
+    evaluation of a step is (default: cond then uncond; causal Wan samples without CFG: cond only).
+    ``context_timestep``: causal Wan's cache-refill pass runs at this timestep (Self-Forcing's ``context_noise``).
     """
-    from . import diffusers_wan, official
+    from . import causal_wan, diffusers_wan, official
     rec = plan if isinstance(plan, Recorder) else Recorder(plan)
+    if causal_wan.is_causal_wan(model):
+        with causal_wan.attach(model, rec, branch_order or ("cond",), context_timestep) as r:
+            yield r
+        return
     if official.is_official(model):
         adapter = official.attach
     elif diffusers_wan.is_diffusers_wan(model):
         adapter = diffusers_wan.attach
     else:
-        raise TypeError(f"record() supports the official Wan code's WanModel and diffusers' WanTransformer3DModel; "
-                        f"got {type(model).__module__}.{type(model).__name__} (ComfyUI models: use the Attach "
-                        "Attention Recorder node)")
-    with adapter(model, rec, branch_order) as r:
+        raise TypeError(f"record() supports the official Wan code's WanModel, diffusers' WanTransformer3DModel and "
+                        f"causal Wan's CausalWanModel; got {type(model).__module__}.{type(model).__name__} "
+                        "(ComfyUI models: use the Attach Attention Recorder node)")
+    with adapter(model, rec, branch_order or ("cond", "uncond")) as r:
         yield r
 
 

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 
 from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
-from .session import Session, recording_pass, timestep_of
+from ..model_info import describe_model
+from .session import PipelineTracker, recording_pass, timestep_of
 
 
 def is_diffusers_wan(model) -> bool:
@@ -19,25 +20,26 @@ def is_diffusers_wan(model) -> bool:
 class RecordingProcessor:
     """Runs the original processor with the block and kind of its attention calls known to the session."""
 
-    def __init__(self, inner, session: Session, block: int, kinds):
+    def __init__(self, inner, session: PipelineTracker, block: int, kinds):
         self.inner, self.session, self.block, self.kinds = inner, session, block, kinds
 
     def __call__(self, attn, *args, **kwargs):
-        self.session.enter(self.block, self.kinds)
+        self.session.enter_block(self.block, self.kinds)
         try:
             return self.inner(attn, *args, **kwargs)
         finally:
-            self.session.leave()
+            self.session.leave_block()
 
 
 @contextmanager
 def attach(model, recorder, branch_order=("cond", "uncond")):
     import diffusers.models.transformers.transformer_wan as tw
-    session = Session(recorder, branch_order)
+    info = describe_model(model, model_type="diffusers-WanTransformer3DModel")
+    session = PipelineTracker(recorder, info, branch_order)
     original_dispatch = tw.dispatch_attention_fn
 
     def tapped(query, key, value, *args, **kwargs):
-        return session.tap(query, key, lambda: original_dispatch(query, key, value, *args, **kwargs))
+        return session.tap_bsnd(query, key, lambda: original_dispatch(query, key, value, *args, **kwargs))
 
     originals = dict(model.attn_processors)
     wrapped = {}
@@ -55,13 +57,8 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
         f, h, w = x.shape[-3:]
         session.begin_forward(timestep_of(t), x.shape[0], Grid(f // pt, h // ph, w // pw))
 
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    info = {"model_type": "diffusers-WanTransformer3DModel", "num_blocks": len(model.blocks), "num_heads": heads,
-            "head_dim": int(cfg.attention_head_dim), "patch_size": list(cfg.patch_size),
-            "vae_stride": [4, 16, 16] if cfg.out_channels == 48 else [4, 8, 8]}
     hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-             model.register_forward_hook(lambda *a: session.end_forward())]
+             model.register_forward_hook(lambda *a: session.end_evaluation())]
     def undo():
         tw.dispatch_attention_fn = original_dispatch
         model.set_attn_processor(originals)

@@ -12,7 +12,8 @@ import torch
 
 from ..call import CROSS_TEXT, SELF
 from ..grid import Grid
-from .session import Session, recording_pass, timestep_of
+from ..model_info import describe_model
+from .session import PipelineTracker, recording_pass, timestep_of
 
 
 def is_official(model) -> bool:
@@ -43,7 +44,8 @@ def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sca
 def attach(model, recorder, branch_order=("cond", "uncond")):
     import wan.modules.attention as wa
     import wan.modules.model as wm
-    session = Session(recorder, branch_order)
+    info = describe_model(model, model_type="wan-official")
+    session = PipelineTracker(recorder, info, branch_order)
     original = wm.flash_attention
     have_flash = getattr(wa, "FLASH_ATTN_2_AVAILABLE", False) or getattr(wa, "FLASH_ATTN_3_AVAILABLE", False)
 
@@ -57,7 +59,7 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
                                   deterministic, dtype, version)
         # the statistics see q and k as the attention does: cast to the half precision it runs in
         half = lambda x: x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)  # noqa: E731
-        return session.tap(half(q), half(k), attend)
+        return session.tap_bsnd(half(q), half(k), attend)
 
     def pre_forward(module, args, kwargs):
         x = kwargs.get("x", args[0] if args else None)
@@ -67,14 +69,12 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
         session.begin_forward(timestep_of(t), len(x), Grid(f // pt, h // ph, w // pw))
 
     hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-             model.register_forward_hook(lambda *a: session.end_forward())]
+             model.register_forward_hook(lambda *a: session.end_evaluation())]
     for i, block in enumerate(model.blocks):
         for module, kinds in ((block.self_attn, (SELF,)), (block.cross_attn, (CROSS_TEXT,))):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, i=i, kinds=kinds: session.enter(i, kinds)))
-            hooks.append(module.register_forward_hook(lambda *a: session.leave()))
-    info = {"model_type": "wan-official", "num_blocks": len(model.blocks), "num_heads": int(model.num_heads),
-            "head_dim": int(model.dim // model.num_heads), "patch_size": list(model.patch_size),
-            "vae_stride": [4, 16, 16] if model.out_dim == 48 else [4, 8, 8]}
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, i=i, kinds=kinds: session.enter_block(i, kinds)))
+            hooks.append(module.register_forward_hook(lambda *a: session.leave_block()))
     def undo():
         wm.flash_attention = original
         for h in hooks:

@@ -1,69 +1,55 @@
-"""What every adapter shares: the model evaluation in flight, the attention module running, and the tap."""
+"""What the pipeline adapters share: the call tracker with a pipeline's branch order, and one recording pass."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..call import SELF, AttentionCall
+from ..call import SELF, CROSS_TEXT
 from ..grid import Grid
+from ..model_info import ModelInfo
 from ..recorder import Recorder
+from ..tracker import CallTracker, Evaluation
 
 
-class Session:
-    """Identity of attention calls in a model that is not ComfyUI's.
+class PipelineTracker(CallTracker):
+    """The call tracker for models driven by a pipeline rather than ComfyUI's sampler.
 
     Pipelines call the model once per branch and step (the official Wan code and diffusers call cond first, then
     uncond): the k-th evaluation at one timestep is ``branch_order[k]``. The step is the timestep's order of first
     appearance; the recorded sigma is the timestep / 1000 (what Wan's flow-matching pipelines pass as timestep).
     """
 
-    def __init__(self, recorder: Recorder, branch_order: Sequence[str] = ("cond", "uncond")):
-        self.recorder, self.order = recorder, tuple(branch_order)
-        self.grid: Optional[Grid] = None
-        self.step: Optional[int] = None
-        self.timestep = 0.0
-        self.branches: Tuple[str, ...] = ()
-        self.block: Optional[int] = None
-        self.kinds: Tuple[str, ...] = ()
-        self.calls = 0
-        self._evaluations: Dict[int, int] = {}
+    def __init__(self, recorder: Recorder, info: ModelInfo, branch_order: Sequence[str] = ("cond", "uncond"),
+                 kinds: Sequence[str] = (SELF, CROSS_TEXT)):
+        super().__init__(recorder, info, kinds)
+        self.order = tuple(branch_order)
+        self._evaluations: Dict[Optional[int], int] = {}
 
-    def begin_forward(self, timestep: float, batch: int, grid: Grid) -> None:
-        step, _ = self.recorder.locate(timestep / 1000.0)
-        k = self._evaluations.get(step, 0)
-        self._evaluations[step] = k + 1
-        self.step, self.grid, self.timestep = step, grid, timestep
-        self.branches = (self.order[k % len(self.order)],) * batch
+    def begin_forward(self, timestep: float, batch: int, grid: Grid, chunk: Optional[int] = None) -> Evaluation:
+        step, exact = self.locate(timestep / 1000.0)
+        key = step if chunk is None else (chunk, step)
+        k = self._evaluations.get(key, 0)
+        self._evaluations[key] = k + 1
+        ev = Evaluation(step, exact, timestep / 1000.0, timestep, (self.order[k % len(self.order)],) * batch, grid,
+                        chunk)
+        self.begin_evaluation(ev)
+        return ev
 
-    def end_forward(self) -> None:
-        self.step = None
-
-    def enter(self, block: int, kinds: Tuple[str, ...]) -> None:
-        self.block, self.kinds, self.calls = block, kinds, 0
-
-    def leave(self) -> None:
-        self.block = None
-
-    def tap(self, q: torch.Tensor, k: torch.Tensor, attend: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``q``/``k`` as ``[B, L, heads, head_dim]``; returns ``attend()`` untouched."""
-        if self.block is None or self.step is None or self.recorder.active is None:
-            return attend()
-        position, self.calls = self.calls, self.calls + 1
-        kind = self.kinds[position] if position < len(self.kinds) else None
-        if kind is None:
+    def tap_bsnd(self, q: torch.Tensor, k: torch.Tensor, attend: Callable[[], torch.Tensor], **kwargs) -> torch.Tensor:
+        """``q``/``k`` as ``[B, L, heads, head_dim]`` (the pipelines' layout); padding past the grid is left out."""
+        if not self.active:
             return attend()
         b, lq, h, d = q.shape
         q2, k2 = q.reshape(b, lq, h * d), k.reshape(b, k.shape[1], h * d)
-        if kind == SELF:  # padded sequences (the official code pads to seq_len): statistics of the real tokens
-            n = self.grid.tokens
+        n = self.evaluation.grid.tokens
+        kind = self.block_kinds[self.calls] if self.calls < len(self.block_kinds) else None
+        if kind == SELF and kwargs.get("layout") is None:  # padded sequences (the official code pads to seq_len)
             q2, k2 = q2[:, :n], k2[:, :n]
-        elif q2.shape[1] > self.grid.tokens:
-            q2 = q2[:, :self.grid.tokens]
-        call = AttentionCall(self.block, kind, self.step, self.timestep / 1000.0, self.branches, self.grid, h,
-                             timestep=self.timestep)
-        return self.recorder.tap(call, q2, k2, attend)
+        elif q2.shape[1] > n:
+            q2 = q2[:, :n]
+        return self.tap(q2, k2, h, attend, **kwargs)
 
 
 def timestep_of(t) -> float:
@@ -74,7 +60,7 @@ def timestep_of(t) -> float:
 
 
 @contextmanager
-def recording_pass(recorder: Recorder, info: dict, undo: Callable[[], None]):
+def recording_pass(recorder: Recorder, info: ModelInfo, undo: Callable[[], None]):
     """One pass of a pipeline: steps numbered as they come, partial on error, and ``undo()`` always run."""
     recorder.begin_pass(None, info)
     try:

@@ -1,0 +1,136 @@
+"""Causal Wan with a KV cache (Self-Forcing's and CausVid's ``CausalWanModel``), recorded without editing its code.
+
+The model's self-attention calls the module-level ``attention(q, k, v)`` of its module with the current chunk's
+queries against the cache (``kv_cache["k"][:, start:local_end]``); its cross-attention calls ``flash_attention``.
+While the context is open both names are replaced by taps that call the originals (an SDPA stand-in where
+flash-attn is missing, as for the official code); hooks give the block, the chunk (``current_start``) and the
+timestep. The absolute frame of every cached key comes from :class:`~wan_capture.kv_cache.KVCacheObserver`, which
+also writes the KV-cache event log into the take. Everything is restored on exit, also on exceptions.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
+from ..grid import Grid
+from ..kv_cache import KVCacheObserver, window_order_ok
+from ..model_info import describe_model
+from ..stats import KeyLayout
+from .official import sdpa_attention
+from .session import PipelineTracker, recording_pass, timestep_of
+
+
+def is_causal_wan(model) -> bool:
+    """A causal Wan DiT with KV-cache inference: ``CausalWanModel`` whose self-attention has sink/window settings."""
+    blocks = getattr(model, "blocks", None)
+    return (type(model).__name__ == "CausalWanModel" and blocks is not None and len(blocks) > 0
+            and hasattr(blocks[0].self_attn, "sink_size") and hasattr(blocks[0].self_attn, "local_attn_size"))
+
+
+def _half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Wan's attention functions run in half precision: statistics see q and k as the attention does
+    return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)
+
+
+@contextmanager
+def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_timestep: float = 0.0):
+    """Record ``model`` while the block runs (see the module docstring); yields the recorder.
+
+    ``branch_order``: Self-Forcing and CausVid sample without CFG (one evaluation per step: ``("cond",)``).
+    ``context_timestep``: the timestep of the pass that refills the cache with the clean chunk (Self-Forcing's
+    ``context_noise``, 0 by default); evaluations at it are labelled ``"context"`` in ``take.step_pass``.
+    """
+    info = describe_model(model, model_type="causal-wan")
+    kinds_cross = (CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (CROSS_TEXT,)
+    tracker = PipelineTracker(recorder, info, branch_order)
+    observer = KVCacheObserver()
+    self_mod = sys.modules[type(model.blocks[0].self_attn).__module__]
+    cross_mod = sys.modules[type(model.blocks[0].cross_attn).__module__]
+    attn_mod = sys.modules.get(getattr(self_mod.attention, "__module__", ""), self_mod)
+    # Wan's own attention module says whether flash-attn is there (its flash_attention asserts otherwise); a module
+    # without those flags has a flash_attention that runs as it is
+    flags = [getattr(attn_mod, n) for n in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE") if hasattr(attn_mod, n)]
+    have_flash = any(flags) if flags else True
+    original_attention, original_flash = self_mod.attention, cross_mod.flash_attention
+    state = {"cache": None, "start": 0, "sink": 0, "pass": "denoise"}
+
+    def tapped_attention(q, k, v, *args, **kwargs):
+        attend = lambda: original_attention(q, k, v, *args, **kwargs)  # noqa: E731
+        ev = tracker.evaluation
+        if ev is None or tracker.block is None or state["cache"] is None or recorder.active is None:
+            return attend()
+        ft = ev.grid.frame_tokens
+        dtype = kwargs.get("dtype", torch.bfloat16)
+        writer = "context" if state["pass"] == "context" else f"step {ev.step}"
+        key_frames, event = observer.observe(tracker.block, k, q.shape[1], state["start"], ft, writer, state["sink"])
+        event.update(step=ev.step, **{"pass": state["pass"]})
+        anomaly = window_order_ok(key_frames, event["chunk"])
+        if anomaly:
+            event["anomaly"] = anomaly
+        recorder.active.log_kv(event)
+        layout = KeyLayout(q_offset=k.shape[1] - q.shape[1], frame_tokens=ft, key_frames=key_frames)
+        return tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend, layout=layout, kind=SELF)
+
+    def tapped_flash(q, k, v, *args, **kwargs):
+        def attend():
+            if have_flash:
+                return original_flash(q, k, v, *args, **kwargs)
+            return sdpa_attention(q, k, v, *args, **kwargs)
+        dtype = kwargs.get("dtype", torch.bfloat16)
+        return tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend)
+
+    self_sig = inspect.signature(type(model.blocks[0].self_attn).forward)
+
+    def self_pre(i):
+        def hook(module, args, kwargs):
+            bound = self_sig.bind(module, *args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            state.update(cache=a.get("kv_cache"), start=int(a.get("current_start") or 0),
+                         sink=int(getattr(module, "sink_size", 0) or 0))
+            tracker.enter_block(i, (SELF,))
+        return hook
+
+    def self_post(module, args, output):
+        tracker.leave_block()
+        state["cache"] = None
+
+    def forward_pre(module, args, kwargs):
+        if kwargs.get("kv_cache") is None:  # training-style full-sequence forward: not a KV-cache evaluation
+            return
+        x = kwargs.get("x", args[0] if args else None)
+        t = kwargs.get("t", args[1] if len(args) > 1 else None)
+        pt, ph, pw = info.patch_size
+        f, h, w = (x[0] if isinstance(x, (list, tuple)) else x).shape[-3:]
+        grid = Grid(f // pt, h // ph, w // pw)
+        start = int(kwargs.get("current_start") or 0)
+        timestep = timestep_of(t)
+        ev = tracker.begin_forward(timestep, len(x), grid, chunk=start // grid.frame_tokens)
+        state["pass"] = "context" if abs(timestep - context_timestep) < 1e-6 else "denoise"
+        if recorder.active is not None and ev.step is not None:
+            recorder.active.step_pass.setdefault(ev.step, state["pass"])
+
+    hooks = [model.register_forward_pre_hook(forward_pre, with_kwargs=True),
+             model.register_forward_hook(lambda *a: tracker.end_evaluation())]
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.self_attn.register_forward_pre_hook(self_pre(i), with_kwargs=True))
+        hooks.append(block.self_attn.register_forward_hook(self_post))
+        hooks.append(block.cross_attn.register_forward_pre_hook(
+            lambda m, a, i=i: tracker.enter_block(i, kinds_cross)))
+        hooks.append(block.cross_attn.register_forward_hook(lambda *a: tracker.leave_block()))
+
+    def undo():
+        self_mod.attention = original_attention
+        cross_mod.flash_attention = original_flash
+        for h in hooks:
+            h.remove()
+
+    self_mod.attention = tapped_attention
+    cross_mod.flash_attention = tapped_flash
+    with recording_pass(recorder, info, undo) as rec:
+        yield rec

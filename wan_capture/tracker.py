@@ -1,0 +1,95 @@
+"""The one call tracker: which evaluation, block and kind an attention call belongs to, for every host.
+
+A host adapter (ComfyUI's patch, the official Wan code, diffusers, causal Wan) tells the tracker three things as the
+model runs: a model evaluation begins (its step, sigma, cond/uncond rows and latent grid, and for causal Wan the
+chunk), a block begins (its index and the kinds of its attention calls in order), and an attention call happens
+(q, k and the model's own attention as a callable). The tracker builds the :class:`AttentionCall` and hands it to
+:meth:`Recorder.tap`, the only entry to the statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from .call import CROSS_TEXT, SELF, AttentionCall
+from .grid import Grid
+from .model_info import ModelInfo
+from .recorder import Recorder
+from .stats import KeyLayout
+
+
+@dataclass
+class Evaluation:
+    """The model evaluation in flight."""
+
+    step: Optional[int]
+    exact: bool
+    sigma: float
+    timestep: Optional[float]
+    branches: Tuple[str, ...]
+    grid: Grid
+    chunk: Optional[int] = None  # causal Wan: absolute latent frame of the chunk's first query frame
+
+
+class CallTracker:
+    """Tracks evaluations, blocks and call positions; every attention call goes through :meth:`tap`.
+
+    ``kinds``: the kinds of a block's attention calls in call order (Wan: self, [image cross], text cross).
+    """
+
+    def __init__(self, recorder: Recorder, info: ModelInfo, kinds: Sequence[str] = (SELF, CROSS_TEXT)):
+        self.recorder, self.info, self.kinds = recorder, info, tuple(kinds)
+        self.evaluation: Optional[Evaluation] = None
+        self.block: Optional[int] = None
+        self.block_kinds: Tuple[str, ...] = self.kinds
+        self.calls = 0
+
+    # -- evaluations and blocks ------------------------------------------------------------------------
+    def locate(self, sigma: float) -> Tuple[Optional[int], bool]:
+        """Step of an evaluation at ``sigma`` in the recorder's active pass (and whether it is exact)."""
+        return self.recorder.locate(sigma)
+
+    def begin_evaluation(self, evaluation: Evaluation) -> None:
+        self.evaluation, self.block = evaluation, None
+
+    def end_evaluation(self) -> None:
+        self.evaluation, self.block = None, None
+
+    def enter_block(self, block: int, kinds: Optional[Sequence[str]] = None) -> None:
+        """A block (or one attention module of it, with its own ``kinds``) starts: call positions restart."""
+        self.block, self.calls = block, 0
+        self.block_kinds = self.kinds if kinds is None else tuple(kinds)
+
+    def leave_block(self) -> None:
+        self.block = None
+
+    @property
+    def active(self) -> bool:
+        ev = self.evaluation
+        return ev is not None and self.block is not None and ev.step is not None and self.recorder.active is not None
+
+    # -- the tap ---------------------------------------------------------------------------------------
+    def tap(self, q: torch.Tensor, k: torch.Tensor, heads: int, attend: Callable[[], torch.Tensor],
+            layout: Optional[KeyLayout] = None, kind: Optional[str] = None,
+            scale: Optional[float] = None) -> torch.Tensor:
+        """One attention call, ``q``/``k`` as ``[B, L, heads*head_dim]``: returns ``attend()`` untouched.
+
+        ``kind`` defaults to the call's position in the block; ``layout`` places queries among keys (KV cache).
+        """
+        if not self.active:
+            return attend()
+        position, self.calls = self.calls, self.calls + 1
+        if kind is None:
+            kind = self.block_kinds[position] if position < len(self.block_kinds) else None
+        if kind == SELF and layout is None and k.shape[1] != q.shape[1]:
+            kind = None  # not the self-attention this position should hold: never guess from lengths
+        if kind is None or q.dim() != 3:
+            self.recorder.active.skipped["unrecognised_attention_calls"] += 1
+            return attend()
+        ev = self.evaluation
+        call = AttentionCall(block=self.block, kind=kind, step=ev.step, sigma=ev.sigma, branches=ev.branches,
+                             grid=ev.grid, heads=int(heads), timestep=ev.timestep,
+                             layout=layout if layout is not None else KeyLayout(), chunk=ev.chunk, scale=scale)
+        return self.recorder.tap(call, q, k, attend, exact_step=ev.exact)
