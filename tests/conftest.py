@@ -7,6 +7,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_comfy import COMFYUI, NOT_FOUND  # noqa: E402
+from self_forcing import SF_NOT_FOUND, self_forcing_path  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -17,6 +18,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = sum("ComfyUI NOT FOUND" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
     if COMFYUI is None and skipped:
         terminalreporter.write_line(f"!!! {NOT_FOUND} ({skipped} ComfyUI tests skipped) !!!", red=True, bold=True)
+    sf_skipped = sum("Self-Forcing NOT FOUND" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
+    if self_forcing_path() is None and sf_skipped:
+        terminalreporter.write_line(f"!!! {SF_NOT_FOUND} ({sf_skipped} Self-Forcing tests skipped) !!!", red=True,
+                                    bold=True)
 
 
 import types  # noqa: E402

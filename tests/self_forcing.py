@@ -11,6 +11,10 @@ import sys
 import types
 
 
+SF_NOT_FOUND = ("Self-Forcing NOT FOUND: set SELF_FORCING_PATH=<checkout of github.com/guandeh17/Self-Forcing> "
+                "(or put it at ~/Self-Forcing) to run the self_forcing tests")
+
+
 def self_forcing_path():
     for path in (os.environ.get("SELF_FORCING_PATH"), os.path.expanduser("~/Self-Forcing")):
         if path and os.path.isfile(os.path.join(path, "wan", "modules", "causal_model.py")):

@@ -147,30 +147,37 @@ def test_diffusers_restored_after_an_exception():
 
 
 def test_record_refuses_other_models():
-    with pytest.raises(TypeError, match="supports the official Wan code's WanModel and diffusers"):
+    with pytest.raises(TypeError, match="supports the official Wan code's WanModel, diffusers' WanTransformer3DModel"):
         with record(torch.nn.Linear(2, 2), RecordingPlan(text_positions=(0,))):
             pass
 
 
 @pytest.mark.parametrize("mask", [None, "frame"])
 def test_causal_kv_cache_chunk_by_chunk(mask):
-    """6 latent frames of 8 tokens in chunks of 2 frames; the cache keeps 1 sink frame and a 2-frame window."""
+    """CausalRecorder (taps by hand) goes through the same tracker and take: 6 latent frames of 8 tokens in chunks
+    of 2 frames; the cache keeps 1 sink frame and a 2-frame window."""
     ft, frames, chunk, sink, window = 8, 6, 2, 1, 2
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(1, frames * ft, 2, 16, generator=g) * 2  # every frame's keys, as the model computes them
     rec = CausalRecorder(RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32",
-                                       store_per_head=True), ft)
-    for c0 in range(0, frames, chunk):
-        current = list(range(c0, c0 + chunk))
-        past = [f for f in range(c0) if f < sink or f >= c0 - window]
-        cached = past + current
-        k = torch.cat([keys[:, f * ft:(f + 1) * ft] for f in cached], dim=1)
-        q = torch.randn(1, chunk * ft, 2, 16, generator=g) * 2
-        out = rec.tap(3, q, k, lambda: torch.zeros(1), query_start=c0 * ft, key_frames=cached, step=0, mask=mask)
-        assert torch.equal(out, torch.zeros(1))
-        got = rec.chunks[(0, 3, c0, "cond")]
-        assert got["key_frames"] == cached and got["query_frames"] == current
-        assert got["key_positions"][:ft] == list(range(cached[0] * ft, cached[0] * ft + ft))
+                                       store_per_head=True), ft, frame_width=4)
+    seen = {}
+    with rec.recording(num_blocks=4, num_heads=2, head_dim=16):
+        for c0 in range(0, frames, chunk):
+            current = list(range(c0, c0 + chunk))
+            past = [f for f in range(c0) if f < sink or f >= c0 - window]
+            cached = past + current
+            k = torch.cat([keys[:, f * ft:(f + 1) * ft] for f in cached], dim=1)
+            q = torch.randn(1, chunk * ft, 2, 16, generator=g) * 2
+            out = rec.tap(3, q, k, lambda: torch.zeros(1), query_start=c0 * ft, key_frames=cached, step=0, mask=mask)
+            assert torch.equal(out, torch.zeros(1))
+            seen[c0] = (q, k, cached)
+    take = rec.take
+    assert take.status == "complete" and sorted(take.chunks) == [0, 2, 4] and take.grid.as_list() == [6, 2, 4]
+    for c0, (q, k, cached) in seen.items():
+        part = take.chunks[c0]
+        assert part.key_frames[(0, 3)] == tuple(cached)
+        got = {n: v[:, 0] for n, v in part.sink[(0, "cond")].items()}  # the one recorded block
         layout = dict(q_offset=k.shape[1] - q.shape[1], causal=mask) if mask else dict(q_offset=k.shape[1] - q.shape[1])
         received, key_max, mass, ent, _ = naive_sink(heads(q), heads(k), ft, **layout)
         torch.testing.assert_close(got["received"].double(), received, rtol=1e-5, atol=1e-7)
@@ -179,6 +186,7 @@ def test_causal_kv_cache_chunk_by_chunk(mask):
         torch.testing.assert_close(got["entropy"].double(), ent, rtol=1e-4, atol=1e-5)
         if mask == "frame":  # the first query frame of the chunk cannot see the second
             assert float(got["frame_mass"][0, :, 0, -1].abs().max()) == 0.0
-    assert sorted(k[2] for k in rec.chunks) == [0, 2, 4]
     with pytest.raises(ValueError, match="whole frames"):
-        rec.tap(0, torch.zeros(1, 5, 2, 16), torch.zeros(1, 16, 2, 16), lambda: None, query_start=0, key_frames=[0, 1])
+        with rec.recording(num_blocks=1, num_heads=2, head_dim=16):
+            rec.tap(0, torch.zeros(1, 5, 2, 16), torch.zeros(1, 16, 2, 16), lambda: None, query_start=0,
+                    key_frames=[0, 1])

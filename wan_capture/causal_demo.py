@@ -81,10 +81,8 @@ def main(argv=None) -> int:
                          window=FrameWindow(min(7, args.frames - 1), min(8, args.frames)))
     with contextlib.ExitStack() as stack:
         if args.self_forcing:
-            cm, wm = stack.enter_context(_self_forcing(args.self_forcing))
-            from .adapters.official import sdpa_attention
-            if not getattr(sys.modules["wan.modules.attention"], "FLASH_ATTN_2_AVAILABLE", False):
-                wm.flash_attention = sdpa_attention  # Self-Forcing's cross-attention needs flash-attn otherwise
+            # without flash-attn, the recorder's tap runs Self-Forcing's cross-attention with its SDPA stand-in
+            cm, _ = stack.enter_context(_self_forcing(args.self_forcing))
             model = cm.CausalWanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256,
                                       ffn_dim=512, freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=2,
                                       local_attn_size=args.cache_frames, sink_size=args.sink).eval().to(torch.bfloat16)

@@ -18,19 +18,23 @@ import torch
 from torch import nn
 
 
-def attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
-              window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, fa_version=None):
-    """Wan's attention without flash-attn: ``[B, L, N, D]`` in, SDPA in half precision."""
+def _sdpa(q, k, v, dtype):
     out_dtype = q.dtype
     q, k, v = (x.transpose(1, 2).to(dtype) for x in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).contiguous().to(out_dtype)
+
+
+def attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
+              window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, fa_version=None):
+    """Wan's attention without flash-attn: ``[B, L, N, D]`` in, SDPA in half precision (what self-attention calls)."""
+    return _sdpa(q, k, v, dtype)
 
 
 def flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
                     causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, version=None):
     """What the cross-attention calls (Wan's name); here the same SDPA."""
-    return attention(q, k, v, dtype=dtype)
+    return _sdpa(q, k, v, dtype)
 
 
 def _sinusoid(n: int, positions: torch.Tensor) -> torch.Tensor:

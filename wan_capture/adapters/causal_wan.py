@@ -51,7 +51,7 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
     observer = KVCacheObserver()
     self_mod = sys.modules[type(model.blocks[0].self_attn).__module__]
     cross_mod = sys.modules[type(model.blocks[0].cross_attn).__module__]
-    attn_mod = sys.modules.get(getattr(self_mod.attention, "__module__", ""), self_mod)
+    attn_mod = sys.modules.get(getattr(cross_mod.flash_attention, "__module__", ""), cross_mod)
     # Wan's own attention module says whether flash-attn is there (its flash_attention asserts otherwise); a module
     # without those flags has a flash_attention that runs as it is
     flags = [getattr(attn_mod, n) for n in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE") if hasattr(attn_mod, n)]
