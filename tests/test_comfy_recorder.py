@@ -247,3 +247,40 @@ def test_sampler_custom_advanced_records_and_returns_the_same_latent(pack, model
     take = recording(pack).take_for_latent(rec, out)
     assert take.steps == [0, 1, 2, 3] and take.sampling["cfg"] == 3.0 and take.cross[(3, "uncond")].shape == (1, 2, 2, 48, 2)
     torch.testing.assert_close(take.cross[(0, "cond")].sum(-1) <= 1.0 + 1e-6, torch.ones(1, 2, 2, 48, dtype=torch.bool))
+
+
+def test_install_recorder_on_transformer_options_drives_the_dit_directly(pack, models):
+    """The public install function the GPU benchmark uses: the DiT called directly with a transformer_options dict
+    records the same statistics as the Attach node's clone inside a sampler."""
+    wc = core(pack)
+    dm = models["t2v"].model.diffusion_model
+    info = wc.describe_model(dm, model_type="WAN21")
+    assert (info.num_blocks, info.num_heads, info.patch_size) == (2, 2, (1, 2, 2)) and not info.causal
+    plan = wc.RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32")
+    rec = wc.Recorder(plan)
+    to = {"cond_or_uncond": [0]}
+    calls = []
+    to["optimized_attention_override"] = lambda func, *a, **k: (calls.append((a[0].clone(), a[1].clone())),
+                                                                 func(*a, **k))[1]
+    pack.nodes.comfy_attach.install_recorder(to, rec, info)
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 3, 8, 8)
+    ctx = torch.randn(1, 512, 4096)
+    rec.begin_pass([0.9, 0.5, 0.0], info)
+    to["sigmas"] = torch.tensor([0.9])
+    with torch.no_grad():
+        out = dm(x, torch.tensor([900.0]), ctx, transformer_options=to)
+    rec.end_pass()
+    with torch.no_grad():
+        plain = dm(x, torch.tensor([900.0]), ctx, transformer_options={"cond_or_uncond": [0]})
+    assert torch.equal(out, plain)
+    take = rec.latest
+    assert take.steps == [0] and take.model["model_type"] == "WAN21" and len(calls) == 4
+    for block in range(2):
+        q, k = calls[2 * block]
+        qh, kh = q.view(1, 48, 2, -1).transpose(1, 2), k.view(1, 48, 2, -1).transpose(1, 2)
+        received, _, mass, _, _ = naive_sink(qh, kh, 16)
+        torch.testing.assert_close(take.sink[(0, "cond")]["received"][:, block].double(), received, rtol=1e-4,
+                                   atol=1e-6)
+        torch.testing.assert_close(take.sink[(0, "cond")]["frame_mass"][:, block].double(), mass, rtol=1e-4,
+                                   atol=1e-6)

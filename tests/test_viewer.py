@@ -127,3 +127,25 @@ def test_frontend_loads_an_example_and_the_save_node_has_the_viewer(comfy_server
     assert result["types"] == sorted(n["type"] for n in wf["nodes"])
     assert result["links"] == len(wf["links"])
     assert result["hasViewer"] and "attention_viewer" in result["saveWidgets"]
+
+
+def test_causal_recording_slices_frame_mass_and_sinks(comfy_server):
+    """A causal Wan recording saved under the output folder: the viewer's received map and the causal frame x frame
+    matrix are the analyzer's assembled arrays, byte for byte, with the sink frames in X-Sinks."""
+    import torch
+    from wan_capture import RecordingPlan, SaveOptions, record, save_take
+    from wan_capture.tiny_causal import CausalWanModel, causal_generate
+    torch.manual_seed(0)
+    model = CausalWanModel(dim=256, num_heads=2, num_layers=2, local_attn_size=4, sink_size=1, frame_tokens=4).eval()
+    with record(model, RecordingPlan(record_cross=False, record_sink_stats=True)) as rec:
+        causal_generate(model, torch.randn(1, 16, 6, 4, 4), torch.randn(1, 8, 4096), 2, cache_frames=4)
+    video = save_take(rec.latest, str(comfy_server.output), "causal_view", SaveOptions())[0].video_id
+    path = "causal_view/attention_maps"
+    an = AttentionAnalyzer(str(comfy_server.output / path))
+    status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=frame_mass&step=1")
+    want = an.get_causal_self_attention(video, 1, "frame_mass").mean(axis=0).mean(axis=0).astype("<f4")
+    assert status == 200 and headers["X-Shape"] == "1,6,6" and headers["X-Sinks"] == "0"
+    assert body == want.tobytes() and want[4, 1] == 0 and want[4, 0] > 0  # frame 1 evicted, the sink kept
+    status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=sink&step=1")
+    want = np.nan_to_num(an.get_causal_self_attention(video, 1, "received")).mean(axis=0).mean(axis=0).reshape(6, 2, 2)
+    assert status == 200 and body == want.astype("<f4").tobytes()

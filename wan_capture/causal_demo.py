@@ -11,37 +11,17 @@ import contextlib
 import os
 import sys
 import time
-import types
 
 import numpy as np
 import torch
 
 from .adapters import record
+from .adapters.causal_wan import self_forcing_modules
 from .analyzer import AttentionAnalyzer
 from .plan import FrameWindow, RecordingPlan
 from .storage import SaveOptions, save_take
 from .tiny_causal import CausalWanModel, causal_generate
 from .views import SavedSource, frame_mass_images, sink_maps, token_maps, window_image
-
-
-@contextlib.contextmanager
-def _self_forcing(path: str):
-    """Self-Forcing's ``wan.modules.causal_model`` without its package ``__init__`` (which needs CUDA and ftfy)."""
-    saved = {n: m for n, m in sys.modules.items() if n == "wan" or n.startswith("wan.")}
-    for n in saved:
-        del sys.modules[n]
-    try:
-        for name, sub in (("wan", "wan"), ("wan.modules", os.path.join("wan", "modules"))):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [os.path.join(path, sub)]
-            sys.modules[name] = pkg
-        import wan.modules.causal_model as cm
-        import wan.modules.model as wm
-        yield cm, wm
-    finally:
-        for n in [n for n in sys.modules if n == "wan" or n.startswith("wan.")]:
-            del sys.modules[n]
-        sys.modules.update(saved)
 
 
 def _png(img: np.ndarray, path: str) -> str:
@@ -82,7 +62,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if args.self_forcing:
             # without flash-attn, the recorder's tap runs Self-Forcing's cross-attention with its SDPA stand-in
-            cm, _ = stack.enter_context(_self_forcing(args.self_forcing))
+            cm, _ = stack.enter_context(self_forcing_modules(args.self_forcing))
             model = cm.CausalWanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256,
                                       ffn_dim=512, freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=2,
                                       local_attn_size=args.cache_frames, sink_size=args.sink).eval().to(torch.bfloat16)

@@ -10,7 +10,9 @@ also writes the KV-cache event log into the take. Everything is restored on exit
 from __future__ import annotations
 
 import inspect
+import os
 import sys
+import types
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -134,3 +136,26 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
     cross_mod.flash_attention = tapped_flash
     with recording_pass(recorder, info, undo) as rec:
         yield rec
+
+
+@contextmanager
+def self_forcing_modules(path: str):
+    """``(causal_model, model)``: Self-Forcing's ``wan.modules.causal_model`` and ``wan.modules.model`` from a checkout
+    at ``path``, without running its package ``__init__`` (which calls CUDA and needs ftfy): empty ``wan`` and
+    ``wan.modules`` packages point into the checkout. Any ``wan`` modules loaded before (the official code's) are put
+    back on exit."""
+    saved = {n: m for n, m in sys.modules.items() if n == "wan" or n.startswith("wan.")}
+    for n in saved:
+        del sys.modules[n]
+    try:
+        for name, sub in (("wan", "wan"), ("wan.modules", os.path.join("wan", "modules"))):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [os.path.join(path, sub)]
+            sys.modules[name] = pkg
+        import wan.modules.causal_model as causal_model
+        import wan.modules.model as model
+        yield causal_model, model
+    finally:
+        for n in [n for n in sys.modules if n == "wan" or n.startswith("wan.")]:
+            del sys.modules[n]
+        sys.modules.update(saved)
