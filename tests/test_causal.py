@@ -280,3 +280,34 @@ def test_self_forcing_demo_saves_and_draws(tmp_path):
     v = an.list_videos()[0]
     mass = an.get_causal_self_attention(v, 0, "frame_mass")
     np.testing.assert_allclose(mass.sum(-1), 1.0, rtol=1e-3)
+
+
+def test_causal_plan_fields_apply_budget_aggregation_and_downsampling(monkeypatch):
+    """Every plan field goes through the same take: block/head aggregation, spatial pooling, and the memory budget
+    (refused with the size it needs; the model is restored and the take marked partial)."""
+    from wan_capture import BudgetError
+    torch.manual_seed(0)
+    model = tiny_causal.CausalWanModel(dim=256, num_heads=2, num_layers=2, local_attn_size=CACHE, sink_size=SINK,
+                                       frame_tokens=16).eval()
+    noise, ctx = torch.randn(1, 16, 4, 8, 8), torch.randn(1, 6, 4096)
+    full = RecordingPlan(text_positions=(1,), record_sink_stats=True, storage_dtype="float32")
+    small = RecordingPlan(text_positions=(1,), record_sink_stats=True, storage_dtype="float32",
+                          store_per_block=False, store_per_head=False, spatial_downsample_factor=2)
+    takes = []
+    for p in (full, small):
+        with record(model, p) as rec:
+            causal_generate(model, noise, ctx, 2, TIMESTEPS, cache_frames=CACHE)
+        takes.append(rec.latest)
+    a, b = takes
+    assert b.map_grid.as_list() == [4, 2, 2] and b.cross[(0, "cond")].shape == (1, 1, 1, 16, 1)
+    pooled = a.cross[(0, "cond")].mean(dim=(1, 2)).view(1, 4, 2, 2, 2, 2).mean(dim=(3, 5)).reshape(1, 16)
+    torch.testing.assert_close(b.cross[(0, "cond")][0, 0, 0, :, 0], pooled[0], rtol=1e-5, atol=1e-7)
+    for c in (0, 2):
+        got, ref = b.chunks[c].sink[(1, "cond")], a.chunks[c].sink[(1, "cond")]
+        torch.testing.assert_close(got["received"][:, 0, 0], ref["received"].mean(dim=(1, 2)), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["key_max"][:, 0, 0], ref["key_max"].amax(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+    originals = tiny_causal.attention, tiny_causal.flash_attention
+    with pytest.raises(BudgetError, match="memory_budget_mb"):
+        with record(model, RecordingPlan(text_positions=(1,), record_sink_stats=True, memory_budget_mb=0.001)) as rec:
+            causal_generate(model, noise, ctx, 2, TIMESTEPS, cache_frames=CACHE)
+    assert (tiny_causal.attention, tiny_causal.flash_attention) == originals and rec.latest.status == "partial"
