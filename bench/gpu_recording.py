@@ -1,13 +1,15 @@
-"""GPU benchmark: Wan 1.3B-shaped denoising steps, plain and recording, side by side in one run.
+"""GPU benchmark: Wan-shaped denoising steps, plain and recording, side by side in one run.
 
-    COMFYUI_PATH=... python bench/gpu_recording.py [--frames 81 --height 480 --width 832 --blocks 30 --repeats 5]
+    COMFYUI_PATH=... python bench/gpu_recording.py [--size 1.3b|14b] [--blocks N] [--repeats 5] [--json out.json]
 
-Runs ComfyUI's real ``WanModel`` class with random weights in the 1.3B configuration (dim 1536, 12 heads of 128,
-30 blocks, umt5 context of 512) in bf16, one CFG batch of 2 per step (cond + uncond), 81 frames at 480x832 =
-32,760 tokens. Recording goes through the exact patch points the Attach node installs (attention override, block
-patches, forward wrapper), recording the cond rows on every block and every step. Reports, per configuration,
-the median step time and its ratio to plain, and the peak GPU memory; then per block, the recording kernels'
-time against SDPA's.
+Runs ComfyUI's real ``WanModel`` class with random weights in bf16, one CFG batch of 2 per step (cond + uncond):
+``1.3b`` is Wan 2.1 1.3B (dim 1536, 12 heads of 128, 30 blocks) at 81 frames of 480x832 = 21x30x52 = 32,760 tokens;
+``14b`` is Wan 14B's shape (dim 5120, 40 heads of 128, ffn 13824) at 81 frames of 720x1280 = 21x45x80 = 75,600
+tokens, with a few blocks (the per-block ratios do not depend on the block count). Recording goes through the
+Attach node's patch points (``install_recorder``), cond rows, every block and step. Reports per configuration the
+median step time and its ratio to plain, peak GPU memory, whether outputs are identical, host memory of the recording
+per step and the time to save one step; then per block, the sink kernels against the attention call ComfyUI really
+makes (``comfy.ops.scaled_dot_product_attention``: cuDNN first) for the same rows.
 """
 from __future__ import annotations
 
@@ -38,10 +40,16 @@ def load(comfyui: str):
     return pack
 
 
-def build_model(blocks: int):
+SIZES = {
+    "1.3b": dict(dim=1536, ffn=8960, heads=12, blocks=30, frames=81, height=480, width=832),
+    "14b": dict(dim=5120, ffn=13824, heads=40, blocks=2, frames=81, height=720, width=1280),
+}
+
+
+def build_model(dim: int, ffn: int, heads: int, blocks: int):
     import comfy.ldm.wan.model as wan
     import comfy.ops
-    model = wan.WanModel(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=blocks, in_dim=16,
+    model = wan.WanModel(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=blocks, in_dim=16,
                          out_dim=16, text_dim=4096, freq_dim=256, device="cuda", dtype=torch.bfloat16,
                          operations=comfy.ops.disable_weight_init)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -82,10 +90,11 @@ def timed(fn, repeats: int, warmup: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--blocks", type=int, default=30)
+    ap.add_argument("--size", choices=sorted(SIZES), default="1.3b")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks to build (default: 30 for 1.3b, 2 for 14b)")
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--torch-baseline", action="store_true", help="also time the chunked torch path once per block")
@@ -94,27 +103,38 @@ def main(argv=None) -> int:
     if not args.comfyui or not torch.cuda.is_available():
         print("needs a CUDA GPU and --comfyui / COMFYUI_PATH", file=sys.stderr)
         return 2
+    size = dict(SIZES[args.size])
+    for key in ("blocks", "frames", "height", "width"):
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
     pack = load(args.comfyui)
     wc = pack.wan_capture
-    model = build_model(args.blocks)
-    t = (args.frames - 1) // 4 + 1
-    x = torch.randn(2, 16, t, args.height // 8, args.width // 8, device="cuda", dtype=torch.bfloat16)
+    import comfy.ldm.modules.attention as comfy_attention
+    from wan_capture_bench_util import save_step_seconds  # noqa: F401  (kept beside this file)
+    dim, heads = size["dim"], size["heads"]
+    model = build_model(dim, size["ffn"], heads, size["blocks"])
+    t = (size["frames"] - 1) // 4 + 1
+    x = torch.randn(2, 16, t, size["height"] // 8, size["width"] // 8, device="cuda", dtype=torch.bfloat16)
     context = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
     grid = wc.Grid.from_latent(x.shape)
     steps = args.warmup + args.repeats
     sigmas = [1.0 - i / (steps + 1) for i in range(steps + 2)]
-    big = dict(memory_budget_mb=1 << 20, store_per_head=False)
+    big = dict(memory_budget_mb=1 << 22, store_per_head=False)
     configs = {
-        "plain": None,
-        "cross maps, 8 tokens": wc.RecordingPlan(text_positions=tuple(range(8)), **big),
-        "sink statistics": wc.RecordingPlan(record_cross=False, record_sink_stats=True, **big),
-        "cross maps + sink statistics": wc.RecordingPlan(text_positions=tuple(range(8)), record_sink_stats=True, **big),
+        "plain": (None, "on"),
+        "cross maps, 8 tokens": (wc.RecordingPlan(text_positions=tuple(range(8)), **big), "on"),
+        "sink statistics (single sweep)": (wc.RecordingPlan(record_cross=False, record_sink_stats=True, **big), "on"),
+        "sink statistics (row pass forced)": (wc.RecordingPlan(record_cross=False, record_sink_stats=True, **big),
+                                              "off"),
+        "cross maps + sink statistics": (wc.RecordingPlan(text_positions=tuple(range(8)), record_sink_stats=True,
+                                                          **big), "on"),
     }
     results = {}
     reference = None
-    for name, plan in configs.items():
+    for name, (plan, lse_mode) in configs.items():
+        os.environ["WAN_CAPTURE_LSE"] = lse_mode
         to = {"cond_or_uncond": [1, 0]}
-        rec = None
+        rec = tracker = None
         if plan is not None:
             rec, info = install(pack, model, plan, to)
             rec.begin_pass(sigmas, info)
@@ -140,48 +160,82 @@ def main(argv=None) -> int:
         recorded = None
         if rec is not None:
             take = rec.end_pass()
-            recorded = {"steps": len(take.steps), "skipped": dict(take.skipped)}
+            host = take.bytes_per_step(grid, 1)
+            recorded = {"steps": len(take.steps), "skipped": dict(take.skipped),
+                        "host_mib_per_step": host / 2 ** 20,
+                        "save_seconds_per_step": save_step_seconds(wc, take)}
+            del take
+            rec.takes.clear()
         results[name] = {"median_ms": med, "times_ms": times, "peak_gib": peak / 2 ** 30, "identical": identical,
                          "recorded": recorded}
         del out
+    os.environ.pop("WAN_CAPTURE_LSE", None)
     plain = results["plain"]
-    print(f"\nComfyUI WanModel, 1.3B config with random weights, {args.blocks} blocks, bf16, CFG batch 2, "
-          f"grid {grid.as_list()} = {grid.tokens} tokens, {torch.cuda.get_device_name()}; "
-          f"median of {args.repeats} steps after {args.warmup} warm-up")
-    print(f"{'configuration':<32}{'step ms':>10}{'ratio':>8}{'peak GiB':>10}{'extra mem':>11}  output identical")
+    print(f"\nComfyUI WanModel, {args.size} shape with random weights (dim {dim}, {heads} heads of 128), "
+          f"{size['blocks']} blocks, bf16, CFG batch 2, grid {grid.as_list()} = {grid.tokens} tokens, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} steps after "
+          f"{args.warmup} warm-up")
+    print(f"{'configuration':<36}{'step ms':>10}{'ratio':>8}{'peak GiB':>10}{'extra mem':>11}{'host MiB/step':>15}"
+          f"{'save s/step':>13}  identical")
     for name, r in results.items():
         extra = (r["peak_gib"] - plain["peak_gib"]) / plain["peak_gib"] * 100
-        print(f"{name:<32}{r['median_ms']:>10.1f}{r['median_ms'] / plain['median_ms']:>7.3f}x"
-              f"{r['peak_gib']:>10.2f}{extra:>10.2f}%  {r['identical']}")
+        rc = r["recorded"] or {}
+        print(f"{name:<36}{r['median_ms']:>10.1f}{r['median_ms'] / plain['median_ms']:>7.3f}x"
+              f"{r['peak_gib']:>10.2f}{extra:>10.2f}%{rc.get('host_mib_per_step', 0):>15.1f}"
+              f"{rc.get('save_seconds_per_step', 0):>13.3f}  {r['identical']}")
 
-    # per block: the recording kernels against the attention itself
+    # per block: the recording kernels against the attention call ComfyUI makes, for the same rows
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, grid.tokens, 1536, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ctx_k = torch.randn(2, 512, 1536, device="cuda", dtype=torch.bfloat16)
-    split = lambda z: z.view(z.shape[0], z.shape[1], 12, 128).transpose(1, 2)  # noqa: E731
+    q, k, v = (torch.randn(2, grid.tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ctx_k = torch.randn(2, 512, dim, device="cuda", dtype=torch.bfloat16)
+    split = lambda z: z.view(z.shape[0], z.shape[1], heads, 128).transpose(1, 2)  # noqa: E731
     qh, kh, vh, ch = split(q), split(k), split(v), split(ctx_k)
-    sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh), 10, 3)[0]
-    sdpa_cross = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qh, ch, ch), 10, 3)[0]
+    attn = comfy_attention.attention_pytorch
+    comfy_both = timed(lambda: attn(q, k, v, heads), 10, 3)[0]
+    comfy_cond = timed(lambda: attn(q[1:], k[1:], v[1:], heads), 10, 3)[0]
+    comfy_cross = timed(lambda: attn(q[1:], ctx_k[1:], ctx_k[1:], heads), 10, 3)[0]
+    cudnn_attention = importlib.import_module(PACK + ".wan_capture.lse_attention").cudnn_attention
+    cudnn_lse = timed(lambda: cudnn_attention(qh, kh, vh), 10, 3)[0]
+    lse = cudnn_attention(qh, kh, vh)[1]
     ft = grid.frame_tokens
-    sink_cond = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], 128 ** -0.5, ft), 10, 3)[0]
-    sink_both = timed(lambda: wc.sink_statistics(qh, kh, 128 ** -0.5, ft), 10, 3)[0]
-    cross = timed(lambda: wc.cross_attention_probs(qh[1:], ch[1:], list(range(8)), 128 ** -0.5), 10, 3)[0]
-    per_block = {"sdpa_self_ms": sdpa, "sdpa_cross_ms": sdpa_cross, "sink_kernels_cond_ms": sink_cond,
-                 "sink_kernels_both_rows_ms": sink_both, "cross_kernel_cond_ms": cross}
-    print(f"\nper block: SDPA self-attention (batch 2) {sdpa:.2f} ms; sink statistics kernels on the cond row "
-          f"{sink_cond:.2f} ms ({sink_cond / sdpa:.2f}x SDPA), on both rows {sink_both:.2f} ms "
-          f"({sink_both / sdpa:.2f}x SDPA); tracked-token cross maps {cross:.3f} ms "
-          f"(SDPA cross-attention {sdpa_cross:.3f} ms)")
+    scale = 128 ** -0.5
+    sweep_cond = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 34, lse=lse[1:]), 10, 3)[0]
+    sweep_both = timed(lambda: wc.sink_statistics(qh, kh, scale, ft, 1 << 34, lse=lse), 10, 3)[0]
+    two_pass_cond = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 34), 10, 3)[0]
+    cross = timed(lambda: wc.cross_attention_probs(qh[1:], ch[1:], list(range(8)), scale), 10, 3)[0]
+    per_block = {"comfy_attention_batch2_ms": comfy_both, "comfy_attention_cond_ms": comfy_cond,
+                 "comfy_cross_attention_cond_ms": comfy_cross, "cudnn_with_lse_batch2_ms": cudnn_lse,
+                 "sweep_cond_ms": sweep_cond, "sweep_both_rows_ms": sweep_both, "two_pass_cond_ms": two_pass_cond,
+                 "cross_kernel_cond_ms": cross}
+    full = {}
+    for label, kw in (("cross maps, 8 tokens", dict(text_positions=tuple(range(8)))),
+                      ("sink statistics", dict(record_cross=False, record_sink_stats=True)),
+                      ("both", dict(text_positions=tuple(range(8)), record_sink_stats=True))):
+        take = wc.Take(wc.RecordingPlan(memory_budget_mb=1 << 22, **kw), wc.describe_model(model))
+        full[label] = {"mib_per_step_one_video": take.bytes_per_step(grid, 1) / 2 ** 20,
+                       "full_model_blocks": size["blocks"]}
+    print("host memory of a full recording (every block and head, float16, one video) per step: " +
+          ", ".join(f"{k} {v['mib_per_step_one_video']:.1f} MiB" for k, v in full.items()) +
+          f" for {size['blocks']} blocks")
+    print(f"\nper block, against ComfyUI's attention call (cuDNN first): batch 2 {comfy_both:.2f} ms, cond row "
+          f"{comfy_cond:.2f} ms; cuDNN with log-sum-exp (batch 2) {cudnn_lse:.2f} ms")
+    print(f"  sink statistics, single sweep: cond row {sweep_cond:.2f} ms ({sweep_cond / comfy_cond:.2f}x the "
+          f"call for that row), both rows {sweep_both:.2f} ms ({sweep_both / comfy_both:.2f}x)")
+    print(f"  sink statistics, two passes (row pass + column pass): cond row {two_pass_cond:.2f} ms "
+          f"({two_pass_cond / comfy_cond:.2f}x)")
+    print(f"  tracked-token cross maps {cross:.3f} ms (ComfyUI's cross-attention call, cond row {comfy_cross:.3f} ms)")
     if args.torch_baseline:
         os.environ["WAN_CAPTURE_BACKEND"] = "torch"
-        base = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], 128 ** -0.5, ft, 1 << 30), 2, 1)[0]
+        base = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 30), 2, 1)[0]
         os.environ.pop("WAN_CAPTURE_BACKEND")
         per_block["sink_torch_cond_ms"] = base
-        print(f"chunked torch path for the same sink statistics: {base:.1f} ms ({base / sink_cond:.1f}x the kernels)")
+        print(f"chunked torch path for the same sink statistics: {base:.1f} ms ({base / sweep_cond:.1f}x the sweep)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"configs": results, "per_block": per_block, "grid": grid.as_list(),
-                       "device": torch.cuda.get_device_name()}, f, indent=2)
+            json.dump({"size": args.size, "shape": size, "configs": results, "per_block": per_block,
+                       "host_memory_full_recording": full,
+                       "grid": grid.as_list(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": importlib.import_module("triton").__version__}, f, indent=2)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Time the sink-statistics kernels' block shapes on this GPU at Wan 1.3B's size (one CFG row, 12 heads of 128,
-32,760 tokens, frames of 1,560) and print the fastest; kernels.ROW_CONFIG / COL_CONFIG hold the chosen ones.
+32,760 tokens, frames of 1,560) and print the fastest; kernels.ROW_CONFIG / COL_CONFIG / SWEEP_CONFIG hold the chosen ones.
 
     python bench/tune_kernels.py
 """
@@ -15,11 +15,13 @@ from wan_capture import kernels  # noqa: E402
 
 ROW = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2),
        (128, 64, 4, 2), (64, 64, 4, 3)]
+SWEEP = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3),
+         (256, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)]
 COL = [(64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 2),
        (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
 
 
-def main():
+def main(only=None):
     torch.manual_seed(0)
     tokens, ft = 32760, 1560
     q = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16).view(1, tokens, 12, 128).transpose(1, 2)
@@ -30,7 +32,10 @@ def main():
     for name, configs, fn in [
         ("row", ROW, lambda c: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
         ("column", COL, lambda c: kernels.column_pass(q, k, scale, layout, ft, lse, config=c)),
+        ("sweep", SWEEP, lambda c: kernels.sweep(q, k, scale, layout, ft, lse, config=c)),
     ]:
+        if only and name not in only:
+            continue
         for c in configs:
             try:
                 ms = triton.testing.do_bench(lambda: fn(c), warmup=50, rep=300, return_mode="median")
@@ -45,4 +50,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

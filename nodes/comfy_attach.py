@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import comfy.patcher_extension as patcher_extension
 
 from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, Grid, Recorder, branch_rows, fingerprint
+from ..wan_capture.lse_attention import LseAttention
 from ..wan_capture.model_info import ModelInfo, describe_model
 from ..wan_capture.tracker import CallTracker, Evaluation
 
@@ -29,6 +30,7 @@ class _Comfy(CallTracker):
     def __init__(self, recorder: Recorder, info: ModelInfo, kinds, model_sampling, previous_override):
         super().__init__(recorder, info, kinds)
         self.model_sampling, self.previous = model_sampling, previous_override
+        self.lse_attention = LseAttention()
 
 
 def wan_diffusion_model(model_patcher):
@@ -133,8 +135,14 @@ def _make_override(state: _Comfy):
                 return state.previous(func, *args, **kwargs)
             return func(*args, **kwargs)
 
-        heads = kwargs["heads"] if "heads" in kwargs else args[3]
-        return state.tap(args[0], args[1], int(heads), attend)
+        heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
+        attend_lse = None
+        # ComfyUI's plain call (no mask, default reshapes) and no earlier override: the log-sum-exp can come from the
+        # same attention kernel, verified bit-identical once per shape (wan_capture.lse_attention)
+        if (state.previous is None and len(args) <= 4 and kwargs.get("mask") is None
+                and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape") and args[0].is_cuda):
+            attend_lse = lambda: state.lse_attention(args[0], args[1], args[2], heads, attend)  # noqa: E731
+        return state.tap(args[0], args[1], heads, attend, attend_lse=attend_lse)
     return override
 
 

@@ -45,6 +45,13 @@ def case(device, dtype, r, h, lq, lk, d, ft, layout_kw, positions, seed):
     out["entropy"] = rel(st.entropy, ent)
     s, _ = naive_scores(qd, kd, scale=scale, frame_tokens=ft, **layout_kw)
     p = naive_probs(s)
+    # the single sweep, given each query's log-sum-exp as the model's attention kernel returns it (float32)
+    lse = torch.logsumexp(s, dim=-1).float().to(device)
+    sw = sink_statistics(q, k, scale, ft, 1 << 30, layout, lse=lse)
+    out["sweep_received"] = rel(sw.received, received)
+    out["sweep_key_max"] = rel(sw.key_max, key_max)
+    out["sweep_frame_mass"] = rel(sw.frame_mass, mass)
+    out["sweep_entropy"] = rel(sw.entropy, ent)
     if not layout_kw.get("causal"):
         got = cross_attention_probs(q, k, positions, scale)
         out["cross"] = rel(got, p[..., positions])
@@ -67,9 +74,22 @@ CASES = [
 ]
 
 
+def window_without_frames(device, dtype, lk):
+    """An exact window whose layout names no frame_tokens (the row pass once sized a frame accumulator by Lk)."""
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(1, 1, 64, 64, generator=g)).to(dtype).to(device)
+    k = (torch.randn(1, 1, lk, 64, generator=g)).to(dtype).to(device)
+    sc, pr = score_window(q, k, 0.125, (3, 40), (0, lk), layout=KeyLayout())
+    s, _ = naive_scores(q.cpu().double(), k.cpu().double(), scale=0.125)
+    return {"nf_window_scores": rel(sc, s[:, :, 3:40]), "nf_window_probs": rel(pr, naive_probs(s)[:, :, 3:40])}
+
+
 def main(device, dtype_name, quick=False):
     dtype = getattr(torch, dtype_name)
     worst = 0.0
+    errs = window_without_frames(device, dtype, 8192 if device == "cuda" else 300)
+    print(f"window without frame_tokens: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
     for i, (r, h, lq, lk, d, ft, kw, pos) in enumerate(CASES[:3] if quick else CASES):
         errs = case(device, dtype, r, h, lq, lk, d, ft, kw, pos, seed=i)
         print(f"case {i} {dtype_name} r{r} h{h} lq{lq} lk{lk} d{d} ft{ft} {kw}: " +

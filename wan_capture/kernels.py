@@ -7,6 +7,11 @@
   receives and the maximum score it gets; no atomics, each program owns its keys.
 * ``cross`` (one program per query block): log-sum-exp over all text keys, then the probabilities of the tracked
   keys only.
+* ``sweep`` (one program per key frame x query split, query tiles outer, the frame's key tiles inner): the single
+  sweep used when each query's log-sum-exp is already known (returned by the model's own attention kernel): per
+  query the mass and the ``sum p*s`` on that key frame (so frame mass and entropy need no second sweep), per key the
+  received attention and max score, accumulated in registers over the split's queries (partials per split, summed
+  afterwards). No atomics: each program alone writes its outputs, so the results are deterministic.
 
 Scores are ``tl.dot`` of the model's own bf16/fp16 q and k with float32 accumulation (float32 inputs use IEEE
 float32, never TF32), kept in base-2 units inside the kernels (``exp2``), reported in natural units.
@@ -220,6 +225,112 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
              mask=(offs_m[:, None] < Lq) & (offs_t[None, :] < T))
 
 
+@triton.jit
+def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, q_abs, qmask, lse2, accp, accs, rsum, rmax,
+                rows, frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """One key tile against the program's query tile, as [keys, queries]. Per-key sums reduce along the cheap axis
+    into the program's per-key accumulators (one row per key tile of the frame); per-query sums accumulate
+    elementwise and are reduced once per query tile."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kmask = offs_n < k_hi
+        k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d)
+    s = _dot(k, tl.trans(q), IEEE)  # [keys, queries], raw q.k
+    if MASKED:
+        valid = kmask[:, None] & qmask[None, :]
+        if CAUSAL == 1:
+            valid = valid & (offs_n[:, None] <= q_abs[None, :])
+        if CAUSAL == 2:
+            valid = valid & ((offs_n[:, None] // frame_tokens) <= (q_abs[None, :] // frame_tokens))
+        s = tl.where(valid, s, float("-inf"))
+        p = tl.exp2(s * c - lse2[None, :])
+        accs += p * tl.where(valid, s, 0.0)
+    else:
+        p = tl.exp2(s * c - lse2[None, :])
+        accs += p * s
+    accp += p
+    j = (start_n - k_lo) // BLOCK_N
+    rsum = tl.where(rows[:, None] == j, rsum + tl.sum(p, 1)[None, :], rsum)
+    rmax = tl.where(rows[:, None] == j, tl.maximum(rmax, tl.max(s, 1)[None, :]), rmax)
+    return accp, accs, rsum, rmax
+
+
+@triton.jit
+def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
+                  q_offset, frame_tokens, Fk, q_per_split, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NT: tl.constexpr):
+    fk = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    r = pid_bh // H
+    h = pid_bh % H
+    k_lo = fk * frame_tokens
+    k_hi = tl.minimum(k_lo + frame_tokens, Lk)
+    n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, Lq)
+    if CAUSAL != 0:  # queries before this frame's first key see none of it
+        q_lo = tl.maximum(q_lo, ((tl.maximum(k_lo - q_offset, 0) - q_lo) // BLOCK_M) * BLOCK_M + q_lo)
+    offs_d = tl.arange(0, D)
+    kbase = K + r * sk_r + h * sk_h
+    qbase = Q + r * sq_r + h * sq_h
+    rows = tl.arange(0, NT)
+    rsum = tl.zeros([NT, BLOCK_N], tl.float32)  # received: this split's sum over queries, per key of the frame
+    rmax = tl.full([NT, BLOCK_N], float("-inf"), tl.float32)  # max raw score per key of the frame
+    # the hot loop has no masks: full query tiles against the frame's full key tiles (bidirectional attention);
+    # the frame's last, partial key tile and a partial query tile follow in masked loops of their own
+    q_full = q_lo if CAUSAL != 0 else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
+    n_hot = n_full if CAUSAL == 0 else k_lo
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, n_hot, BLOCK_N):
+            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, offs_m, offs_m,
+                                                 lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL, False,
+                                                 IEEE, BLOCK_N)
+        out = (pid_bh * Fk + fk) * Lq + offs_m
+        tl.store(MASS + out, tl.sum(accp, 0))
+        tl.store(PS + out, tl.sum(accs, 0))
+    if n_hot < k_hi:  # the frame's partial key tile against the full query tiles: added to what they stored
+        for start_m in range(q_lo, q_full, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qmask = offs_m < q_hi
+            q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+            accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_lo, k_hi, offs_m + q_offset,
+                                                 qmask, lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL,
+                                                 True, IEEE, BLOCK_N)
+            out = (pid_bh * Fk + fk) * Lq + offs_m
+            tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
+            tl.store(PS + out, tl.load(PS + out) + tl.sum(accs, 0))
+    for start_m in range(q_full, q_hi, BLOCK_M):  # a partial query tile (or every tile under a causal mask)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = offs_m < q_hi
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, k_hi, BLOCK_N):
+            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, offs_m + q_offset,
+                                                 qmask, lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL,
+                                                 True, IEEE, BLOCK_N)
+        out = (pid_bh * Fk + fk) * Lq + offs_m
+        tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
+        tl.store(PS + out, tl.sum(accs, 0), mask=qmask)
+    keys = k_lo + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ptr = (split * tl.num_programs(2) + pid_bh) * Lk + keys
+    tl.store(RECV + ptr, rsum, mask=keys < k_hi)
+    tl.store(KMAX + ptr, rmax, mask=keys < k_hi)
+
+
 _CAUSAL = {None: 0, "token": 1, "frame": 2}
 
 
@@ -236,7 +347,37 @@ def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def _interpreting() -> bool:
     import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_numpy_fix()
+        return True
+    return False
+
+
+def _interpreter_numpy_fix() -> None:
+    """Triton < 3.7's CPU interpreter turns its 1-element scalar arrays into loop bounds with ``int(array)``, which
+    NumPy >= 2.5 refuses ("only 0-dimensional arrays can be converted"); later Triton uses ``int(a.squeeze())``.
+    Give older interpreters the same conversion (only the interpreter is touched, only while it interprets)."""
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_squeezes_index", False):
+        return
+
+    class _Scope:
+        def __init__(self, scope):
+            self._scope = scope
+
+        def set_attr(self, obj, name, value):
+            if name == "__index__":
+                value = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+            self._scope.set_attr(obj, name, value)
+
+        def __getattr__(self, name):
+            return getattr(self._scope, name)
+
+    def patched(tensor, scope):
+        return original(tensor, _Scope(scope))
+    patched._squeezes_index = True
+    interpreter._patch_lang_tensor = patched
 
 
 def _ieee(q: torch.Tensor) -> bool:
@@ -302,6 +443,44 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
+SWEEP_CONFIG = (64, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
+# per-key accumulators of a whole frame live in registers: longer frames (Wan 14B at 720p: 3,600) spill and were
+# measured slower than the two passes, so they keep using those
+SWEEP_MAX_FRAME_TOKENS = 2048
+
+
+def sweep_supported(frame_tokens: int) -> bool:
+    return 0 < frame_tokens <= SWEEP_MAX_FRAME_TOKENS
+
+
+def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None):
+    """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
+    units), per-query ``mass [R*H, Lq, Fk]`` and ``entropy [R*H, Lq]``."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    ft = frame_tokens or lk
+    fk = -(-lk // ft)
+    bm, bn, warps, stages = config or (SMALL_CONFIG if d > 128 or _interpreting() else SWEEP_CONFIG)
+    if splits is None:  # enough programs to fill the GPU: about 4 per multiprocessor
+        sms = 132 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(lq, bm), triton.cdiv(8 * sms, fk * r * h)))
+    per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
+    splits = triton.cdiv(lq, per)
+    dev = q.device
+    mass = torch.zeros(r * h, fk, lq, device=dev, dtype=torch.float32)  # causal programs skip unseen queries
+    ps = torch.zeros_like(mass)
+    recv = torch.empty(splits, r * h, lk, device=dev, dtype=torch.float32)  # every key written once per split
+    kmax = torch.empty_like(recv)
+    lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
+    _sweep_kernel[(fk, splits, r * h)](q, k, lse, mass, ps, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
+                                       layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
+                                       IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d,
+                                       NT=triton.next_power_of_2(triton.cdiv(ft, bn)), num_warps=warps,
+                                       num_stages=stages)
+    entropy = lse - scale * ps.sum(dim=1)
+    return recv.sum(dim=0), kmax.amax(dim=0) * scale, mass.transpose(1, 2), entropy
+
+
 def sink_statistics(q, k, scale, frame_tokens, layout):
     """The :func:`wan_capture.stats.sink_statistics` quantities, flat over ``R*H``: received (mean), key_max,
     per-query mass ``[R*H, Lq, Fk]`` (None past MAX_FRAMES key frames) and per-query entropy."""
@@ -310,4 +489,4 @@ def sink_statistics(q, k, scale, frame_tokens, layout):
     return recv / q.shape[2], kmax, mass, ent, lse
 
 
-__all__ = ["cross_probs", "row_pass", "column_pass", "sink_statistics", "supported", "MAX_FRAMES"]
+__all__ = ["cross_probs", "row_pass", "column_pass", "sink_statistics", "sweep", "supported", "MAX_FRAMES"]

@@ -267,10 +267,13 @@ class Take:
                     slot.flush()
         self._open_step = step
 
-    def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
+    def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor,
+               lse: Optional[torch.Tensor] = None) -> None:
+        """Statistics of one attention call (``lse``: each query's log-sum-exp ``[B, heads, Lq]`` when the model's
+        attention kernel returned it)."""
         p = self.plan
         if call.chunk is not None and self.parent is None:
-            self._record_chunk(call, q, k)
+            self._record_chunk(call, q, k, lse)
             return
         if self.grid is None:
             self.grid = call.grid
@@ -300,6 +303,7 @@ class Take:
         scale = call.scale if call.scale is not None else _stats.default_scale(head_dim)
         qh = _select(_stats.split_heads(q, call.heads), 1, heads)
         kh = _select(_stats.split_heads(k, call.heads), 1, heads)
+        lh = None if lse is None else _select(lse, 1, heads)
         chunk = p.chunk_budget_bytes
         for branch, rows in branch_rows.items():
             if not rows:
@@ -309,19 +313,19 @@ class Take:
                 self.text_len = k.shape[1]
                 self._record_cross(call, branch, qb, kb, scale, chunk)
             elif call.kind == SELF:
-                self._record_self(call, branch, qb, kb, scale, chunk)
+                self._record_self(call, branch, qb, kb, scale, chunk, None if lh is None else _select(lh, 0, rows))
 
     def _chunk_steps_of(self, chunk: int) -> set:
         return {s for c, s in self._chunk_steps if c == chunk}
 
-    def _record_chunk(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
+    def _record_chunk(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, lse=None) -> None:
         sub = self.chunks.get(call.chunk)
         if sub is None:
             sub = self.chunks[call.chunk] = Take(self.plan, self.info or self.model, parent=self)
             sub.status = self.status
         self.step_sigmas[call.step] = call.sigma
         self.step_timesteps[call.step] = call.timestep
-        sub.record(call, q, k)
+        sub.record(call, q, k, lse)
         if self.batch is None:
             self.batch = sub.batch
         if call.kind == CROSS_TEXT and self.text_len is None:
@@ -338,13 +342,13 @@ class Take:
         maps = pool_spatial(maps, call.grid, p.spatial_downsample_factor)
         self._slot(("cross", call.step, branch)).add(call.block, maps)
 
-    def _record_self(self, call, branch, qb, kb, scale, chunk) -> None:
+    def _record_self(self, call, branch, qb, kb, scale, chunk, lse=None) -> None:
         p = self.plan
         layout = call.layout.with_frame_tokens(call.grid.frame_tokens)
         if call.chunk is not None:
             self.key_frames[(call.step, call.block)] = layout.absolute_key_frames(kb.shape[2])
         if p.record_sink_stats:
-            st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, chunk, layout)
+            st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, chunk, layout, lse=lse)
             for name in SINK_NAMES:
                 value = getattr(st, name)
                 reduce = "max" if name == "key_max" else "mean"
@@ -509,12 +513,22 @@ class Recorder:
         return True
 
     def tap(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, attend: Callable[[], torch.Tensor],
-            exact_step: bool = True) -> torch.Tensor:
-        """Run ``attend()`` (the model's own attention) and return its output untouched, recording on the side."""
-        out = attend()
-        if self.wants(call, exact_step):
+            exact_step: bool = True, attend_lse: Optional[Callable[[], tuple]] = None) -> torch.Tensor:
+        """Run ``attend()`` (the model's own attention) and return its output untouched, recording on the side.
+
+        ``attend_lse``: the same attention returning ``(output, lse or None)`` with an output bit-identical to
+        ``attend()``'s (see :mod:`wan_capture.lse_attention`); used for self-attention sink statistics, which then
+        need a single sweep over the keys.
+        """
+        wanted = self.wants(call, exact_step)
+        lse = None
+        if wanted and attend_lse is not None and call.kind == SELF and self.plan.record_sink_stats:
+            out, lse = attend_lse()
+        else:
+            out = attend()
+        if wanted:
             with torch.no_grad():
-                self.active.record(call, q.detach(), k.detach())
+                self.active.record(call, q.detach(), k.detach(), lse)
         return out
 
     def find(self, output_fingerprint: str) -> Optional[Take]:

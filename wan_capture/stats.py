@@ -182,9 +182,17 @@ def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, 
 
 
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens: int,
-                    chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> SinkStats:
-    """Received attention and max score per key, frame x frame mass and entropy per query frame, in one pass."""
+                    chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout(),
+                    lse: Optional[torch.Tensor] = None) -> SinkStats:
+    """Received attention and max score per key, frame x frame mass and entropy per query frame.
+
+    ``lse``: each query's log-sum-exp ``[R, H, Lq]`` (natural log of the sum of ``exp(q.k*scale)`` over the visible
+    keys), as the model's own attention kernel returned it; with it the GPU kernels need one sweep over the keys
+    instead of two. Without it (or on the torch path) it is computed here.
+    """
     kern = kernels_for(q, k)
+    if kern is not None and lse is not None and kern.sweep_supported(frame_tokens):
+        return _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse)
     if kern is not None and -(-k.shape[2] // frame_tokens) <= kern.MAX_FRAMES:
         return _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
     qf, kf = _flat(q, k)
@@ -239,6 +247,30 @@ def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layou
         ent = torch.zeros(rh, fq, device=q.device).index_add_(1, q_frame, ent_rows) / counts[None, :]
         hs = qs.shape[1]
         parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.view(r, hs, fq, fk), ent.view(r, hs, fq)))
+    return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
+
+
+def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse) -> SinkStats:
+    r, h, lq = q.shape[:3]
+    lk = k.shape[2]
+    if tuple(lse.shape[:3]) != (r, h, lq):
+        raise ValueError(f"lse of shape {tuple(lse.shape)} does not match queries [R={r}, H={h}, Lq={lq}]")
+    q_frame, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
+    q_frame = q_frame.to(q.device)
+    fk = -(-lk // frame_tokens)
+    counts = torch.bincount(q_frame, minlength=fq).clamp_min(1).to(torch.float32)
+    per_head = r * lq * (2 * fk + 2) * 4  # per-query partial sums the sweep writes for one head
+    step = max(1, min(h, chunk_bytes // max(1, per_head)))
+    parts = []
+    for h0 in range(0, h, step):
+        qs, ks, ls = q[:, h0:h0 + step], k[:, h0:h0 + step], lse[:, h0:h0 + step]
+        received, key_max, mass_rows, ent_rows = kern.sweep(qs, ks, scale, layout, frame_tokens, ls)
+        rh = received.shape[0]
+        mass = torch.zeros(rh, fq, fk, device=q.device).index_add_(1, q_frame, mass_rows) / counts[None, :, None]
+        ent = torch.zeros(rh, fq, device=q.device).index_add_(1, q_frame, ent_rows) / counts[None, :]
+        hs = qs.shape[1]
+        parts.append(((received / lq).view(r, hs, lk), key_max.view(r, hs, lk), mass.view(r, hs, fq, fk),
+                      ent.view(r, hs, fq)))
     return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
 
 

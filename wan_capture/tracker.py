@@ -73,10 +73,11 @@ class CallTracker:
     # -- the tap ---------------------------------------------------------------------------------------
     def tap(self, q: torch.Tensor, k: torch.Tensor, heads: int, attend: Callable[[], torch.Tensor],
             layout: Optional[KeyLayout] = None, kind: Optional[str] = None,
-            scale: Optional[float] = None) -> torch.Tensor:
+            scale: Optional[float] = None, attend_lse: Optional[Callable[[], tuple]] = None) -> torch.Tensor:
         """One attention call, ``q``/``k`` as ``[B, L, heads*head_dim]``: returns ``attend()`` untouched.
 
-        ``kind`` defaults to the call's position in the block; ``layout`` places queries among keys (KV cache).
+        ``kind`` defaults to the call's position in the block; ``layout`` places queries among keys (KV cache);
+        ``attend_lse``: the same attention also returning each query's log-sum-exp (see :meth:`Recorder.tap`).
         """
         if not self.active:
             return attend()
@@ -92,4 +93,4 @@ class CallTracker:
         call = AttentionCall(block=self.block, kind=kind, step=ev.step, sigma=ev.sigma, branches=ev.branches,
                              grid=ev.grid, heads=int(heads), timestep=ev.timestep,
                              layout=layout if layout is not None else KeyLayout(), chunk=ev.chunk, scale=scale)
-        return self.recorder.tap(call, q, k, attend, exact_step=ev.exact)
+        return self.recorder.tap(call, q, k, attend, exact_step=ev.exact, attend_lse=attend_lse)
