@@ -163,6 +163,7 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
         raise ValueError("install_recorder on a transformer_options dict needs the model's ModelInfo")
     if kinds is None:
         kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (SELF, CROSS_TEXT)
+    recorder.plan.check_model(info.num_blocks, info.num_heads)  # at the Attach node, before any sampling
     to = target.model_options.setdefault("transformer_options", {}) if patcher else target
     if patcher and model_sampling is None:
         model_sampling = getattr(target.model, "model_sampling", None)

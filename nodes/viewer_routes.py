@@ -11,6 +11,18 @@ from ..wan_capture.analyzer import AttentionAnalyzer
 from ..wan_capture.slices import Refused, frame_mass_slice, resolve, sink_slice, token_slice
 
 PREFIX = "/wan_capture"
+KINDS = ("token", "sink", "frame_mass")
+
+
+def _params(q) -> tuple:
+    """The slice parameters, validated: a bad value is a 400, never a silent default."""
+    kind, branch = q.get("kind", "token"), q.get("branch", "cond")
+    block, head = q.get("block", "mean"), q.get("head", "mean")
+    step = q.get("step", "0")
+    if (kind not in KINDS or branch not in ("cond", "uncond") or not step.isdigit()
+            or any(not (v == "mean" or v.isdigit()) for v in (block, head)) or len(step) > 6):
+        raise ValueError("bad parameter")
+    return kind, branch, int(step), block, head
 
 
 def _guard(handler):
@@ -58,17 +70,16 @@ def register(routes) -> None:
         maps_dir = _maps_dir(request)
         video = _video(request, maps_dir)
         q = request.query
-        step, branch = int(q.get("step", "0")), q.get("branch", "cond")
+        kind, branch, step, block, head = _params(q)
         sinks = ""
-        if q.get("kind", "token") == "sink":
-            data, _ = sink_slice(maps_dir, video, step, branch, q.get("block", "mean"), q.get("head", "mean"))
-        elif q.get("kind") == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
-            data, meta = frame_mass_slice(maps_dir, video, step, branch, q.get("block", "mean"), q.get("head", "mean"))
+        if kind == "sink":
+            data, _ = sink_slice(maps_dir, video, step, branch, block, head)
+        elif kind == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
+            data, meta = frame_mass_slice(maps_dir, video, step, branch, block, head)
             data = data[None]
             sinks = ",".join(str(f) for f in meta["sink_frames"])
         else:
-            data, _ = token_slice(maps_dir, video, q["token"], step, branch, q.get("block", "mean"),
-                                  q.get("head", "mean"))
+            data, _ = token_slice(maps_dir, video, q["token"], step, branch, block, head)
         headers = {"X-Shape": ",".join(map(str, data.shape)), "X-Sinks": sinks,
                    "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
         return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",

@@ -284,3 +284,14 @@ def test_install_recorder_on_transformer_options_drives_the_dit_directly(pack, m
                                    atol=1e-6)
         torch.testing.assert_close(take.sink[(0, "cond")]["frame_mass"][:, block].double(), mass, rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_out_of_range_blocks_refused_at_the_attach_node(pack, models):
+    """blocks='5' on a 2-block model: refused when the recorder is attached, before any sampling, naming the range."""
+    wc = core(pack)
+    with pytest.raises(wc.PlanError, match=r"blocks \[5\] do not exist: the model has 2 blocks \(0..1\)"):
+        attach(pack, models["t2v"], text_positions=(0,), blocks=(0, 5))
+    model, rec = attach(pack, models["t2v"], text_positions=(0,), steps=(0, 7))
+    with pytest.raises(wc.PlanError, match=r"steps \[7\] do not exist: the sampling has 3 steps"):
+        ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    assert not rec.takes  # refused before a take was begun

@@ -46,7 +46,7 @@ def test_cross_probs_rows_sum_to_one_over_all_keys():
 
 def test_cross_probs_bad_position():
     q, k = _qk(lk=5)
-    with pytest.raises(IndexError, match="outside the 5 keys"):
+    with pytest.raises(IndexError, match=r"1 tracked positions \(\[5\]\) fall outside the 5 text keys"):
         cross_attention_probs(q, k, [5], scale=1.0)
 
 

@@ -149,3 +149,12 @@ def test_causal_recording_slices_frame_mass_and_sinks(comfy_server):
     status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=sink&step=1")
     want = np.nan_to_num(an.get_causal_self_attention(video, 1, "received")).mean(axis=0).mean(axis=0).reshape(6, 2, 2)
     assert status == 200 and body == want.astype("<f4").tobytes()
+
+
+def test_bad_viewer_parameters_are_refused_not_defaulted(comfy_server, recording):
+    path, video = recording
+    base = f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower"
+    for bad in ("&branch=sideways", "&kind=everything", "&head=abc", "&block=-1", "&step=x", "&step=99999999"):
+        status, _, _ = fetch(base + bad)
+        assert status == 400, bad
+    assert fetch(base + "&branch=cond&head=0&step=0")[0] == 200

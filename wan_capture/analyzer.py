@@ -9,7 +9,10 @@ import gzip
 import io
 import json
 import os
+import pickle
 import re
+import warnings
+import zlib
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -20,18 +23,35 @@ from .storage import safe_name
 
 _EXTS = (".npy", ".npy.gz", ".pt", ".pt.gz")
 _STEP = re.compile(r"^step_(\d+)(\.npy|\.npy\.gz|\.pt|\.pt\.gz)$")
+_SELF_META = re.compile(r"^step_(\d+)(?:_chunk_\d+)?_metadata\.json$")
+
+
+class DamagedFileError(ValueError):
+    """A saved file cannot be read; the message names it."""
 
 
 def load_array(path: str) -> np.ndarray:
-    """One saved array as float32 numpy, from any of the stored formats."""
+    """One saved array as float32 numpy, from any of the stored formats (a damaged file raises DamagedFileError)."""
     with open(path, "rb") as f:
         data = f.read()
-    if path.endswith(".gz"):
-        data = gzip.decompress(data)
-    if path.endswith((".pt", ".pt.gz")):
-        import torch
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float().numpy()
-    return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    try:
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        if path.endswith((".pt", ".pt.gz")):
+            import torch
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float().numpy()
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    except (OSError, EOFError, ValueError, zlib.error, RuntimeError, KeyError, AttributeError, TypeError,
+            pickle.UnpicklingError) as e:
+        raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise DamagedFileError(f"damaged metadata file {path}: {e}") from None
 
 
 class AttentionAnalyzer:
@@ -41,21 +61,35 @@ class AttentionAnalyzer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no attention_maps folder at {path!r}")
         self.path = path
+        self._warned: set = set()
 
     # -- discovery -----------------------------------------------------------------------------------
     def list_videos(self) -> List[str]:
         return sorted(d for d in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, d, "summary.json")))
 
     def summary(self, video_id: str) -> dict:
-        with open(os.path.join(self._video(video_id), "summary.json")) as f:
-            return json.load(f)
+        """The video's ``summary.json``; a video not marked ``complete`` warns once (its data may be missing)."""
+        summary = _read_json(os.path.join(self._video(video_id), "summary.json"))
+        if summary.get("status") != "complete" and video_id not in self._warned:
+            self._warned.add(video_id)
+            warnings.warn(f"attention recording {video_id!r} is {summary.get('status')!r}, not complete: "
+                          f"{summary.get('partial_reason', 'no reason recorded')}", stacklevel=2)
+        return summary
 
     def list_tokens(self, video_id: str) -> List[str]:
+        """Labels of the tracked words, as ``summary.json`` lists them (files of other recordings never count)."""
+        tokens = self.summary(video_id).get("tokens")
+        if tokens is not None:
+            return sorted(t["label"] for t in tokens)
         v = self._video(video_id)
         return sorted(d[len("token_"):] for d in os.listdir(v) if d.startswith("token_") and os.path.isdir(os.path.join(v, d)))
 
     def list_steps(self, video_id: str, token: str, branch: str = "") -> List[int]:
+        """Saved steps of a word, as ``summary.json`` lists them."""
         folder = self._token_dir(video_id, token, branch)
+        steps = self.summary(video_id).get("steps")
+        if steps is not None:
+            return sorted(int(s) for s in steps)
         return sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(folder)) if m)
 
     def _video(self, video_id: str) -> str:
@@ -66,7 +100,10 @@ class AttentionAnalyzer:
 
     def _token_dir(self, video_id: str, token: str, branch: str = "") -> str:
         video = self._video(video_id)
-        folder = os.path.join(video, *(["uncond"] if branch == "uncond" else []), f"token_{safe_name(token, 'token')}")
+        # the folder summary.json names for the word (names that collided were made unique when saved)
+        named = {t["label"]: t.get("folder") for t in self.summary(video_id).get("tokens") or []}
+        name = named.get(token) or f"token_{safe_name(token, 'token')}"
+        folder = os.path.join(video, *(["uncond"] if branch == "uncond" else []), name)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no token {token!r} in video {video_id!r}; tokens: {self.list_tokens(video_id)}")
         return folder
@@ -76,7 +113,8 @@ class AttentionAnalyzer:
         for ext in _EXTS:
             if os.path.isfile(stem + ext):
                 return stem + ext
-        raise FileNotFoundError(f"no array saved at {stem}.npy/.pt (gzip or not)")
+        raise FileNotFoundError(f"missing attention file {stem}.npy (or .npy.gz/.pt/.pt.gz): listed as saved but "
+                                "not there")
 
     # -- the storage contract's API -----------------------------------------------------------------------
     def load_step(self, video_id: str, token: str, step: int, branch: str = "") -> np.ndarray:
@@ -84,8 +122,7 @@ class AttentionAnalyzer:
         return load_array(self._find(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}")))
 
     def load_metadata(self, video_id: str, token: str, step: int, branch: str = "") -> dict:
-        with open(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}_metadata.json")) as f:
-            return json.load(f)
+        return _read_json(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}_metadata.json"))
 
     def load_all_steps(self, video_id: str, token: str, branch: str = "") -> np.ndarray:
         """``[steps, blocks, heads, spatial, tokens]`` over every saved step, in step order."""
@@ -116,7 +153,7 @@ class AttentionAnalyzer:
         folder = self._branch_dir(video_id, "self_attention", branch)
         if not os.path.isdir(folder):
             return []
-        return sorted({int(n[5:8]) for n in os.listdir(folder) if n.startswith("step_") and n.endswith("_metadata.json")})
+        return sorted({int(m.group(1)) for m in map(_SELF_META.match, os.listdir(folder)) if m})
 
     def load_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
         """One sink statistic of one step: ``received``/``key_max`` ``[blocks, heads, keys]``, ``frame_mass``
@@ -136,8 +173,7 @@ class AttentionAnalyzer:
         causal recordings keep one per chunk (``chunk``: the chunk's first frame)."""
         suffix = "" if chunk is None else f"_chunk_{chunk:03d}"
         stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}{suffix}")
-        with open(stem + "_metadata.json") as f:
-            meta = json.load(f)
+        meta = _read_json(stem + "_metadata.json")
         return {"scores": load_array(self._find(stem + "_scores")), "probs": load_array(self._find(stem + "_probs")),
                 "metadata": meta}
 
@@ -154,8 +190,7 @@ class AttentionAnalyzer:
         """The KV-cache log: per chunk, step and block the absolute ``key_frames`` attended to (cache order, the
         chunk last), what ``wrote`` each of them, the frames ``evicted`` since the block's previous call, the
         ``sink_frames``, and ``unknown_key_frames`` (cached keys the log could not place)."""
-        with open(os.path.join(self._video(video_id), "kv_cache_events.json")) as f:
-            return json.load(f)["events"]
+        return _read_json(os.path.join(self._video(video_id), "kv_cache_events.json"))["events"]
 
     def sink_frames(self, video_id: str) -> List[int]:
         """Frames the causal model kept at the front of its cache as attention sinks."""
@@ -171,8 +206,7 @@ class AttentionAnalyzer:
     def load_chunk_metadata(self, video_id: str, step: int, chunk: int, branch: str = "") -> dict:
         path = os.path.join(self._branch_dir(video_id, "self_attention", branch),
                             f"step_{step:03d}_chunk_{chunk:03d}_metadata.json")
-        with open(path) as f:
-            return json.load(f)
+        return _read_json(path)
 
     def load_chunk_window(self, video_id: str, step: int, block: int, chunk: int, branch: str = "") -> dict:
         """A causal exact window: ``scores``/``probs`` ``[heads, queries, keys]``; ``q_frames``/``k_frames`` in the

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 BRANCHES = ("cond", "uncond", "both")
+MAX_INDICES = 65536  # no Wan model, schedule or context has more blocks, heads, steps or positions than this
 DTYPES = ("float16", "float32")
 MIB = 1024 * 1024
 
@@ -17,17 +18,25 @@ def _fail(field_name: str, why: str) -> None:
     raise PlanError(f"RecordingPlan.{field_name}: {why}")
 
 
+def short(values, limit: int = 60) -> str:
+    """A value for an error message, cut to ``limit`` characters (messages land in /history and the websocket)."""
+    text = repr(list(values)) if isinstance(values, (list, tuple, range)) else repr(values)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _int_tuple(name: str, values, minimum: int = 0) -> Optional[Tuple[int, ...]]:
     if values is None:
         return None
     try:
+        if len(values) > MAX_INDICES:
+            _fail(name, f"{len(values)} entries is more than the {MAX_INDICES} any Wan model or schedule has")
         out = tuple(int(v) for v in values)
     except (TypeError, ValueError):
-        _fail(name, f"expected a list of integers, got {values!r}")
+        _fail(name, f"expected a list of integers, got {short(values)}")
     if any(v < minimum for v in out):
-        _fail(name, f"every entry must be >= {minimum}, got {list(out)}")
+        _fail(name, f"every entry must be >= {minimum}, got {short(out)}")
     if len(set(out)) != len(out):
-        _fail(name, f"entries must be unique, got {list(out)}")
+        _fail(name, f"entries must be unique, got {short(out)}")
     return out
 
 
@@ -116,6 +125,20 @@ class RecordingPlan:
     def selected_blocks(self, num_blocks: int) -> Tuple[int, ...]:
         return tuple(b for b in range(num_blocks) if self.wants_block(b))
 
+    def check_model(self, num_blocks: int, num_heads: int) -> None:
+        """Refuse, before sampling starts, blocks or heads the model does not have."""
+        for name, values, count in (("blocks", self.blocks, num_blocks), ("heads", self.heads, num_heads)):
+            bad = [v for v in (values or ()) if v >= count]
+            if bad:
+                _fail(name, f"{name} {short(bad)} do not exist: the model has {count} {name} (0..{count - 1})")
+
+    def check_schedule(self, first_step: int, steps: int) -> None:
+        """Refuse, before sampling starts, steps past the end of a schedule that cannot be continued."""
+        bad = [s for s in (self.steps or ()) if s >= first_step + steps]
+        if bad:
+            _fail("steps", f"steps {short(bad)} do not exist: the sampling has {first_step + steps} steps "
+                           f"(0..{first_step + steps - 1})")
+
     def selected_heads(self, num_heads: int) -> Tuple[int, ...]:
         if self.heads is None:
             return tuple(range(num_heads))
@@ -156,9 +179,12 @@ def parse_index_list(text: str, field_name: str = "indices") -> Optional[Tuple[i
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(part))
+                lo = hi = int(part)
         except ValueError:
-            _fail(field_name, f"cannot read {part!r} in {text!r}: use numbers and ranges like '0,2,5-7'")
+            _fail(field_name, f"cannot read {short(part, 30)} in {short(text)}: use numbers and ranges like '0,2,5-7'")
+        if hi - lo + 1 + len(out) > MAX_INDICES:  # bounded before anything is expanded
+            _fail(field_name, f"{short(text)} names more than {MAX_INDICES} indices: no Wan model, schedule or "
+                              "context has that many")
+        out.extend(range(lo, hi + 1))
     return tuple(dict.fromkeys(out))

@@ -448,11 +448,17 @@ class Recorder:
         """
         dynamic = sigmas is None
         sigmas = [] if dynamic else [float(s) for s in sigmas]
+        info = model if isinstance(model, ModelInfo) else None
+        if info is not None:
+            self.plan.check_model(info.num_blocks, info.num_heads)
         prev = self.takes[-1] if self.takes else None
-        if (not dynamic and prev is not None and prev.status == "complete" and prev.passes
-                and prev.model == (model.as_dict() if isinstance(model, ModelInfo) else dict(model))
-                and continues(prev.passes[-1][1], sigmas)
-                and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint)):
+        continuing = (not dynamic and prev is not None and prev.status == "complete" and prev.passes
+                      and prev.model == (model.as_dict() if isinstance(model, ModelInfo) else dict(model))
+                      and continues(prev.passes[-1][1], sigmas)
+                      and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint))
+        if not dynamic and sigmas and sigmas[-1] == 0.0:  # a schedule that ends at sigma 0 is never continued
+            self.plan.check_schedule(prev.total_steps if continuing else 0, len(sigmas) - 1)
+        if continuing:
             take = prev
             take.status = "recording"
             take._budget_checked = False

@@ -163,7 +163,10 @@ def cross_attention_probs(q: torch.Tensor, k: torch.Tensor, positions: Sequence[
     r, h = q.shape[:2]
     pos = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= kf.shape[1]):
-        raise IndexError(f"tracked positions {list(positions)} fall outside the {kf.shape[1]} keys")
+        outside = [p for p in positions if not 0 <= int(p) < kf.shape[1]]
+        shown = outside[:8] + (["..."] if len(outside) > 8 else [])
+        raise IndexError(f"{len(outside)} tracked positions ({shown}) fall outside the {kf.shape[1]} text keys of the "
+                         f"context (0..{kf.shape[1] - 1})")
     kern = kernels_for(q, k)
     if kern is not None and layout.causal is None and pos.numel():
         return kern.cross_probs(q, k, pos, scale).view(r, h, qf.shape[1], pos.numel())

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from .tokens import TokenTracking, TrackedWord
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
 _UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
+# names Windows reserves for devices, in any case and with any extension: never a file or folder name
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 
 class StorageError(OSError):
@@ -44,6 +47,8 @@ class StorageError(OSError):
 def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
     """One path component made of letters, digits, ``_ . -`` only: no separators, no leading dots, never empty."""
     cleaned = _UNSAFE.sub("_", str(name)).strip("._ ")[:limit]
+    if _RESERVED.match(cleaned):
+        cleaned = "_" + cleaned
     return cleaned or fallback
 
 
@@ -191,10 +196,43 @@ def _png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sweep_leftovers(root: str, video_id: str) -> None:
+    """Tidy what a killed save of ``video_id`` left in ``root``: unfinished folders go; a previous recording that a
+    save killed between its two renames had moved aside is put back first."""
+    names = sorted(os.listdir(root))
+    final = os.path.join(root, video_id)
+    for name in names:
+        path = os.path.join(root, name)
+        if name.startswith(f".{video_id}.old-") and not os.path.lexists(final) and os.path.isdir(path) \
+                and not os.path.islink(path):
+            os.rename(path, final)
+    for name in names:
+        path = os.path.join(root, name)
+        if name.startswith((f".{video_id}.tmp-", f".{video_id}.old-")) and os.path.isdir(path) \
+                and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(work: str, final: str) -> None:
+    """Put the finished folder ``work`` at ``final``, replacing whatever was there as a whole."""
+    old = None
+    if os.path.lexists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rmdir(old)
+        os.rename(final, old)
+    os.rename(work, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, frames=None) -> SavedVideo:
+    """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
+    old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
-    folder = inside(root, video_id)
-    os.makedirs(folder, exist_ok=True)
+    final = inside(root, video_id)
+    os.makedirs(root, exist_ok=True)
+    sweep_leftovers(root, video_id)
+    folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-", dir=root)
     w = _Writer(folder, opts, progress)
     dtype = torch.float16 if opts.storage_dtype == "float16" else torch.float32
     steps = [s for s in take.steps if s % opts.storage_interval == 0]
@@ -223,12 +261,13 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     w.write("summary.json", _json(summary))
     if take.status != "complete":
         summary["partial_reason"] = f"recording {take.status}: {take.error}"
+    folders = token_folders(tracking)
     try:
         for i, branch in enumerate(recorded):
             prefix = "" if i == 0 else f"{branch}/"
             if take.cross:
                 for word in tracking.words:
-                    folder_name = f"token_{safe_name(word.label, 'token')}"
+                    folder_name = folders[word.label]
                     if i == 0:
                         summary["tokens"].append({**_word_json(word), "folder": folder_name})
                     for step in steps:
@@ -249,19 +288,41 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
         summary["frames"] = 0 if frames is None else len(frames)
     except BaseException as e:
         summary["partial_reason"] = f"writing failed: {type(e).__name__}: {e}"
-        summary["files_written"] = len(w.files)
+        summary["files_written"] = len(set(w.files))
         try:
             w.write("summary.json", _json(summary))
         except OSError:
-            pass
+            pass  # the summary written first already says partial ("writing")
+        try:
+            _swap_in(folder, final)  # what was written, honestly marked partial
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     if take.status == "complete":
         summary["status"] = "complete"
         summary.pop("partial_reason")
-    summary["files_written"] = len(w.files)
+    summary["files_written"] = len(set(w.files))  # summary.json is among them already
     summary["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     w.write("summary.json", _json(summary))
-    return SavedVideo(video_id, folder, summary["status"], list(w.files))
+    _swap_in(folder, final)
+    files = [final + p[len(folder):] for p in dict.fromkeys(w.files)]
+    return SavedVideo(video_id, final, summary["status"], files)
+
+
+def token_folders(tracking: TokenTracking) -> Dict[str, str]:
+    """``token_<label>`` folder of each tracked word, unique within the video: labels that sanitise (or cut at 80
+    characters) to the same name get ``_2``, ``_3``... (the summary's ``tokens`` records each word's folder)."""
+    out: Dict[str, str] = {}
+    used = set()
+    for word in tracking.words:
+        base = f"token_{safe_name(word.label, 'token', limit=74)}"
+        name, n = base, 1
+        while name.lower() in used:  # case-insensitive file systems would merge case-only differences too
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name.lower())
+        out[word.label] = name
+    return out
 
 
 def _word_json(word: TrackedWord) -> dict:
@@ -289,7 +350,8 @@ def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, op
     w.array(f"{folder}/step_{step:03d}", maps)
     meta = {
         **base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
-        "token_word": word.word, "token_label": word.label, "token_ids": list(word.token_ids),
+        "token_word": word.word, "token_label": word.label, "token_folder": folder.rsplit("/", 1)[-1],
+        "token_ids": list(word.token_ids),
         "token_texts": list(word.token_texts), "token_positions": list(word.positions), "token_weight": word.weight,
         "aggregation_method": "per_step_full", "attention_shape": [nb, nh, spatial, ntok],
         "spatial_resolution": [spatial, ntok], "num_blocks": nb, "num_heads": nh, "threshold_applied": None,
