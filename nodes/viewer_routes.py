@@ -2,13 +2,15 @@
 folder only; other paths get 403, missing files 404, and nothing about the request's path is logged."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 
 import folder_paths
 from aiohttp import web
 
-from ..wan_capture.analyzer import AttentionAnalyzer
-from ..wan_capture.slices import Refused, frame_mass_slice, resolve, sink_slice, token_slice
+from ..wan_capture.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
+from ..wan_capture.slices import Refused, frame_mass_slice, reader, resolve, sink_slice, token_slice
 
 PREFIX = "/wan_capture"
 KINDS = ("token", "sink", "frame_mass")
@@ -27,15 +29,29 @@ def _params(q) -> tuple:
 
 def _guard(handler):
     async def wrapped(request):
+        # short messages only: no path of the request or of a file reaches the reply or the log
         try:
             return await handler(request)
-        except Refused:
+        except (Refused, OutsideRoot):
             return web.json_response({"error": "forbidden"}, status=403)
         except (FileNotFoundError, KeyError, IndexError):
             return web.json_response({"error": "not found"}, status=404)
+        except ArrayTooLarge:
+            return web.json_response({"error": "array too large"}, status=413)
+        except DamagedFileError:
+            return web.json_response({"error": "damaged file"}, status=422)
         except ValueError:
             return web.json_response({"error": "bad request"}, status=400)
     return wrapped
+
+
+def _root() -> str:
+    return folder_paths.get_output_directory()
+
+
+async def _off_loop(fn, *args, **kwargs):
+    """Reading and reducing arrays runs in a worker thread: the server keeps answering meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
 def _maps_dir(request) -> str:
@@ -53,14 +69,14 @@ def register(routes) -> None:
     @_guard
     async def videos(request):
         maps_dir = _maps_dir(request)
-        return web.json_response({"videos": AttentionAnalyzer(maps_dir).list_videos()})
+        return web.json_response({"videos": reader(maps_dir, _root()).list_videos()})
 
     @routes.get(PREFIX + "/summary")
     @_guard
     async def summary(request):
         maps_dir = _maps_dir(request)
         video = _video(request, maps_dir)
-        s = AttentionAnalyzer(maps_dir).summary(video)
+        s = await _off_loop(reader(maps_dir, _root()).summary, video)
         s["frames_saved"] = sorted(n for n in _list(maps_dir, video, "frames") if n.endswith(".png"))
         return web.json_response(s)
 
@@ -73,13 +89,14 @@ def register(routes) -> None:
         kind, branch, step, block, head = _params(q)
         sinks = ""
         if kind == "sink":
-            data, _ = sink_slice(maps_dir, video, step, branch, block, head)
+            data, _ = await _off_loop(sink_slice, maps_dir, video, step, branch, block, head, root=_root())
         elif kind == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
-            data, meta = frame_mass_slice(maps_dir, video, step, branch, block, head)
+            data, meta = await _off_loop(frame_mass_slice, maps_dir, video, step, branch, block, head, root=_root())
             data = data[None]
             sinks = ",".join(str(f) for f in meta["sink_frames"])
         else:
-            data, _ = token_slice(maps_dir, video, q["token"], step, branch, block, head)
+            data, _ = await _off_loop(token_slice, maps_dir, video, q["token"], step, branch, block, head,
+                                      root=_root())
         headers = {"X-Shape": ",".join(map(str, data.shape)), "X-Sinks": sinks,
                    "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
         return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",

@@ -1,4 +1,5 @@
 """The interactive viewer: its server routes (byte-exact slices, refused paths) and the page in a real browser."""
+import io
 import json
 import os
 import shutil
@@ -158,3 +159,67 @@ def test_bad_viewer_parameters_are_refused_not_defaulted(comfy_server, recording
         status, _, _ = fetch(base + bad)
         assert status == 400, bad
     assert fetch(base + "&branch=cond&head=0&step=0")[0] == 200
+
+
+def copy_recording(comfy_server, recording, name):
+    """A private copy of the module's recording under the output folder, for tests that damage files."""
+    path, video = recording
+    dest = comfy_server.output / name / "attention_maps"
+    shutil.copytree(comfy_server.output / path / video, dest / video)
+    return f"{name}/attention_maps", video, dest / video
+
+
+def test_symlink_inside_a_video_folder_is_not_followed_out(comfy_server, recording, tmp_path):
+    path, video, folder = copy_recording(comfy_server, recording, "symlinked")
+    secret = tmp_path / "secret_outside"
+    secret.mkdir()
+    (secret / "summary.json").write_text('{"status": "complete", "secret": "TOPSECRET"}')
+    shutil.copytree(folder / "token_flower", secret / "token_flower")
+    (folder / "summary.json").unlink()
+    os.symlink(secret / "summary.json", folder / "summary.json")
+    status, _, body = fetch(f"{comfy_server.url}/wan_capture/summary?path={path}&video={video}")
+    assert status == 403 and b"TOPSECRET" not in body
+    shutil.rmtree(folder / "token_flower")
+    os.symlink(secret / "token_flower", folder / "token_flower")
+    status, _, _ = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=0")
+    assert status == 403
+    assert "secret_outside" not in open(comfy_server.log).read()
+
+
+def test_bomb_slice_refused_with_413_and_the_server_keeps_answering(comfy_server, recording):
+    """A 1 GiB array gzipped to about a megabyte, planted as a step file: refused before it is decompressed, off the
+    event loop, while /system_stats answers within a second."""
+    import gzip as gz
+    import threading
+    import time
+    path, video, folder = copy_recording(comfy_server, recording, "bombed")
+    step = folder / "token_flower" / "step_000.npy"
+    n = 1 << 28
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
+    with gz.open(str(step) + ".gz", "wb", compresslevel=1) as f:
+        f.write(header.getvalue())
+        zeros = bytes(1 << 24)
+        for _ in range(n * 4 // len(zeros)):
+            f.write(zeros)
+    step.unlink()
+    assert os.path.getsize(str(step) + ".gz") < 8 << 20
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        hostile=fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=0")))
+    t.start()
+    t0 = time.perf_counter()
+    status, _, _ = fetch(f"{comfy_server.url}/system_stats")
+    answered = time.perf_counter() - t0
+    t.join(60)
+    assert status == 200 and answered < 1.0
+    assert result["hostile"][0] == 413
+
+
+def test_damaged_viewer_files_give_4xx_without_paths(comfy_server, recording):
+    path, video, folder = copy_recording(comfy_server, recording, "damaged_view")
+    step = folder / "token_flower" / "step_001.npy"
+    step.write_bytes(step.read_bytes()[:50])
+    status, _, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=1")
+    assert status == 422 and b"damaged" in body and b"/" not in body.replace(b"application/json", b"")
+    assert "damaged_view" not in open(comfy_server.log).read()

@@ -30,13 +30,34 @@ class DamagedFileError(ValueError):
     """A saved file cannot be read; the message names it."""
 
 
-def load_array(path: str) -> np.ndarray:
-    """One saved array as float32 numpy, from any of the stored formats (a damaged file raises DamagedFileError)."""
+class ArrayTooLarge(ValueError):
+    """A saved array is larger than the reader allows; refused before it is decompressed or loaded."""
+
+
+class OutsideRoot(PermissionError):
+    """A file resolves (symlinks included) outside the folder the reader is confined to."""
+
+
+def _bounded_gunzip(data: bytes, max_bytes: int, path: str) -> bytes:
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(data, max_bytes + 1)
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise ArrayTooLarge(f"{os.path.basename(path)} decompresses to more than {max_bytes} bytes")
+    return out + d.flush()
+
+
+def load_array(path: str, max_bytes: Optional[int] = None) -> np.ndarray:
+    """One saved array as float32 numpy, from any of the stored formats (a damaged file raises DamagedFileError).
+
+    ``max_bytes``: refuse (ArrayTooLarge) a file whose size, or decompressed size, is above it, before allocating.
+    """
+    if max_bytes is not None and os.path.getsize(path) > max_bytes:
+        raise ArrayTooLarge(f"{os.path.basename(path)} is larger than {max_bytes} bytes")
     with open(path, "rb") as f:
         data = f.read()
     try:
         if path.endswith(".gz"):
-            data = gzip.decompress(data)
+            data = gzip.decompress(data) if max_bytes is None else _bounded_gunzip(data, max_bytes, path)
         if path.endswith((".pt", ".pt.gz")):
             import torch
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float().numpy()
@@ -55,13 +76,32 @@ def _read_json(path: str) -> dict:
 
 
 class AttentionAnalyzer:
-    """Reads ``<batch>/attention_maps``: ``load_step``, ``load_all_steps``, aggregations and video-aligned maps."""
+    """Reads ``<batch>/attention_maps``: ``load_step``, ``load_all_steps``, aggregations and video-aligned maps.
 
-    def __init__(self, path: str):
+    ``confine_to``: a folder every file read must resolve inside (symlinks included), else OutsideRoot; the viewer's
+    routes confine reads to ComfyUI's output folder. ``max_bytes``: the largest array it loads (ArrayTooLarge).
+    """
+
+    def __init__(self, path: str, confine_to: Optional[str] = None, max_bytes: Optional[int] = None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no attention_maps folder at {path!r}")
         self.path = path
         self._warned: set = set()
+        self._root = None if confine_to is None else os.path.realpath(confine_to)
+        self.max_bytes = max_bytes
+
+    def _checked(self, path: str) -> str:
+        if self._root is not None:
+            real = os.path.realpath(path)
+            if os.path.commonpath([self._root, real]) != self._root:
+                raise OutsideRoot("a file of this recording resolves outside the allowed folder")
+        return path
+
+    def _array(self, path: str) -> np.ndarray:
+        return load_array(self._checked(path), self.max_bytes)
+
+    def _json(self, path: str) -> dict:
+        return _read_json(self._checked(path))
 
     # -- discovery -----------------------------------------------------------------------------------
     def list_videos(self) -> List[str]:
@@ -69,7 +109,7 @@ class AttentionAnalyzer:
 
     def summary(self, video_id: str) -> dict:
         """The video's ``summary.json``; a video not marked ``complete`` warns once (its data may be missing)."""
-        summary = _read_json(os.path.join(self._video(video_id), "summary.json"))
+        summary = self._json(os.path.join(self._video(video_id), "summary.json"))
         if summary.get("status") != "complete" and video_id not in self._warned:
             self._warned.add(video_id)
             warnings.warn(f"attention recording {video_id!r} is {summary.get('status')!r}, not complete: "
@@ -119,10 +159,10 @@ class AttentionAnalyzer:
     # -- the storage contract's API -----------------------------------------------------------------------
     def load_step(self, video_id: str, token: str, step: int, branch: str = "") -> np.ndarray:
         """``[blocks, heads, spatial, tokens]`` of one step."""
-        return load_array(self._find(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}")))
+        return self._array(self._find(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}")))
 
     def load_metadata(self, video_id: str, token: str, step: int, branch: str = "") -> dict:
-        return _read_json(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}_metadata.json"))
+        return self._json(os.path.join(self._token_dir(video_id, token, branch), f"step_{step:03d}_metadata.json"))
 
     def load_all_steps(self, video_id: str, token: str, branch: str = "") -> np.ndarray:
         """``[steps, blocks, heads, spatial, tokens]`` over every saved step, in step order."""
@@ -158,7 +198,7 @@ class AttentionAnalyzer:
     def load_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
         """One sink statistic of one step: ``received``/``key_max`` ``[blocks, heads, keys]``, ``frame_mass``
         ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
-        return load_array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
+        return self._array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
                                                   f"step_{step:03d}_{name}")))
 
     def load_all_self_attention(self, video_id: str, name: str, branch: str = "") -> np.ndarray:
@@ -173,8 +213,8 @@ class AttentionAnalyzer:
         causal recordings keep one per chunk (``chunk``: the chunk's first frame)."""
         suffix = "" if chunk is None else f"_chunk_{chunk:03d}"
         stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}{suffix}")
-        meta = _read_json(stem + "_metadata.json")
-        return {"scores": load_array(self._find(stem + "_scores")), "probs": load_array(self._find(stem + "_probs")),
+        meta = self._json(stem + "_metadata.json")
+        return {"scores": self._array(self._find(stem + "_scores")), "probs": self._array(self._find(stem + "_probs")),
                 "metadata": meta}
 
     # -- causal Wan: chunks, the KV-cache log, statistics in absolute frames (docs/FORMAT.md) -------------
@@ -190,7 +230,7 @@ class AttentionAnalyzer:
         """The KV-cache log: per chunk, step and block the absolute ``key_frames`` attended to (cache order, the
         chunk last), what ``wrote`` each of them, the frames ``evicted`` since the block's previous call, the
         ``sink_frames``, and ``unknown_key_frames`` (cached keys the log could not place)."""
-        return _read_json(os.path.join(self._video(video_id), "kv_cache_events.json"))["events"]
+        return self._json(os.path.join(self._video(video_id), "kv_cache_events.json"))["events"]
 
     def sink_frames(self, video_id: str) -> List[int]:
         """Frames the causal model kept at the front of its cache as attention sinks."""
@@ -200,13 +240,13 @@ class AttentionAnalyzer:
         """One chunk's sink statistic: ``received``/``key_max`` ``[blocks, heads, keys]`` over the keys the chunk
         attended to (cache order; their frames are the metadata's ``key_frames``), ``frame_mass``
         ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
-        return load_array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
+        return self._array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
                                                   f"step_{step:03d}_chunk_{chunk:03d}_{name}")))
 
     def load_chunk_metadata(self, video_id: str, step: int, chunk: int, branch: str = "") -> dict:
         path = os.path.join(self._branch_dir(video_id, "self_attention", branch),
                             f"step_{step:03d}_chunk_{chunk:03d}_metadata.json")
-        return _read_json(path)
+        return self._json(path)
 
     def load_chunk_window(self, video_id: str, step: int, block: int, chunk: int, branch: str = "") -> dict:
         """A causal exact window: ``scores``/``probs`` ``[heads, queries, keys]``; ``q_frames``/``k_frames`` in the

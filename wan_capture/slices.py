@@ -9,6 +9,13 @@ import numpy as np
 
 from .analyzer import AttentionAnalyzer
 
+MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
+
+
+def reader(maps_dir: str, root: Optional[str] = None, max_bytes: Optional[int] = MAX_SLICE_BYTES) -> AttentionAnalyzer:
+    """An analyzer confined to ``root`` (every file, symlinks resolved) that loads at most ``max_bytes`` an array."""
+    return AttentionAnalyzer(maps_dir, confine_to=root, max_bytes=max_bytes)
+
 
 class Refused(PermissionError):
     """The request points outside the allowed root (``..``, an absolute path, a symlink out)."""
@@ -38,12 +45,16 @@ def _axis(values: list, choice: str, name: str) -> Optional[int]:
 
 
 def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = "cond", block: str = "mean",
-                head: str = "mean") -> Tuple[np.ndarray, dict]:
+                head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
-    an = AttentionAnalyzer(maps_dir)
+    an = reader(maps_dir, root)
     b = "" if branch == "cond" else branch
-    data = an.load_step(video, token, step, b)  # [blocks, heads, spatial, pieces]
     meta = an.load_metadata(video, token, step, b)
+    # the metadata says how large the array is: nothing larger is decompressed (a planted gzip bomb is refused)
+    shape = meta.get("attention_shape") or []
+    expected = int(np.prod(shape)) * (4 if "float32" in str(meta.get("dtype")) else 2) if shape else MAX_SLICE_BYTES
+    an.max_bytes = min(MAX_SLICE_BYTES, expected + 4096)
+    data = an.load_step(video, token, step, b)  # [blocks, heads, spatial, pieces]
     bi, hi = _axis(meta["blocks"], block, "block"), _axis(meta["heads"], head, "head")
     data = data.mean(axis=0) if bi is None else data[bi]
     data = data.mean(axis=0) if hi is None else data[hi]
@@ -52,10 +63,10 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
 
 
 def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
-               head: str = "mean") -> Tuple[np.ndarray, dict]:
+               head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, H, W]`` attention received per key at one step, on the latent grid (causal Wan: assembled over the
     chunks, see :mod:`wan_capture.causal_stats`)."""
-    an = AttentionAnalyzer(maps_dir)
+    an = reader(maps_dir, root)
     summary = an.summary(video)
     br = "" if branch == "cond" else branch
     if "causal" in summary:  # causal Wan: per-chunk statistics assembled over the video in absolute frames
@@ -70,10 +81,10 @@ def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block
 
 
 def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
-                     head: str = "mean") -> Tuple[np.ndarray, dict]:
+                     head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, F]`` query-frame x key-frame probability mass at one step; causal Wan: the assembled causal matrix,
     with the sink frames in the returned summary's ``sink_frames``."""
-    an = AttentionAnalyzer(maps_dir)
+    an = reader(maps_dir, root)
     summary = dict(an.summary(video))
     br = "" if branch == "cond" else branch
     if "causal" in summary:
