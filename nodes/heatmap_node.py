@@ -30,7 +30,7 @@ def open_source(recorder, samples, attention_maps_path: str, video_id: str, batc
         raise ValueError("connect a recorder and its sampler's LATENT, or give attention_maps_path "
                          "(e.g. 'wan_attention/attention_maps', inside ComfyUI's output folder) and a video_id")
     out = folder_paths.get_output_directory()
-    path = inside(out, *attention_maps_path.replace("\\", "/").strip("/").split("/"))
+    path = inside(out, *attention_maps_path.replace("\\", "/").strip("/").split("/"), purpose="read")
     if not video_id:
         videos = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json")))
         if not videos:

@@ -13,6 +13,10 @@ def take_for_latent(recorder: Recorder, latent: dict) -> Take:
                          "'Attach Attention Recorder' and connect that sampler's LATENT output here")
     fp = fingerprint(latent["samples"])
     take = recorder.find(fp)
+    if take is None and fp in recorder.released:
+        raise ValueError("the attention recording of this LATENT was released to keep the recorder within its "
+                         "memory_budget_mb (newer recordings needed the room): re-run its sampler, save recordings "
+                         "as they are made, or raise memory_budget_mb")
     if take is None:
         raise ValueError(
             "no attention recording matches this LATENT: connect the LATENT output of the sampler that used the "

@@ -208,3 +208,60 @@ def test_damaged_self_attention_step_names_and_partial_warning(tmp_path):
         warnings.simplefilter("always")
         maps(tmp_path).load_step("prompt_000_vid001", "flower", 0)
     assert any("partial" in str(w.message) and "interrupted" in str(w.message) for w in caught)
+
+
+# -- takes_released: every recording the recorder keeps counts against memory_budget_mb -------------------------
+def test_takes_released_memory_is_bounded_by_the_budget():
+    from fake_sampling import GRID, HEADS, D, TEXT  # noqa: F401
+    import torch
+    from wan_capture import AttentionCall
+    plan = RecordingPlan(text_positions=(0, 1), record_sink_stats=True, storage_dtype="float32", memory_budget_mb=0.025)
+    rec = Recorder(plan, keep_takes=100)
+    g = torch.Generator().manual_seed(0)
+    held = []
+    for n in range(10):
+        rec.begin_pass([1.0, 0.5, 0.0], {"num_blocks": 3, "num_heads": HEADS})
+        for step, sigma in enumerate([1.0, 0.5]):
+            for b in range(3):
+                x = torch.randn(1, GRID.tokens, HEADS * D, generator=g)
+                for kind, k in (("self", x), ("cross_text", torch.randn(1, TEXT, HEADS * D, generator=g))):
+                    rec.tap(AttentionCall(b, kind, step, sigma, ("cond",), GRID, HEADS), x, k, lambda: x)
+        rec.end_pass(output_fingerprint=f"out-{n}")
+        held.append(sum(t.nbytes() for t in rec.takes))
+    one = rec.latest.nbytes()
+    assert one > 0 and 2 * one < plan.memory_budget_bytes < 10 * one  # the budget holds a few recordings, not ten
+    assert max(held) <= plan.memory_budget_bytes
+    assert len(rec.takes) < 10 and rec.find("out-9") is rec.latest and rec.find("out-0") is None
+    assert "out-0" in rec.released
+
+
+def test_read_path_outside_the_output_folder_says_read(tmp_path):
+    from wan_capture.storage import StorageError, inside
+    with pytest.raises(StorageError, match="refusing to read"):
+        inside(str(tmp_path), "..", "elsewhere", purpose="read")
+
+
+# -- manifest: a restarted batch recognises its jobs, not just their video ids ------------------------------------
+def test_manifest_keys_on_the_job_so_changed_jobs_run_again(tmp_path):
+    from wan_capture.runner import Manifest, job_key, pending, plan_jobs
+    workflow = {"1": {"class_type": "WanSaveAttentionMaps", "inputs": {}}}
+    first = plan_jobs(["a [red|blue] car"], [1, 2])
+    manifest = Manifest(str(tmp_path), "study")
+    for j in first:
+        manifest.record(j.video_id, status="done", job={}, key=job_key(j, workflow))
+    again = Manifest(str(tmp_path), "study")
+    assert pending(first, workflow, again, "study") == []  # the same batch resumes with nothing to do
+    changed = plan_jobs(["a [green|blue] bike"], [1, 2])  # same video ids, other prompts
+    assert [j.video_id for j in changed] == [j.video_id for j in first]
+    assert pending(changed, workflow, again, "study") == changed
+    reseeded = plan_jobs(["a [red|blue] car"], [7, 2])
+    assert [j.seed for j in pending(reseeded, workflow, again, "study")] == [7, 7]
+    other_workflow = {"1": {"class_type": "WanSaveAttentionMaps", "inputs": {"compress": True}}}
+    assert len(pending(first, other_workflow, again, "study")) == 4
+    # a complete recording on disk counts only for the same prompt and seed
+    out = tmp_path / "out" / "study" / "attention_maps" / first[0].video_id
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"status": "complete", "prompt": first[0].prompt, "seed": 1}))
+    fresh = Manifest(str(tmp_path / "state2"), "study")
+    assert first[0] not in pending(first, workflow, fresh, "study", str(tmp_path / "out"))
+    assert changed[0] in pending(changed, workflow, fresh, "study", str(tmp_path / "out"))

@@ -50,3 +50,12 @@ def test_json_round_trip_and_columns():
     back = TokenTracking.from_json(spec.to_json())
     assert back == spec and back.positions == (0, 1, 3)
     assert spec.columns(spec.word("tree")) == [2] and spec.columns(spec.word("flower")) == [0, 1]
+
+
+def test_listed_emoji_says_what_is_wrong_and_unreadable_weighted_text_warns():
+    t = toks((12, 1.0, 1), (13, 1.0, 1), (19, 1.8, 2), (15, 1.5, 3))  # "(🌸:1.8)" tokenizes to <unk>
+    with pytest.raises(TrackingError, match=r"'\U0001F338' has no letters or digits: emoji and punctuation"):
+        track(t, piece, "p", "listed", ["\U0001F338"])
+    with pytest.warns(UserWarning, match="weighted text in 1 place.*not tracked"):
+        spec = track(t, piece, "flower (\U0001F338:1.8) (tree:1.5)", "weighted")
+    assert [w.label for w in spec.words] == ["tree"]

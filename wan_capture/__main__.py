@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     except (TemplateError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if all(manifest.done(j.video_id) for j in jobs) else 1
+    from .runner import job_key
+    return 0 if all(manifest.done(j.video_id, job_key(j, workflow)) for j in jobs) else 1
 
 
 if __name__ == "__main__":

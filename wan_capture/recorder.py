@@ -92,6 +92,10 @@ class _Slot:
             self.acc = torch.maximum(self.acc, value) if self.reduce == "max" else self.acc.add_(value)
             self.count += 1
 
+    def nbytes(self) -> int:
+        held = list(self.blocks.values()) + ([self.acc] if self.acc is not None else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
     def flush(self) -> None:
         """Move a running reduction to the host (called once its step is over)."""
         if self.acc is not None and self.acc.device.type != "cpu":
@@ -113,6 +117,7 @@ class Take:
         self.info: Optional[ModelInfo] = model if isinstance(model, ModelInfo) else None
         self.model = model.as_dict() if isinstance(model, ModelInfo) else dict(model)
         self.parent = parent
+        self._recorder: Optional["Recorder"] = None  # set by the recorder that keeps this take
         self.status = "recording"  # then "complete", or "partial" when a pass failed or was interrupted
         self.error: Optional[str] = None
         self.grid: Optional[Grid] = None
@@ -241,8 +246,18 @@ class Take:
         steps = [s for s in range(offset, offset + max(1, len(sigmas) - 1)) if self.plan.wants_step(s)]
         self._reserve(self.bytes_per_step(grid, batch) * len(steps), len(steps), grid, batch)
 
+    def nbytes(self) -> int:
+        """Host bytes the take's recorded arrays hold now."""
+        total = sum(t.numel() * t.element_size() for t in self.cross.values())
+        total += sum(t.numel() * t.element_size() for st in self.sink.values() for t in st.values())
+        total += sum(w["scores"].numel() * 4 * 2 for w in self.windows.values())
+        total += sum(slot.nbytes() for slot in self._slots.values())
+        return total + sum(c.nbytes() for c in self.chunks.values())
+
     def _reserve(self, need: int, steps: int, grid: Grid, batch: int) -> None:
         budget = self.plan.memory_budget_bytes
+        if self._recorder is not None:  # older recordings count too: release the oldest to make room
+            self._recorder.make_room(self, self.reserved_bytes + need)
         if self.reserved_bytes + need > budget:
             mib = 1024 * 1024
             raise BudgetError(
@@ -433,6 +448,7 @@ class Recorder:
         self.keep_takes = max(1, int(keep_takes))
         self.takes: List[Take] = []
         self.active: Optional[Take] = None
+        self.released: List[str] = []  # output fingerprints of takes released to stay within the memory budget
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; the recorder is a shared handle, never duplicated.
@@ -464,6 +480,7 @@ class Recorder:
             take._budget_checked = False
         else:
             take = Take(self.plan, model)
+            take._recorder = self
             take.input_fingerprint = input_fingerprint
             take.sampling = dict(sampling or {})
             take._dynamic = dynamic
@@ -474,6 +491,19 @@ class Recorder:
         take._seen.clear()
         self.active = take
         return take
+
+    def make_room(self, take: Take, need: int) -> None:
+        """Release the oldest other recordings until ``take`` can hold ``need`` bytes within the memory budget: every
+        recording the recorder keeps counts against ``memory_budget_mb`` (a released one is an error downstream that
+        says so, never a stale map)."""
+        budget = self.plan.memory_budget_bytes
+        others = [t for t in self.takes if t is not take]
+        while others and need + sum(t.reserved_bytes for t in others) > budget:
+            old = others.pop(0)
+            self.takes.remove(old)
+            if old.output_fingerprint:
+                self.released.append(old.output_fingerprint)
+                del self.released[:-64]
 
     def end_pass(self, output_fingerprint: Optional[str] = None, error: Optional[BaseException] = None) -> Optional[Take]:
         take, self.active = self.active, None

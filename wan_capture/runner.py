@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -62,8 +63,17 @@ def prepare(workflow: dict, job: Job, batch_name: str) -> dict:
     return graph
 
 
+def job_key(job: Job, workflow: dict) -> str:
+    """What makes a video the same job: its prompt, seed, numbering and the workflow it runs through."""
+    text = json.dumps({"job": asdict(job), "workflow": workflow}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 class Manifest:
-    """``<state_dir>/<batch_name>.manifest.json``: what each video came to, rewritten atomically after each one."""
+    """``<state_dir>/<batch_name>.manifest.json``: what each video came to, rewritten atomically after each one.
+
+    An entry is keyed by its video id and carries the :func:`job_key` of the job that made it: a restarted batch
+    whose job for that video changed (another template, seed or workflow) runs it again."""
 
     def __init__(self, state_dir: str, batch_name: str):
         os.makedirs(state_dir, exist_ok=True)
@@ -73,8 +83,9 @@ class Manifest:
             with open(self.path) as f:
                 self.videos = json.load(f).get("videos", {})
 
-    def done(self, video_id: str) -> bool:
-        return self.videos.get(video_id, {}).get("status") == "done"
+    def done(self, video_id: str, key: Optional[str] = None) -> bool:
+        entry = self.videos.get(video_id, {})
+        return entry.get("status") == "done" and (key is None or entry.get("key") == key)
 
     def record(self, video_id: str, **entry) -> None:
         self.videos[video_id] = entry
@@ -89,15 +100,33 @@ def saved_files(history: dict) -> List[dict]:
     return out
 
 
-def locally_complete(output_dir: Optional[str], batch_name: str, video_id: str) -> bool:
+def locally_complete(output_dir: Optional[str], batch_name: str, job: Job) -> bool:
+    """A complete recording of exactly this job (same prompt and seed) is already in the servers' output folder."""
     if not output_dir:
         return False
-    path = os.path.join(output_dir, safe_name(batch_name), "attention_maps", video_id, "summary.json")
+    path = os.path.join(output_dir, safe_name(batch_name), "attention_maps", job.video_id, "summary.json")
     try:
         with open(path) as f:
-            return json.load(f).get("status") == "complete"
+            summary = json.load(f)
     except (OSError, ValueError):
         return False
+    return summary.get("status") == "complete" and summary.get("seed") == job.seed and \
+        summary.get("prompt") in (job.prompt, None)
+
+
+def pending(jobs: Sequence[Job], workflow: dict, manifest: Manifest, batch_name: str,
+            output_dir: Optional[str] = None) -> List[Job]:
+    """The jobs still to run: not done under the same job key, nor found complete for the same job on disk."""
+    todo = []
+    for j in jobs:
+        key = job_key(j, workflow)
+        if manifest.done(j.video_id, key):
+            continue
+        if locally_complete(output_dir, batch_name, j):  # finished on the server after a runner was killed
+            manifest.record(j.video_id, status="done", server=None, found_in=output_dir, job=asdict(j), key=key)
+            continue
+        todo.append(j)
+    return todo
 
 
 async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str], batch_name: str, state_dir: str,
@@ -106,14 +135,7 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
     import aiohttp
     from .client import ComfyClient, ComfyError
     manifest = Manifest(state_dir, batch_name)
-    todo = []
-    for j in jobs:
-        if manifest.done(j.video_id):
-            continue
-        if locally_complete(output_dir, batch_name, j.video_id):  # finished on the server after a runner was killed
-            manifest.record(j.video_id, status="done", server=None, found_in=output_dir, job=asdict(j))
-            continue
-        todo.append(j)
+    todo = pending(jobs, workflow, manifest, batch_name, output_dir)
     skipped = len(jobs) - len(todo)
     log(f"batch {batch_name}: {len(jobs)} videos, {skipped} already done, {len(todo)} to run on {len(servers)} server(s)")
     queue: asyncio.Queue = asyncio.Queue()
@@ -146,11 +168,11 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
                         atomic_write(dest, data)
                 status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"
                 manifest.record(job.video_id, status=status, server=url, seconds=round(time.monotonic() - t0, 2),
-                                files=files, job=asdict(job), **({} if status == "done" else
+                                files=files, job=asdict(job), key=job_key(job, workflow), **({} if status == "done" else
                                                                  {"error": "the save node reported partial data"}))
             except (ComfyError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
                 manifest.record(job.video_id, status="failed", server=url, error=f"{type(e).__name__}: {e}",
-                                job=asdict(job))
+                                job=asdict(job), key=job_key(job, workflow))
             counter["n"] += 1
             entry = manifest.videos[job.video_id]
             print("", file=sys.stderr)

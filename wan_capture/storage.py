@@ -52,12 +52,13 @@ def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
     return cleaned or fallback
 
 
-def inside(root: str, *parts: str) -> str:
-    """``root/parts...`` after checking (symlinks resolved) that it stays inside ``root``."""
+def inside(root: str, *parts: str, purpose: str = "write") -> str:
+    """``root/parts...`` after checking (symlinks resolved) that it stays inside ``root`` (``purpose``: what the
+    caller is about to do there, for the message: ``write`` or ``read``)."""
     path = os.path.join(root, *parts)
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise StorageError(f"refusing to write {path!r}: it resolves outside the output folder {root!r}")
+        raise StorageError(f"refusing to {purpose} {path!r}: it resolves outside the output folder {root!r}")
     return path
 
 

@@ -9,6 +9,7 @@ mean over its pieces (``AttentionAnalyzer`` and the heatmap use that); the store
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -136,7 +137,14 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
     if mode not in MODES:
         raise TrackingError(f"mode must be one of {MODES}, got {mode!r}")
     words = split_words(tokens, piece)
-    listed = [e for e in (clean_phrase(x) for x in listed) if e]
+    given = [x for x in listed if x and x.strip()]
+    unreadable = [x for x in given if not clean_phrase(x)]
+    if unreadable and mode in ("listed", "both"):
+        shown = ", ".join(repr(x[:20]) for x in unreadable[:5])
+        raise TrackingError(f"the listed entr{'y' if len(unreadable) == 1 else 'ies'} {shown} {'has' if len(unreadable) == 1 else 'have'} "
+                            "no letters or digits: emoji and punctuation are not words the text encoder keeps; list "
+                            "words that appear in the prompt")
+    listed = [e for e in (clean_phrase(x) for x in given) if e]
     if mode == "listed" and not listed:
         raise TrackingError("mode 'listed' needs at least one word in the word list")
     chosen: List[Tuple[int, int]] = []  # (first word index, word count)
@@ -165,6 +173,13 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
             label=label, word=name, token_ids=tuple(t for w in group for t in w.ids),
             token_texts=tuple(p for w in group for p in w.pieces), positions=tuple(p for w in group for p in w.positions),
             weight=max((w.weight for w in group), key=lambda x: abs(x - 1.0)), occurrence=counts[name]))
+    if mode in ("weighted", "both"):  # weighted text the tokenizer could not read as any word is said, not dropped
+        seg_of = {pos: seg for pos, (tok, w, seg) in enumerate(tokens)}
+        covered = {seg_of[p] for t in out for p in t.positions}
+        lost = sorted({seg for tok, w, seg in tokens if seg and abs(float(w) - 1.0) > 1e-6} - covered)
+        if lost:
+            warnings.warn(f"weighted text in {len(lost)} place(s) of {prompt[:60]!r} has no word the tokenizer can read "
+                          "(emoji or symbols become <unk>): it is not tracked", stacklevel=2)
     if not out:
         raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0; weight a word "
                             "like (flower:1.5) or list words to track")
