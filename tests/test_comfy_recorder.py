@@ -295,3 +295,24 @@ def test_out_of_range_blocks_refused_at_the_attach_node(pack, models):
     with pytest.raises(wc.PlanError, match=r"steps \[7\] do not exist: the sampling has 3 steps"):
         ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
     assert not rec.takes  # refused before a take was begun
+
+
+def test_partial_rerun_of_the_second_expert_continues_the_cached_first(pack, models):
+    """Wan 2.2 A14B in a re-queued graph: the first KSamplerAdvanced comes from ComfyUI's cache, only the second runs
+    again (another cfg). Its recording continues the first expert's steps (2, 3 after 0, 1), never restarts at 0."""
+    pos, neg = conditioning("t2v", 1), conditioning("t2v", 2)
+    high, rec = attach(pack, models["t2v"], text_positions=(2,))
+    low = pack.nodes.comfy_attach.attach_recorder(models["t2v"].clone(), rec)
+    first = ksampler_advanced(high, pos, neg, empty_latent("t2v"), 0, 2, 4, leftover=True)
+    second = ksampler_advanced(low, pos, neg, first, 2, 10000, 4, leftover=False, add_noise=False)
+    whole = recording(pack).take_for_latent(rec, second)
+    import nodes
+    again = nodes.KSamplerAdvanced().sample(low, "disable", 1, 4, 5.5, "euler", "simple", pos, neg, first, 2, 10000,
+                                            "disable")[0]  # the cached first expert is not run again
+    take = recording(pack).take_for_latent(rec, again)
+    assert take is not whole and take.status == "complete"
+    assert take.steps == [0, 1, 2, 3] and take.total_steps == 4 and [p[0] for p in take.passes] == [0, 2]
+    for s in (0, 1):  # the first expert's steps are the cached recording's
+        assert take.cross[(s, "cond")] is whole.cross[(s, "cond")]
+    assert not torch.equal(take.cross[(3, "cond")], whole.cross[(3, "cond")])  # the new cfg's own last step
+    assert recording(pack).take_for_latent(rec, second) is whole  # the earlier result still finds its recording

@@ -223,3 +223,24 @@ def test_damaged_viewer_files_give_4xx_without_paths(comfy_server, recording):
     status, _, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=1")
     assert status == 422 and b"damaged" in body and b"/" not in body.replace(b"application/json", b"")
     assert "damaged_view" not in open(comfy_server.log).read()
+
+
+def test_stale_files_never_mix_through_the_server(comfy_server):
+    """The campaign's reproduction: two UI-style runs into the same Save folder, the second with another seed, one
+    step and one word. Nothing of the first run is left in the video, and the reader sees only the second."""
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api["20"]["inputs"]["batch_name"] = "stale_server"
+    first = to_tiny(json.loads(json.dumps(api)))
+    run_prompt(comfy_server.url, first)
+    second = to_tiny(json.loads(json.dumps(api)))
+    second["9"]["inputs"]["seed"] = 7
+    second["7"]["inputs"]["steps"] = "0"
+    second["4"]["inputs"]["text"] = "a beautiful (flower:2.5) near a tree, gentle wind, sunny garden"
+    entry = run_prompt(comfy_server.url, second)
+    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    an = AttentionAnalyzer(str(comfy_server.output / "stale_server" / "attention_maps"))
+    assert an.summary(video)["seed"] == 7 and an.list_tokens(video) == ["flower"]
+    assert an.list_steps(video, "flower") == [0] and an.get_temporal_evolution(video, "flower").shape[0] == 1
+    folder = comfy_server.output / "stale_server" / "attention_maps" / video
+    assert not (folder / "token_tree").exists() and sorted(p.name for p in (folder / "token_flower").iterdir()) == \
+        ["step_000.npy", "step_000_metadata.json"]

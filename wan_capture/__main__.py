@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     run.add_argument("--state-dir", default=".", help="where the batch manifest is kept (for resuming)")
     run.add_argument("--download", help="also copy every saved file here, from the servers' /view")
     run.add_argument("--output-dir", help="the servers' output folder, when local: finished videos found there are skipped")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds one video may take (default 3600)")
+    run.add_argument("--retries", type=int, default=3,
+                     help="failed connections in a row after which a server leaves the batch (default 3)")
     sub.add_parser("causal-demo", help="record a tiny causal Wan with a KV cache, save and draw it (see --help)")
     exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
     exp.add_argument("template")
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         jobs = plan_jobs(_templates(args), seeds)
         manifest = asyncio.run(run_batch(workflow, jobs, args.server or ["http://127.0.0.1:8188"], args.batch_name,
-                                         args.state_dir, args.download, args.output_dir))
+                                         args.state_dir, args.download, args.output_dir, timeout=args.timeout,
+                                         retries=args.retries))
     except (TemplateError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

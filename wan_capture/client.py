@@ -14,6 +14,11 @@ class ComfyError(RuntimeError):
     """The server refused or failed a prompt; the message carries the server's own words."""
 
 
+class Unreachable(ComfyError):
+    """The server could not be reached (or dropped the connection) before it took the prompt: the job can go to
+    another server."""
+
+
 @dataclass
 class Progress:
     prompt_id: str
@@ -21,6 +26,7 @@ class Progress:
     value: int = 0
     max: int = 0
     events: list = field(default_factory=list)
+    done: bool = False
 
 
 class ComfyClient:
@@ -31,22 +37,41 @@ class ComfyClient:
 
     async def run(self, session, prompt: dict, on_progress: Optional[Callable[[Progress], None]] = None) -> dict:
         """Queue ``prompt``, wait for it over the websocket, return its ``/history`` entry (raises ComfyError)."""
+        import aiohttp
         ws_url = self.url.replace("http", "ws", 1) + "/ws?" + urlencode({"clientId": self.client_id})
-        async with session.ws_connect(ws_url, heartbeat=30) as ws:
-            async with session.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id}) as r:
-                body = await r.json(content_type=None)
-                if r.status != 200 or "prompt_id" not in body:
-                    raise ComfyError(f"{self.url} refused the prompt: {json.dumps(body)[:2000]}")
+        try:
+            ws = await session.ws_connect(ws_url, heartbeat=30)
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError, OSError, asyncio.TimeoutError) as e:
+            raise Unreachable(f"{self.url} cannot be reached: {type(e).__name__}: {e}") from None
+        async with ws:
+            try:
+                async with session.post(self.url + "/prompt",
+                                        json={"prompt": prompt, "client_id": self.client_id}) as r:
+                    text = await r.text()
+            except (aiohttp.ClientConnectionError, OSError) as e:
+                raise Unreachable(f"{self.url} dropped the connection: {type(e).__name__}: {e}") from None
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = None
+            if r.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+                raise ComfyError(f"{self.url} refused the prompt: HTTP {r.status}: {text[:500]}")
             pid = body["prompt_id"]
             progress = Progress(pid)
+            # the websocket can close early (server restart, proxy): then /history says how the prompt ended
             await asyncio.wait_for(self._follow(ws, progress, on_progress), self.timeout)
-        return await self.history(session, pid)
+        return await self.history(session, pid, wait=self.timeout if not progress.done else 30.0)
 
     async def _follow(self, ws, progress: Progress, on_progress) -> None:
         async for msg in ws:
             if msg.type.name != "TEXT":
                 continue  # binary preview frames
-            data = json.loads(msg.data)
+            try:
+                data = json.loads(msg.data)
+            except ValueError:
+                continue  # a malformed message is no news about the prompt
+            if not isinstance(data, dict) or not isinstance(data.get("data", {}), dict):
+                continue
             kind, d = data.get("type"), data.get("data", {})
             if d.get("prompt_id") not in (None, progress.prompt_id):
                 continue
@@ -61,6 +86,7 @@ class ComfyClient:
                 raise ComfyError("the prompt was interrupted on the server")
             elif kind == "execution_success" or (kind == "executing" and d.get("node") is None
                                                   and d.get("prompt_id") == progress.prompt_id):
+                progress.done = True
                 return
 
     async def history(self, session, prompt_id: str, wait: float = 30.0) -> dict:
@@ -68,7 +94,13 @@ class ComfyClient:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             async with session.get(f"{self.url}/history/{prompt_id}") as r:
-                data = await r.json(content_type=None)
+                text = await r.text()
+            try:
+                data = json.loads(text) if r.status == 200 else None
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                raise ComfyError(f"{self.url}/history answered HTTP {r.status}: {text[:300]}")
             if prompt_id in data or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.2)

@@ -133,6 +133,7 @@ class Take:
         self.skipped: Counter = Counter()
         self.input_fingerprint: Optional[str] = None
         self.output_fingerprint: Optional[str] = None
+        self.pass_outputs: List[Optional[str]] = []  # the latent each finished pass produced
         self.reserved_bytes = 0
         self._slots: Dict[tuple, _Slot] = {}
         self._seen: set = set()
@@ -245,6 +246,25 @@ class Take:
         offset, sigmas = self.passes[-1]
         steps = [s for s in range(offset, offset + max(1, len(sigmas) - 1)) if self.plan.wants_step(s)]
         self._reserve(self.bytes_per_step(grid, batch) * len(steps), len(steps), grid, batch)
+
+    def truncated(self, passes: int) -> "Take":
+        """A new take holding this one's first ``passes`` passes (arrays shared, not copied): where a later pass is
+        sampled again from the same latent (a re-queued graph whose first expert ComfyUI took from its cache)."""
+        t = Take(self.plan, self.info or self.model)
+        t._recorder = self._recorder
+        boundary = self.passes[passes][0] if passes < len(self.passes) else self.total_steps
+        t.passes = [(offset, list(sig)) for offset, sig in self.passes[:passes]]
+        t.pass_outputs = list(self.pass_outputs[:passes])
+        t.cross = {k: v for k, v in self.cross.items() if k[0] < boundary}
+        t.sink = {k: v for k, v in self.sink.items() if k[0] < boundary}
+        t.windows = {k: v for k, v in self.windows.items() if k[0] < boundary}
+        t.step_sigmas = {k: v for k, v in self.step_sigmas.items() if k < boundary}
+        t.step_timesteps = {k: v for k, v in self.step_timesteps.items() if k < boundary}
+        t.grid, t.text_len, t.batch, t.sampling = self.grid, self.text_len, self.batch, dict(self.sampling)
+        t.input_fingerprint, t.output_fingerprint = self.input_fingerprint, t.pass_outputs[-1]
+        t.status = "complete"
+        t.reserved_bytes = t.nbytes()
+        return t
 
     def nbytes(self) -> int:
         """Host bytes the take's recorded arrays hold now."""
@@ -472,10 +492,20 @@ class Recorder:
                       and prev.model == (model.as_dict() if isinstance(model, ModelInfo) else dict(model))
                       and continues(prev.passes[-1][1], sigmas)
                       and (input_fingerprint is None or input_fingerprint == prev.output_fingerprint))
+        fork = None
+        if not continuing and not dynamic and input_fingerprint is not None:
+            fork = self._fork_point(input_fingerprint, sigmas, model)
         if not dynamic and sigmas and sigmas[-1] == 0.0:  # a schedule that ends at sigma 0 is never continued
-            self.plan.check_schedule(prev.total_steps if continuing else 0, len(sigmas) - 1)
-        if continuing:
+            first = prev.total_steps if continuing else (fork[0].passes[fork[1] + 1][0] if fork else 0)
+            self.plan.check_schedule(first, len(sigmas) - 1)
+        if fork is not None:  # continue the recording of the cached earlier pass, not a new one from step 0
+            take = fork[0].truncated(fork[1] + 1)
+            self.takes.append(take)
+            del self.takes[:-self.keep_takes]
+            continuing = True
+        elif continuing:
             take = prev
+        if continuing:
             take.status = "recording"
             take._budget_checked = False
         else:
@@ -491,6 +521,18 @@ class Recorder:
         take._seen.clear()
         self.active = take
         return take
+
+    def _fork_point(self, input_fingerprint: str, sigmas: Sequence[float], model) -> Optional[Tuple[Take, int]]:
+        """(take, pass index) of a kept take whose pass (not its last) produced ``input_fingerprint`` and ended where
+        ``sigmas`` begins: this pass samples again what followed it."""
+        key = model.as_dict() if isinstance(model, ModelInfo) else dict(model)
+        for take in reversed(self.takes):
+            if take.model != key or take.status != "complete":
+                continue
+            for i, out in enumerate(take.pass_outputs[:-1]):
+                if out == input_fingerprint and continues(take.passes[i][1], sigmas):
+                    return take, i
+        return None
 
     def make_room(self, take: Take, need: int) -> None:
         """Release the oldest other recordings until ``take`` can hold ``need`` bytes within the memory budget: every
@@ -510,6 +552,7 @@ class Recorder:
         if take is None:
             return None
         take.finish_pass(ok=error is None, error=None if error is None else f"{type(error).__name__}: {error}")
+        take.pass_outputs.append(output_fingerprint if error is None else None)
         if output_fingerprint is not None and error is None:
             take.output_fingerprint = output_fingerprint
         return take

@@ -130,10 +130,16 @@ def pending(jobs: Sequence[Job], workflow: dict, manifest: Manifest, batch_name:
 
 
 async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str], batch_name: str, state_dir: str,
-                    download: Optional[str] = None, output_dir: Optional[str] = None, log=print) -> Manifest:
-    """Run every job not yet done; returns the manifest (each video: done with its files, or failed with why)."""
+                    download: Optional[str] = None, output_dir: Optional[str] = None, log=print,
+                    timeout: float = 3600.0, retries: int = 3, backoff: float = 1.0) -> Manifest:
+    """Run every job not yet done; returns the manifest (each video: done with its files, or failed with why).
+
+    A server that cannot be reached gives its job back to the queue and retries with back-off (``backoff`` seconds,
+    doubling); after ``retries`` failures in a row it leaves the batch to the others. A prompt the server refuses or
+    fails, or a malformed reply, fails that video only. ``timeout``: seconds one video may take.
+    """
     import aiohttp
-    from .client import ComfyClient, ComfyError
+    from .client import ComfyClient, ComfyError, Unreachable
     manifest = Manifest(state_dir, batch_name)
     todo = pending(jobs, workflow, manifest, batch_name, output_dir)
     skipped = len(jobs) - len(todo)
@@ -143,41 +149,74 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
         queue.put_nowait(j)
     counter = {"n": skipped}
 
+    alive = {url: True for url in servers}
+    busy = {"n": 0}  # jobs in flight: an idle worker waits for them, since a failing server may hand one back
+
+    async def attempt(url: str, client, session, job: Job) -> bool:
+        """Run one job; False when the server could not be reached and the job went back to the queue."""
+        t0 = time.monotonic()
+
+        def progress(p):
+            if p.max:
+                print(f"\r  {job.video_id} on {url}: step {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
+        try:
+            entry = await client.run(session, prepare(workflow, job, batch_name), progress)
+            reports = saved_files(entry)
+            files = [f for r in reports for f in r.get("files", [])]
+            if download:
+                for rel in files:
+                    sub, name = os.path.dirname(rel), os.path.basename(rel)
+                    data = await client.download(session, sub, name)
+                    dest = inside(download, *rel.split("/"))
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    atomic_write(dest, data)
+            status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"
+            manifest.record(job.video_id, status=status, server=url, seconds=round(time.monotonic() - t0, 2),
+                            files=files, job=asdict(job), key=job_key(job, workflow),
+                            **({} if status == "done" else {"error": "the save node reported partial data"}))
+        except Unreachable:
+            if any(alive[u] for u in servers if u != url) or alive[url]:
+                raise
+            manifest.record(job.video_id, status="failed", server=url, job=asdict(job), key=job_key(job, workflow),
+                            error="no server could be reached")
+        except (ComfyError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError,
+                TypeError) as e:  # this video failed; the batch goes on
+            manifest.record(job.video_id, status="failed", server=url, error=f"{type(e).__name__}: {e}",
+                            job=asdict(job), key=job_key(job, workflow))
+        counter["n"] += 1
+        entry = manifest.videos[job.video_id]
+        print("", file=sys.stderr)
+        log(f"[{counter['n']}/{len(jobs)}] {job.video_id} {entry['status']} on {url}"
+            + (f": {entry['error']}" if entry["status"] != "done" else f" ({entry['seconds']} s)"))
+        return True
+
     async def worker(url: str, session) -> None:
-        client = ComfyClient(url)
+        client = ComfyClient(url, timeout=timeout)
+        misses = 0
         while True:
             try:
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
-                return
-            t0 = time.monotonic()
-
-            def progress(p):
-                if p.max:
-                    print(f"\r  {job.video_id} on {url}: step {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
+                if busy["n"] == 0:
+                    return
+                await asyncio.sleep(0.05)
+                continue
+            busy["n"] += 1
             try:
-                entry = await client.run(session, prepare(workflow, job, batch_name), progress)
-                reports = saved_files(entry)
-                files = [f for r in reports for f in r.get("files", [])]
-                if download:
-                    for rel in files:
-                        sub, name = os.path.dirname(rel), os.path.basename(rel)
-                        data = await client.download(session, sub, name)
-                        dest = inside(download, *rel.split("/"))
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
-                        atomic_write(dest, data)
-                status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"
-                manifest.record(job.video_id, status=status, server=url, seconds=round(time.monotonic() - t0, 2),
-                                files=files, job=asdict(job), key=job_key(job, workflow), **({} if status == "done" else
-                                                                 {"error": "the save node reported partial data"}))
-            except (ComfyError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-                manifest.record(job.video_id, status="failed", server=url, error=f"{type(e).__name__}: {e}",
-                                job=asdict(job), key=job_key(job, workflow))
-            counter["n"] += 1
-            entry = manifest.videos[job.video_id]
-            print("", file=sys.stderr)
-            log(f"[{counter['n']}/{len(jobs)}] {job.video_id} {entry['status']} on {url}"
-                + (f": {entry['error']}" if entry["status"] != "done" else f" ({entry['seconds']} s)"))
+                await attempt(url, client, session, job)
+                misses = 0
+            except Unreachable as e:
+                misses += 1
+                queue.put_nowait(job)  # another server (or this one, after a pause) takes it
+                if misses >= retries:
+                    alive[url] = False
+                    log(f"server {url} left the batch after {misses} failed attempts: {e}")
+                    if any(alive.values()):
+                        return
+                else:
+                    await asyncio.sleep(backoff * 2 ** (misses - 1))
+            finally:
+                busy["n"] -= 1
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(url, session) for url in servers))
