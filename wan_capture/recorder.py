@@ -323,7 +323,7 @@ class Take:
             self.batch = batch
         if self.parent is not None:
             # causal: each chunk's step is sized when it starts (the cache length is known only then)
-            if call.step not in self.parent._chunk_steps_of(call.chunk):
+            if (call.chunk, call.step) not in self.parent._chunk_steps:
                 need = self.bytes_per_step(call.grid, batch, keys=k.shape[1] if call.kind == SELF else None)
                 self.parent._reserve(need, 1, call.grid, batch)
                 self.parent._chunk_steps.add((call.chunk, call.step))
@@ -349,9 +349,6 @@ class Take:
                 self._record_cross(call, branch, qb, kb, scale, chunk)
             elif call.kind == SELF:
                 self._record_self(call, branch, qb, kb, scale, chunk, None if lh is None else _select(lh, 0, rows))
-
-    def _chunk_steps_of(self, chunk: int) -> set:
-        return {s for c, s in self._chunk_steps if c == chunk}
 
     def _record_chunk(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, lse=None) -> None:
         sub = self.chunks.get(call.chunk)
