@@ -186,14 +186,9 @@ def test_symlink_inside_a_video_folder_is_not_followed_out(comfy_server, recordi
     assert "secret_outside" not in open(comfy_server.log).read()
 
 
-def test_bomb_slice_refused_with_413_and_the_server_keeps_answering(comfy_server, recording):
-    """A 1 GiB array gzipped to about a megabyte, planted as a step file: refused before it is decompressed, off the
-    event loop, while /system_stats answers within a second."""
+def plant_bomb(step):
+    """``step``.gz: a 1 GiB float32 array of zeros, gzipped to about a megabyte, in place of ``step``."""
     import gzip as gz
-    import threading
-    import time
-    path, video, folder = copy_recording(comfy_server, recording, "bombed")
-    step = folder / "token_flower" / "step_000.npy"
     n = 1 << 28
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
@@ -204,6 +199,20 @@ def test_bomb_slice_refused_with_413_and_the_server_keeps_answering(comfy_server
             f.write(zeros)
     step.unlink()
     assert os.path.getsize(str(step) + ".gz") < 8 << 20
+
+
+def test_bomb_slice_refused_with_413_and_the_server_keeps_answering(comfy_server, recording):
+    """A 1 GiB array gzipped to about a megabyte, planted as a step file: refused before it is decompressed, off the
+    event loop, while /system_stats answers within a second."""
+    import threading
+    import time
+    path, video, folder = copy_recording(comfy_server, recording, "bombed")
+    step = folder / "token_flower" / "step_000.npy"
+    plant_bomb(step)
+    received = folder / "self_attention" / "step_000_received.npy"
+    os.link(str(step) + ".gz", str(received) + ".gz")
+    received.unlink()
+    assert fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=sink&step=0")[0] == 413
     result = {}
     t = threading.Thread(target=lambda: result.update(
         hostile=fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&token=flower&step=0")))

@@ -44,6 +44,15 @@ def _axis(values: list, choice: str, name: str) -> Optional[int]:
         raise FileNotFoundError(f"{name} {choice} was not saved; saved: {values}") from None
 
 
+def self_attention_bound(summary: dict) -> int:
+    """The largest a self-attention array of this recording can be, from its summary (blocks x heads x the larger of
+    the keys and the frame x frame matrix, float32): nothing larger is decompressed."""
+    frames, h, w = summary.get("latent_grid") or [0, 0, 0]
+    cells = max(frames * h * w, frames * frames)
+    size = len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * 4 + 4096
+    return min(MAX_SLICE_BYTES, size)
+
+
 def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = "cond", block: str = "mean",
                 head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
@@ -68,6 +77,7 @@ def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block
     chunks, see :mod:`wan_capture.causal_stats`)."""
     an = reader(maps_dir, root)
     summary = an.summary(video)
+    an.max_bytes = self_attention_bound(summary)
     br = "" if branch == "cond" else branch
     if "causal" in summary:  # causal Wan: per-chunk statistics assembled over the video in absolute frames
         data = np.nan_to_num(an.get_causal_self_attention(video, step, "received", br))
@@ -86,6 +96,7 @@ def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond",
     with the sink frames in the returned summary's ``sink_frames``."""
     an = reader(maps_dir, root)
     summary = dict(an.summary(video))
+    an.max_bytes = self_attention_bound(summary)
     br = "" if branch == "cond" else branch
     if "causal" in summary:
         data = an.get_causal_self_attention(video, step, "frame_mass", br)
