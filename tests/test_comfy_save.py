@@ -44,7 +44,12 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
     got = an.load_step("prompt_001_vid002", "tree", 2)
     np.testing.assert_array_equal(got, take.cross[(2, "cond")][1][..., spec.columns(spec.word("tree"))].numpy())
     meta = an.load_metadata("prompt_001_vid002", "tree", 2)
-    assert meta["prompt"] == "a (tree:3) next to a flower" and meta["seed"] == 3 and meta["cfg_scale"] == 3.0
+    assert meta["prompt"] == "a tree next to a flower" and meta["prompt_weighted"] == "a (tree:3) next to a flower"
+    assert meta["seed"] == 3 and meta["cfg_scale"] == 3.0
+    assert meta["token_texts"] == ["tree"] and meta["token_pieces"] == ["\u2581tree"]
+    grid = meta["latent_grid"]  # the decoded video the latent stands for (Wan 2.1: 8x VAE, 1x2x2 patches)
+    assert (meta["video_frames"], meta["video_height"], meta["video_width"]) == (
+        4 * (grid[0] - 1) + 1, grid[1] * 16, grid[2] * 16)
     assert meta["token_weight"] == 3.0 and meta["model"]["model_type"] == "WAN21" and meta["branch"] == "cond"
     assert an.load_step("prompt_001_vid001", "tree", 0, branch="uncond").shape == (2, 2, 48, len(spec.word("tree").positions))
     # the other sampling's latent saves the other recording, never this one

@@ -261,7 +261,8 @@ def test_manifest_keys_on_the_job_so_changed_jobs_run_again(tmp_path):
     # a complete recording on disk counts only for the same prompt and seed
     out = tmp_path / "out" / "study" / "attention_maps" / first[0].video_id
     out.mkdir(parents=True)
-    (out / "summary.json").write_text(json.dumps({"status": "complete", "prompt": first[0].prompt, "seed": 1}))
+    (out / "summary.json").write_text(json.dumps({"status": "complete", "prompt": "a red car",
+                                                  "prompt_weighted": first[0].prompt, "seed": 1}))
     fresh = Manifest(str(tmp_path / "state2"), "study")
     assert first[0] not in pending(first, workflow, fresh, "study", str(tmp_path / "out"))
     assert changed[0] in pending(changed, workflow, fresh, "study", str(tmp_path / "out"))

@@ -71,7 +71,8 @@ def test_batch_of_four_resumes_after_kill_without_duplicates(comfy_server, tmp_p
     assert executed == 4, f"{executed} prompts ran for 4 videos"
     assert "already done" in out and "4 done, 0 failed" in out
     summary = json.load(open(folder / "prompt_001_vid002" / "summary.json"))
-    assert summary["prompt"] == "a beautiful (tree:3) next to a flower" and summary["seed"] == 2
+    assert summary["prompt_weighted"] == "a beautiful (tree:3) next to a flower" and summary["seed"] == 2
+    assert summary["prompt"] == "a beautiful tree next to a flower"
     assert summary["status"] == "complete"
 
 

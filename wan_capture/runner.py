@@ -110,8 +110,8 @@ def locally_complete(output_dir: Optional[str], batch_name: str, job: Job) -> bo
             summary = json.load(f)
     except (OSError, ValueError):
         return False
-    return summary.get("status") == "complete" and summary.get("seed") == job.seed and \
-        summary.get("prompt") in (job.prompt, None)
+    written = summary.get("prompt_weighted", summary.get("prompt"))  # the prompt as the job wrote it
+    return summary.get("status") == "complete" and summary.get("seed") == job.seed and written in (job.prompt, None)
 
 
 def pending(jobs: Sequence[Job], workflow: dict, manifest: Manifest, batch_name: str,

@@ -240,9 +240,11 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     recorded = [br for br in ("cond", "uncond") if br in take.plan.branch_names()]
     map_grid = take.map_grid.pooled(opts.spatial_downsample_factor) if take.map_grid else None
     prompt = opts.prompt if opts.prompt is not None else tracking.prompt
+    video = video_size(take)
     base = {
         "video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b, "batch_index": b,
-        "prompt": prompt, "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"),
+        "prompt": plain_prompt(prompt), "prompt_weighted": prompt,
+        "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video,
         "total_steps": take.total_steps, "latent_grid": take.grid.as_list(),
         "map_grid": map_grid.as_list() if map_grid else None, "model": take.model,
         "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
@@ -310,6 +312,35 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     return SavedVideo(video_id, final, summary["status"], files)
 
 
+_WEIGHT = re.compile(r"(?<!\\):\s*-?\d+(?:\.\d*)?\s*(?=\))")
+
+
+def plain_prompt(prompt: str) -> str:
+    """The prompt as text, without ComfyUI's weight syntax: ``a (flower:2.5) near ((a tree))`` -> ``a flower near a
+    tree`` (escaped ``\(`` ``\)`` kept as parentheses). The written prompt is kept as ``prompt_weighted``."""
+    text = _WEIGHT.sub("", prompt or "")
+    text = re.sub(r"(?<!\\)[()]", "", text)
+    return re.sub(r"\\([()])", r"\1", text)
+
+
+def readable(pieces) -> List[str]:
+    """Sentencepiece pieces as text: the word-start marker ``\u2581`` dropped (``\u2581flower`` -> ``flower``)."""
+    return [p.replace("\u2581", "") for p in pieces]
+
+
+def video_size(take: Take) -> dict:
+    """Decoded video size the latent grid stands for: ``video_frames`` (latent frame 0 is frame 0, each further latent
+    frame covers 4), ``video_height``/``video_width`` (patch x VAE stride pixels per token)."""
+    if take.grid is None:
+        return {}
+    stride = take.model.get("vae_stride", [4, 8, 8])
+    patch = take.model.get("patch_size", [1, 2, 2])
+    frames = take.grid.frames * patch[0]
+    return {"video_frames": stride[0] * (frames - 1) + 1 if frames else 0,
+            "video_height": take.grid.height * patch[1] * stride[1],
+            "video_width": take.grid.width * patch[2] * stride[2]}
+
+
 def token_folders(tracking: TokenTracking) -> Dict[str, str]:
     """``token_<label>`` folder of each tracked word, unique within the video: labels that sanitise (or cut at 80
     characters) to the same name get ``_2``, ``_3``... (the summary's ``tokens`` records each word's folder)."""
@@ -328,7 +359,8 @@ def token_folders(tracking: TokenTracking) -> Dict[str, str]:
 
 def _word_json(word: TrackedWord) -> dict:
     return {"label": word.label, "word": word.word, "token_ids": list(word.token_ids),
-            "token_texts": list(word.token_texts), "positions": list(word.positions), "weight": word.weight}
+            "token_texts": readable(word.token_texts), "token_pieces": list(word.token_texts),
+            "positions": list(word.positions), "weight": word.weight}
 
 
 def _axis_meta(take: Take) -> dict:
@@ -353,7 +385,8 @@ def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, op
         **base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
         "token_word": word.word, "token_label": word.label, "token_folder": folder.rsplit("/", 1)[-1],
         "token_ids": list(word.token_ids),
-        "token_texts": list(word.token_texts), "token_positions": list(word.positions), "token_weight": word.weight,
+        "token_texts": readable(word.token_texts), "token_pieces": list(word.token_texts),
+        "token_positions": list(word.positions), "token_weight": word.weight,
         "aggregation_method": "per_step_full", "attention_shape": [nb, nh, spatial, ntok],
         "spatial_resolution": [spatial, ntok], "num_blocks": nb, "num_heads": nh, "threshold_applied": None,
         **_axis_meta(take), "branch": branch,
