@@ -316,7 +316,7 @@ _WEIGHT = re.compile(r"(?<!\\):\s*-?\d+(?:\.\d*)?\s*(?=\))")
 
 
 def plain_prompt(prompt: str) -> str:
-    """The prompt as text, without ComfyUI's weight syntax: ``a (flower:2.5) near ((a tree))`` -> ``a flower near a
+    r"""The prompt as text, without ComfyUI's weight syntax: ``a (flower:2.5) near ((a tree))`` -> ``a flower near a
     tree`` (escaped ``\(`` ``\)`` kept as parentheses). The written prompt is kept as ``prompt_weighted``."""
     text = _WEIGHT.sub("", prompt or "")
     text = re.sub(r"(?<!\\)[()]", "", text)
@@ -324,7 +324,7 @@ def plain_prompt(prompt: str) -> str:
 
 
 def readable(pieces) -> List[str]:
-    """Sentencepiece pieces as text: the word-start marker ``\u2581`` dropped (``\u2581flower`` -> ``flower``)."""
+    r"""Sentencepiece pieces as text: the word-start marker ``\u2581`` dropped (``\u2581flower`` -> ``flower``)."""
     return [p.replace("\u2581", "") for p in pieces]
 
 
