@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .attach_node import NODES as _ATTACH
 from .heatmap_node import NODES as _HEATMAP
+from .mask_node import NODES as _MASK
 from .save_node import NODES as _SAVE
 from .tracker_node import NODES as _TRACKER
 
@@ -16,7 +17,7 @@ def _register_routes() -> None:
 
 class WanAttentionCaptureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*_ATTACH, *_TRACKER, *_SAVE, *_HEATMAP]
+        return [*_ATTACH, *_TRACKER, *_SAVE, *_HEATMAP, *_MASK]
 
 
 async def comfy_entrypoint() -> WanAttentionCaptureExtension:

@@ -38,6 +38,10 @@ class SaveAttentionMaps(io.ComfyNode):
                 io.String.Input("prompt_id", default="", tooltip="Empty: the token tracker's id (prompt_000)."),
                 io.Image.Input("images", optional=True,
                                tooltip="The decoded frames: saved beside the maps for the viewer to draw over."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Off: a video folder that exists already is kept and this run is written "
+                                         "to a new name (<video>_2, ...), reported in the output. On: the folder is "
+                                         "replaced as a whole."),
             ],
             outputs=[io.String.Output(display_name="attention_maps_path")],
             hidden=[io.Hidden.unique_id],
@@ -45,11 +49,12 @@ class SaveAttentionMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, recorder, samples, batch_name, storage_format, compress, storage_interval, storage_dtype,
-                spatial_downsample_factor, video_number, prompt_id, images=None) -> io.NodeOutput:
+                spatial_downsample_factor, video_number, prompt_id, images=None, overwrite=False) -> io.NodeOutput:
         take = take_for_latent(recorder, samples)
         opts = SaveOptions(storage_format=storage_format, compress=compress, storage_interval=storage_interval,
                            storage_dtype=storage_dtype, spatial_downsample_factor=spatial_downsample_factor,
-                           video_number=video_number, prompt_id=prompt_id or None)
+                           video_number=video_number, prompt_id=prompt_id or None,
+                           if_exists="replace" if overwrite else "new_name")
         out_dir = folder_paths.get_output_directory()
         pbar = comfy.utils.ProgressBar(plan_file_count(take, opts) * (take.batch or 1), node_id=cls.hidden.unique_id)
         frames = None if images is None else images.float().cpu().numpy()

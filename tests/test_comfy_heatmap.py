@@ -84,3 +84,23 @@ def test_bad_selections_are_clear(scene):
         run_view(scene, "token overlay", samples=None)
     with pytest.raises(Exception, match="outside the output folder"):
         run_view(scene, "token overlay", recorder=None, samples=None, attention_maps_path="../../etc", video_id="x")
+
+
+def test_mask_node_from_recording_and_saved_maps(scene):
+    """Attention Mask: one MASK per decoded frame (9 for 3 latent frames), the same from the recording and from the
+    saved maps, and scored against a reference (itself: IoU 1; its complement: IoU 0)."""
+    node = importlib.import_module(scene["node"].__module__.replace("heatmap_node", "mask_node")).AttentionMask
+    node = node.PREPARE_CLASS_CLONE({})
+    args = dict(token="flower", method="top_percent", value=25.0, steps="all", blocks="all")
+    live = node.execute(recorder=scene["rec"], samples=scene["latent"], **args).args
+    saved = node.execute(attention_maps_path=scene["saved"], **args).args
+    mask = live[0]
+    assert mask.shape == (9, 64, 64) and torch.equal(mask, saved[0]) and live[1] == -1.0
+    frac = mask.mean(dim=(1, 2))
+    assert float(frac.min()) >= 0.25 and float(frac.max()) < 0.6  # a quarter of each frame's cells (ties included)
+    scored = node.execute(recorder=scene["rec"], samples=scene["latent"], reference_mask=mask, **args).args
+    assert scored[1] == 1.0 and scored[2] == 1.0
+    scored = node.execute(recorder=scene["rec"], samples=scene["latent"], reference_mask=1 - mask, **args).args
+    assert scored[1] == 0.0 and scored[2] == 0.0
+    schema = node.GET_SCHEMA()
+    assert len(schema.inputs) <= 12 and all(getattr(i, "tooltip", None) for i in schema.inputs)

@@ -62,3 +62,34 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
     with pytest.raises(ValueError, match="no attention recording matches"):
         save.execute(recorder=rec, samples=empty_latent("t2v"), batch_name="x", storage_format="numpy", compress=False,
                      storage_interval=1, storage_dtype="float32", spatial_downsample_factor=1, video_number=1, prompt_id="")
+
+
+def test_no_overwrite_saving_twice_keeps_both_runs(tmp_path):
+    """The Save node's default: a second run into the same batch keeps the first run's folder as it was and writes
+    to a new, reported name; overwrite=True replaces the folder as a whole."""
+    pack = load_comfy()
+    import folder_paths
+    import nodes
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    mod = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
+    model = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    attach = mod("attach_node").AttachAttentionRecorder
+    recorded, rec = attach.execute(model=model, **widget_defaults(attach, text_positions="1,2")).args
+    from comfy_harness import conditioning
+    runs = [ksampler(recorded, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"), seed=s)
+            for s in (1, 2, 3)]
+    save = mod("save_node").SaveAttentionMaps.PREPARE_CLASS_CLONE({})
+    kw = dict(recorder=rec, batch_name="same", storage_format="numpy", compress=False, storage_interval=1,
+              storage_dtype="float32", spatial_downsample_factor=1, video_number=1, prompt_id="")
+    first = save.execute(samples=runs[0], **kw).ui["attention_maps"][0]
+    second = save.execute(samples=runs[1], **kw).ui["attention_maps"][0]
+    assert first["video_id"] == "prompt_000_vid001" and second["video_id"] == "prompt_000_vid001_2"
+    from wan_capture import AttentionAnalyzer
+    an = AttentionAnalyzer(str(tmp_path / "output" / "same" / "attention_maps"))
+    assert an.list_videos() == ["prompt_000_vid001", "prompt_000_vid001_2"]
+    assert [an.summary(v)["seed"] for v in an.list_videos()] == [1, 2]
+    for report in (first, second):
+        assert all((tmp_path / "output" / f).is_file() for f in report["files"])
+    third = save.execute(samples=runs[2], overwrite=True, **kw).ui["attention_maps"][0]
+    assert third["video_id"] == "prompt_000_vid001" and an.summary("prompt_000_vid001")["seed"] == 3
+    assert an.summary("prompt_000_vid001_2")["seed"] == 2

@@ -245,8 +245,10 @@ def test_stale_files_never_mix_through_the_server(comfy_server):
     second["9"]["inputs"]["seed"] = 7
     second["7"]["inputs"]["steps"] = "0"
     second["4"]["inputs"]["text"] = "a beautiful (flower:2.5) near a tree, gentle wind, sunny garden"
+    second["20"]["inputs"]["overwrite"] = True  # the same folder, replaced (the default would write <video>_2)
     entry = run_prompt(comfy_server.url, second)
     video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    assert video == "prompt_000_vid001"
     an = AttentionAnalyzer(str(comfy_server.output / "stale_server" / "attention_maps"))
     assert an.summary(video)["seed"] == 7 and an.list_tokens(video) == ["flower"]
     assert an.list_steps(video, "flower") == [0] and an.get_temporal_evolution(video, "flower").shape[0] == 1

@@ -53,8 +53,8 @@ def prepare(workflow: dict, job: Job, batch_name: str) -> dict:
         cls, inputs = node.get("class_type"), node.setdefault("inputs", {})
         if cls == TRACKER:
             inputs.update(text=job.prompt, variation=0)
-        elif cls == SAVE:
-            inputs.update(batch_name=batch_name, prompt_id=job.prompt_id, video_number=job.video_number)
+        elif cls == SAVE:  # the manifest names each video: a re-run replaces its folder rather than adding _2
+            inputs.update(batch_name=batch_name, prompt_id=job.prompt_id, video_number=job.video_number, overwrite=True)
         if cls in SEED_INPUTS and not isinstance(inputs.get(SEED_INPUTS[cls]), list):
             inputs[SEED_INPUTS[cls]] = job.seed
         prefix = inputs.get("filename_prefix")

@@ -107,8 +107,12 @@ class SaveOptions:
     video_number: int = 1
     prompt: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    # an existing video folder: "replace" it as a whole, or keep it and write to "new_name" (<video>_2, _3, ...)
+    if_exists: str = "replace"
 
     def __post_init__(self):
+        if self.if_exists not in ("replace", "new_name"):
+            raise ValueError(f"if_exists must be 'replace' or 'new_name', got {self.if_exists!r}")
         if self.storage_format not in FORMATS:
             raise ValueError(f"storage_format must be one of {sorted(FORMATS)}, got {self.storage_format!r}")
         if self.storage_dtype not in ("float16", "float32"):
@@ -230,6 +234,11 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
     old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+    if opts.if_exists == "new_name" and os.path.lexists(os.path.join(root, video_id)):
+        n = 2
+        while os.path.lexists(os.path.join(root, f"{video_id}_{n}")):
+            n += 1
+        video_id = f"{video_id}_{n}"  # the earlier recording stays as it is; the report names the new one
     final = inside(root, video_id)
     os.makedirs(root, exist_ok=True)
     sweep_leftovers(root, video_id)
