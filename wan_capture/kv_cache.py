@@ -91,7 +91,7 @@ class KVCacheObserver:
         self.previous.clear()
 
 
-def window_order_ok(key_frames: Tuple[int, ...], chunk: int) -> Optional[str]:
+def cache_anomaly(key_frames: Tuple[int, ...], chunk: int) -> Optional[str]:
     """None when the cache is in the order causal Wan keeps it (ascending, all older than the chunk), else why not."""
     past = [f for f in key_frames if f < chunk]
     if any(f < 0 for f in key_frames):

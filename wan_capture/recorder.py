@@ -147,7 +147,6 @@ class Take:
         self.kv_events: List[dict] = []
         self.step_pass: Dict[int, str] = {}
         self._chunk_steps: set = set()
-        self.chunk_origin = 0  # absolute latent frame where the assembled grid starts
 
     @property
     def causal(self) -> bool:
@@ -433,8 +432,7 @@ class Take:
             raise ValueError("chunks of one causal recording have different frame sizes")
         first = min(order)
         last = max(c + self.chunks[c].grid.frames for c in order if self.chunks[c].grid is not None)
-        self.grid = Grid(last, g0.height, g0.width) if first == 0 else Grid(last - first, g0.height, g0.width)
-        self.chunk_origin = first
+        self.grid = Grid(last - first, g0.height, g0.width)
         contiguous = all(a + self.chunks[a].grid.frames == b for a, b in zip(order, order[1:]))
         keys = set.intersection(*[set(s.cross) for s in subs]) if contiguous else set()
         for key in keys:

@@ -20,7 +20,7 @@ import torch
 
 from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
-from ..kv_cache import KVCacheObserver, window_order_ok
+from ..kv_cache import KVCacheObserver, cache_anomaly
 from ..model_info import describe_model
 from ..stats import KeyLayout
 from .official import sdpa_attention
@@ -71,7 +71,7 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
         writer = "context" if state["pass"] == "context" else f"step {ev.step}"
         key_frames, event = observer.observe(tracker.block, k, q.shape[1], state["start"], ft, writer, state["sink"])
         event.update(step=ev.step, **{"pass": state["pass"]})
-        anomaly = window_order_ok(key_frames, event["chunk"])
+        anomaly = cache_anomaly(key_frames, event["chunk"])
         if anomaly:
             event["anomaly"] = anomaly
         recorder.active.log_kv(event)
