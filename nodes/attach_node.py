@@ -1,13 +1,33 @@
-"""Node: Attach Attention Recorder (MODEL -> MODEL + recorder handle)."""
+"""Nodes: Attach Attention Recorder (MODEL -> MODEL + recorder) and Attention Recording Options (the advanced plan)."""
 from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Tuple
 
 from comfy_api.latest import io
 
 from ..wan_capture import FrameWindow, PlanError, Recorder, RecordingPlan, parse_index_list
 from .comfy_attach import attach_recorder
+from .widgets import settings, steps_input
 
 AttentionRecorder = io.Custom("ATTENTION_RECORDER")
 TokenTracking = io.Custom("WAN_TOKEN_TRACKING")
+RecordingOptions = io.Custom("WAN_RECORDING_OPTIONS")
+
+RECORD = {"cross attention": (True, False), "sink statistics": (False, True),
+          "cross attention + sink statistics": (True, True)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecordingPlan)}
+
+
+def parse_steps(text: str, field_name: str = "steps") -> Tuple[Optional[Tuple[int, ...]], int]:
+    """``"all"``, ``"0-9,20"`` or ``"every 5"`` -> (explicit steps or None, interval)."""
+    m = re.fullmatch(r"\s*every\s+(\d+)\s*", text or "", flags=re.I)
+    if m:
+        if int(m.group(1)) < 1:
+            raise PlanError(f"RecordingPlan.{field_name}: 'every N' needs N >= 1, got {text!r}")
+        return None, int(m.group(1))
+    return parse_index_list(text, field_name), 1
 
 
 def _frames(text: str, field_name: str):
@@ -19,61 +39,72 @@ def _frames(text: str, field_name: str):
     return frames[0], frames[-1] + 1
 
 
-def build_plan(kw: dict, tracking=None) -> RecordingPlan:
-    """The recording plan from the node's widgets (and a token-tracking spec, when connected)."""
-    positions = tracking.positions if tracking is not None else parse_index_list(kw["text_positions"], "text_positions")
+def options_from(kw: dict) -> dict:
+    """RecordingPlan fields from the options node's widgets."""
     window = None
     q = _frames(kw["window_query_frames"], "window_query_frames")
     if q is not None:
         k = _frames(kw["window_key_frames"], "window_key_frames") or (0, None)
         window = FrameWindow(q[0], q[1], k[0], k[1])
-    steps = parse_index_list(kw["steps"], "steps")
-    return RecordingPlan(
-        text_positions=positions or (), record_cross=kw["record_cross_attention"],
-        record_sink_stats=kw["record_sink_stats"], window=window,
-        blocks=parse_index_list(kw["blocks"], "blocks"), heads=parse_index_list(kw["heads"], "heads"),
-        steps=steps, storage_interval=1 if steps else kw["storage_interval"], branch=kw["branch"],
-        store_per_block=kw["store_per_block"], store_per_head=kw["store_per_head"],
-        storage_dtype=kw["storage_dtype"], spatial_downsample_factor=kw["spatial_downsample_factor"],
-        memory_budget_mb=kw["memory_budget_mb"], chunk_budget_mb=kw["chunk_budget_mb"],
-        extra={"tokens": tracking.to_json() if tracking is not None else None})
+    elif kw["window_key_frames"].strip():
+        raise PlanError("RecordingPlan.window: window_key_frames is set but window_query_frames is empty; give the "
+                        "query frames of the window too")
+    return dict(text_positions=parse_index_list(kw["text_positions"], "text_positions") or (),
+                heads=parse_index_list(kw["heads"], "heads"), branch=kw["branch"], window=window,
+                store_per_block=kw["store_per_block"], store_per_head=kw["store_per_head"],
+                storage_dtype=kw["storage_dtype"], spatial_downsample_factor=kw["spatial_downsample_factor"],
+                memory_budget_mb=kw["memory_budget_mb"], chunk_budget_mb=kw["chunk_budget_mb"],
+                record_image_context=kw["image_context"])
+
+
+def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=None,
+               options: Optional[dict] = None) -> RecordingPlan:
+    """The recording plan from the Attach node's inputs, its token tracking specs and the options node's fields."""
+    opts = dict(options or {})
+    if tracking is not None and opts.get("text_positions"):
+        raise PlanError("RecordingPlan.text_positions: both a token tracking spec and text_positions are given; "
+                        "clear text_positions in Attention Recording Options or disconnect the tracker")
+    cross, sink = RECORD[record]
+    step_list, interval = parse_steps(steps)
+    positions = tracking.positions if tracking is not None else opts.pop("text_positions", ())
+    opts.pop("text_positions", None)
+    extra = {"tokens": tracking.to_json() if tracking is not None else None,
+             "negative_tokens": negative.to_json() if negative is not None else None}
+    return RecordingPlan(text_positions=positions, negative_positions=negative.positions if negative else None,
+                         text_sums=tracking.summed if tracking is not None else (),
+                         negative_sums=negative.summed if negative is not None else (),
+                         record_cross=cross, record_sink_stats=sink, steps=step_list, storage_interval=interval,
+                         blocks=parse_index_list(blocks, "blocks"), extra=extra, **opts)
 
 
 class AttachAttentionRecorder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="WanAttachAttentionRecorder",
+            node_id="WanAttachRecorder",
             display_name="Attach Attention Recorder",
             category="Wan Attention Capture",
             description="Records where a Wan video model attends while any sampler runs. Patches attention on a "
-                        "clone of the model; what the model produces is unchanged.",
+                        "clone of the model; what the model produces is unchanged. More settings: connect "
+                        "Attention Recording Options.",
             inputs=[
-                io.Model.Input("model"),
-                io.String.Input("text_positions", default="0-7",
-                                tooltip="Context positions (umt5 tokens) whose cross-attention maps are kept, e.g. "
-                                        "'0-3,7'. Ignored when a token tracking spec is connected."),
-                io.Boolean.Input("record_cross_attention", default=True),
-                io.Boolean.Input("record_sink_stats", default=False,
-                                 tooltip="Self-attention sink statistics: attention received and max score per key, "
-                                         "frame x frame mass, entropy per query frame."),
-                io.String.Input("window_query_frames", default="",
-                                tooltip="Exact self-attention window: query latent frames, e.g. '0' or '2-3'. Empty: off."),
-                io.String.Input("window_key_frames", default="", tooltip="Key latent frames of the window. Empty: all."),
-                io.String.Input("blocks", default="all", tooltip="Blocks to record, e.g. 'all' or '0-9,20'."),
-                io.String.Input("heads", default="all"),
-                io.String.Input("steps", default="all", tooltip="Explicit steps ('all' uses storage_interval)."),
-                io.Int.Input("storage_interval", default=1, min=1, max=1000),
-                io.Combo.Input("branch", options=["cond", "uncond", "both"], default="cond"),
-                io.Boolean.Input("store_per_block", default=True),
-                io.Boolean.Input("store_per_head", default=False),
-                io.Combo.Input("storage_dtype", options=["float16", "float32"], default="float16"),
-                io.Int.Input("spatial_downsample_factor", default=1, min=1, max=64),
-                io.Int.Input("memory_budget_mb", default=4096, min=1, max=1 << 20,
-                             tooltip="Host memory the whole recording may use; checked before recording starts."),
-                io.Int.Input("chunk_budget_mb", default=256, min=1, max=1 << 16,
-                             tooltip="Attention scores held at once on the GPU while computing statistics."),
-                TokenTracking.Input("token_tracking", optional=True),
+                io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 model (after LoRAs and ModelSampling nodes)."),
+                TokenTracking.Input("token_tracking", optional=True,
+                                    tooltip="Which words of the positive prompt to record: connect a Weighted Token "
+                                            "Tracker fed with the same prompt as the positive CLIP Text Encode."),
+                TokenTracking.Input("negative_tracking", optional=True,
+                                    tooltip="Words of the negative prompt, for the uncond rows' cross-attention "
+                                            "(branch uncond/both in the options): a second tracker fed with the "
+                                            "negative prompt."),
+                io.Combo.Input("record", options=list(RECORD), default="cross attention", optional=True,
+                               tooltip="cross attention: each tracked word's map over the video. sink statistics: "
+                                       "self-attention received and max score per key, frame x frame mass, entropy."),
+                steps_input("record"),
+                io.String.Input("blocks", default="all", optional=True,
+                                tooltip="Transformer blocks to record: 'all' or a list like '0-9,20'."),
+                RecordingOptions.Input("options", optional=True,
+                                       tooltip="Advanced settings (heads, branch, exact windows, storage, budgets): "
+                                               "connect Attention Recording Options."),
                 AttentionRecorder.Input("share_recorder", optional=True,
                                         tooltip="Record into this recorder (and its settings) instead: connect the "
                                                 "first expert's recorder here so Wan 2.2 A14B's two samplers make one "
@@ -83,9 +114,66 @@ class AttachAttentionRecorder(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, token_tracking=None, share_recorder=None, **kw) -> io.NodeOutput:
-        recorder = share_recorder if share_recorder is not None else Recorder(build_plan(kw, token_tracking))
+    def execute(cls, model, token_tracking=None, negative_tracking=None, options=None, share_recorder=None,
+                **kw) -> io.NodeOutput:
+        kw = settings(cls, kw)
+        if share_recorder is not None:
+            recorder = share_recorder
+        else:
+            recorder = Recorder(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
+                                           negative_tracking, options))
         return io.NodeOutput(attach_recorder(model, recorder), recorder)
 
 
-NODES = [AttachAttentionRecorder]
+class AttentionRecordingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = _DEFAULTS
+        return io.Schema(
+            node_id="WanRecordingOptions",
+            display_name="Attention Recording Options",
+            category="Wan Attention Capture",
+            description="Advanced recording settings for Attach Attention Recorder (its 'options' input).",
+            inputs=[
+                io.String.Input("text_positions", default="", optional=True,
+                                tooltip="Record these umt5 context positions (e.g. '0-3,7') instead of a token "
+                                        "tracker's words. Empty: use the tracker."),
+                io.String.Input("heads", default="all", optional=True,
+                                tooltip="Attention heads to record: 'all' or a list like '0-3'."),
+                io.Combo.Input("branch", options=["cond", "uncond", "both"], default=d["branch"], optional=True,
+                               tooltip="Which CFG rows to record: the positive prompt's (cond), the negative's "
+                                       "(uncond) or both. Uncond cross maps need negative_tracking on the Attach node."),
+                io.String.Input("window_query_frames", default="", optional=True,
+                                tooltip="Exact self-attention window (pre-softmax scores and probabilities): query "
+                                        "latent frames, e.g. '0' or '2-3'. Empty: no window."),
+                io.String.Input("window_key_frames", default="", optional=True,
+                                tooltip="Key latent frames of the exact window, e.g. '0-4'. Empty: all keys."),
+                io.Boolean.Input("store_per_block", default=d["store_per_block"], optional=True,
+                                 tooltip="Keep each block's maps (off: the mean over the recorded blocks)."),
+                io.Boolean.Input("store_per_head", default=d["store_per_head"], optional=True,
+                                 tooltip="Keep each head's maps (off: the mean over the recorded heads)."),
+                io.Combo.Input("storage_dtype", options=["float16", "float32"], default=d["storage_dtype"],
+                               optional=True, tooltip="Precision the maps are kept and saved in."),
+                io.Int.Input("spatial_downsample_factor", default=d["spatial_downsample_factor"], min=1, max=64,
+                             optional=True, tooltip="Average the maps over NxN latent cells (smaller recordings)."),
+                io.Int.Input("memory_budget_mb", default=int(d["memory_budget_mb"]), min=1, max=1 << 20,
+                             optional=True,
+                             tooltip="Host memory the whole recording may use; checked before recording starts."),
+                io.Int.Input("chunk_budget_mb", default=int(d["chunk_budget_mb"]), min=1, max=1 << 16,
+                             optional=True,
+                             tooltip="Attention scores held at once on the GPU while computing statistics."),
+                io.Boolean.Input("image_context", default=d["record_image_context"], optional=True,
+                                 tooltip="i2v / FLF2V / Fun camera models: also record each query's attention mass "
+                                         "on the CLIP-vision image tokens, per step and block."),
+            ],
+            outputs=[RecordingOptions.Output(display_name="options")],
+        )
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        opts = options_from(settings(cls, kw))
+        RecordingPlan(**{**opts, "record_cross": False, "record_sink_stats": True})  # every field checked here
+        return io.NodeOutput(opts)
+
+
+NODES = [AttachAttentionRecorder, AttentionRecordingOptions]

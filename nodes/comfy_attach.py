@@ -19,6 +19,7 @@ import comfy.patcher_extension as patcher_extension
 from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, Grid, Recorder, branch_rows, fingerprint
 from ..wan_capture.lse_attention import LseAttention
 from ..wan_capture.model_info import ModelInfo, describe_model
+from ..wan_capture.time_layout import TimeLayout, vace_reference_frames
 from ..wan_capture.tracker import CallTracker, Evaluation
 
 KEY = "wan_attention_capture"
@@ -95,11 +96,15 @@ def _make_forward(state: _Comfy):
             return executor(*args, **kwargs)
         t, h, w = x.shape[-3:]
         time_dim_concat = args[4] if len(args) > 4 and hasattr(args[4], "shape") else kwargs.get("time_dim_concat")
-        if time_dim_concat is not None:
-            t += time_dim_concat.shape[-3]
+        lead = trail = 0
+        if time_dim_concat is not None:  # Phantom: subject frames appended after the video's
+            trail = time_dim_concat.shape[-3]
         if "reference_latent" in kwargs and getattr(executor.class_obj, "ref_conv", None) is not None:
-            t += 1
-        grid = Grid.from_latent((t, h, w), state.info.patch_size)
+            lead = 1  # Wan 2.2 Fun: the reference latent goes in front
+        grid = Grid.from_latent((t + lead + trail, h, w), state.info.patch_size)
+        take = state.recorder.active
+        if take.grid is None:
+            take.time_layout = TimeLayout(vace_reference_frames(kwargs.get("vace_context")), lead, trail)
         sigmas = to.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else float("nan")
         step, exact = state.locate(sigma)

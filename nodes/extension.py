@@ -2,10 +2,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .attach_node import NODES as _ATTACH
-from .heatmap_node import NODES as _HEATMAP
 from .mask_node import NODES as _MASK
+from .retired import NODES as _RETIRED
 from .save_node import NODES as _SAVE
+from .source_node import NODES as _SOURCE
 from .tracker_node import NODES as _TRACKER
+from .view_nodes import NODES as _VIEWS
 
 
 def _register_routes() -> None:
@@ -17,7 +19,7 @@ def _register_routes() -> None:
 
 class WanAttentionCaptureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*_ATTACH, *_TRACKER, *_SAVE, *_HEATMAP, *_MASK]
+        return [*_ATTACH, *_TRACKER, *_SAVE, *_SOURCE, *_VIEWS, *_MASK, *_RETIRED]
 
 
 async def comfy_entrypoint() -> WanAttentionCaptureExtension:

@@ -11,33 +11,35 @@ from ..wan_capture import SaveOptions, __version__, save_take
 from ..wan_capture.storage import plan_file_count
 from .attach_node import AttentionRecorder
 from .recording import take_for_latent
+from .widgets import settings
 
 
 class SaveAttentionMaps(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="WanSaveAttentionMaps",
+            node_id="WanSaveAttention",
             display_name="Save Attention Maps",
             category="Wan Attention Capture",
             description="Writes the recording of the connected sampler output to "
-                        "output/<batch_name>/attention_maps/<prompt_id>_vid<NNN>/ (arrays + metadata JSON).",
+                        "output/<batch_name>/attention_maps/<prompt_id>_vid<NNN>/ (arrays + metadata JSON), as it "
+                        "was recorded (steps, precision and pooling are set where recording is: Attach Attention "
+                        "Recorder and Attention Recording Options).",
             is_output_node=True,
             inputs=[
-                AttentionRecorder.Input("recorder"),
+                AttentionRecorder.Input("recorder", tooltip="Attach Attention Recorder's recorder."),
                 io.Latent.Input("samples", tooltip="The LATENT output of the sampler that used the recorder's MODEL."),
-                io.String.Input("batch_name", default="wan_attention"),
-                io.Combo.Input("storage_format", options=["numpy", "torch"], default="numpy"),
-                io.Boolean.Input("compress", default=False, tooltip="gzip each array (.npy.gz / .pt.gz)"),
-                io.Int.Input("storage_interval", default=1, min=1, max=1000, tooltip="Save every Nth recorded step."),
-                io.Combo.Input("storage_dtype", options=["float16", "float32"], default="float16"),
-                io.Int.Input("spatial_downsample_factor", default=1, min=1, max=64,
-                             tooltip="Further spatial pooling of the recorded maps."),
-                io.Int.Input("video_number", default=1, min=0, max=99999,
-                             tooltip="Number of the first video (batch items count up from it)."),
-                io.String.Input("prompt_id", default="", tooltip="Empty: the token tracker's id (prompt_000)."),
                 io.Image.Input("images", optional=True,
                                tooltip="The decoded frames: saved beside the maps for the viewer to draw over."),
+                io.String.Input("batch_name", default="wan_attention", optional=True,
+                                tooltip="Folder under ComfyUI's output: <batch_name>/attention_maps/."),
+                io.Combo.Input("storage_format", options=["numpy", "torch"], default="numpy", optional=True,
+                               tooltip="numpy: .npy files (what AttentionAnalyzer and the viewer read); torch: .pt."),
+                io.Boolean.Input("compress", default=False, optional=True, tooltip="gzip each array (.npy.gz / .pt.gz)."),
+                io.Int.Input("video_number", default=1, min=0, max=99999, optional=True,
+                             tooltip="Number of the first video (batch items count up from it)."),
+                io.String.Input("prompt_id", default="", optional=True,
+                                tooltip="Empty: the token tracker's id (prompt_000)."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Off: a video folder that exists already is kept and this run is written "
                                          "to a new name (<video>_2, ...), reported in the output. On: the folder is "
@@ -48,18 +50,17 @@ class SaveAttentionMaps(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, recorder, samples, batch_name, storage_format, compress, storage_interval, storage_dtype,
-                spatial_downsample_factor, video_number, prompt_id, images=None, overwrite=False) -> io.NodeOutput:
+    def execute(cls, recorder, samples, images=None, **kw) -> io.NodeOutput:
+        kw = settings(cls, kw)
         take = take_for_latent(recorder, samples)
-        opts = SaveOptions(storage_format=storage_format, compress=compress, storage_interval=storage_interval,
-                           storage_dtype=storage_dtype, spatial_downsample_factor=spatial_downsample_factor,
-                           video_number=video_number, prompt_id=prompt_id or None,
-                           if_exists="replace" if overwrite else "new_name")
+        opts = SaveOptions(storage_format=kw["storage_format"], compress=kw["compress"],
+                           storage_dtype=take.plan.storage_dtype, video_number=kw["video_number"],
+                           prompt_id=kw["prompt_id"] or None, if_exists="replace" if kw["overwrite"] else "new_name")
         out_dir = folder_paths.get_output_directory()
         pbar = comfy.utils.ProgressBar(plan_file_count(take, opts) * (take.batch or 1), node_id=cls.hidden.unique_id)
         frames = None if images is None else images.float().cpu().numpy()
-        videos = save_take(take, out_dir, batch_name, opts, progress=lambda _path: pbar.update(1), version=__version__,
-                           frames=frames)
+        videos = save_take(take, out_dir, kw["batch_name"], opts, progress=lambda _path: pbar.update(1),
+                           version=__version__, frames=frames)
         rel = lambda p: os.path.relpath(p, out_dir).replace(os.sep, "/")  # noqa: E731
         ui = {"attention_maps": [{"video_id": v.video_id, "subfolder": rel(v.path), "status": v.status,
                                   "files": [rel(f) for f in v.files]} for v in videos]}

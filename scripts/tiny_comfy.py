@@ -96,12 +96,11 @@ def empty_latent(variant: str, frames: int = 9, height: int = 64, width: int = 6
     return {"samples": torch.zeros(batch, channels, (frames - 1) // 4 + 1, height // spatial, width // spatial)}
 
 
-def widget_defaults(node_cls, **overrides) -> dict:
-    """A V3 node's widget inputs at their defaults (the links it takes are left out), with ``overrides``."""
-    links = {"model", "token_tracking", "share_recorder", "recorder", "samples", "images", "clip"}
-    values = {i.id: getattr(i, "default", None) for i in node_cls.GET_SCHEMA().inputs if i.id not in links}
-    values.update(overrides)
-    return values
+def recording_options(pack, **fields):
+    """The Attention Recording Options node's output with ``fields`` set (the rest at their defaults)."""
+    import importlib
+    node = importlib.import_module(f"{pack.__name__}.nodes.attach_node").AttentionRecordingOptions
+    return node.execute(**fields).args[0]
 
 
 def ksampler(model, positive, negative, latent, seed=1, steps=3, cfg=3.0, sampler="euler", scheduler="simple"):

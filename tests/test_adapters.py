@@ -49,7 +49,8 @@ def test_official_wanmodel_records_exactly_and_is_restored(monkeypatch):
         return real_sdpa(q, k, v, *args, **kwargs)
     monkeypatch.setattr(official, "sdpa_attention", spy)
     original = wm.flash_attention
-    plan = RecordingPlan(text_positions=(0, 7, 511), record_sink_stats=True, storage_dtype="float32", branch="both")
+    plan = RecordingPlan(text_positions=(0, 7, 511), negative_positions=(0, 7, 511), record_sink_stats=True,
+                         storage_dtype="float32", branch="both", store_per_head=True)
     outputs = []
     with record(model, plan) as rec:
         with torch.no_grad():
@@ -87,7 +88,7 @@ def test_official_model_restored_after_an_exception():
                         num_layers=1).eval()
     original = wm.flash_attention
     with pytest.raises(RuntimeError, match="boom"):
-        with record(model, RecordingPlan(text_positions=(0,))) as rec:
+        with record(model, RecordingPlan(text_positions=(0,), store_per_head=True)) as rec:
             with torch.no_grad():
                 model([torch.randn(16, 1, 4, 4)], t=torch.tensor([500.0]), context=[torch.randn(3, 4096)], seq_len=4)
             raise RuntimeError("boom")
@@ -114,7 +115,7 @@ def test_diffusers_wan_transformer_records_exactly_and_is_restored(monkeypatch):
         return real(query, key, value, *args, **kwargs)
     monkeypatch.setattr(tw, "dispatch_attention_fn", spy)
     processors = dict(model.attn_processors)
-    with record(model, RecordingPlan(text_positions=(1, 19), record_sink_stats=True, storage_dtype="float32")) as rec:
+    with record(model, RecordingPlan(text_positions=(1, 19), record_sink_stats=True, storage_dtype="float32", store_per_head=True)) as rec:
         with torch.no_grad():
             out = model(hs, torch.tensor([999.0]), ctx, return_dict=False)[0]
     assert torch.equal(out, plain), "recording changed the output"
@@ -140,7 +141,7 @@ def test_diffusers_restored_after_an_exception():
                                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=512, num_layers=1).eval()
     processors, dispatch = dict(model.attn_processors), tw.dispatch_attention_fn
     with pytest.raises(KeyboardInterrupt):
-        with record(model, RecordingPlan(text_positions=(0,))):
+        with record(model, RecordingPlan(text_positions=(0,), store_per_head=True)):
             raise KeyboardInterrupt
     assert tw.dispatch_attention_fn is dispatch and all(model.attn_processors[n] is p for n, p in processors.items())
     assert not model._forward_pre_hooks
@@ -148,7 +149,7 @@ def test_diffusers_restored_after_an_exception():
 
 def test_record_refuses_other_models():
     with pytest.raises(TypeError, match="supports the official Wan code's WanModel, diffusers' WanTransformer3DModel"):
-        with record(torch.nn.Linear(2, 2), RecordingPlan(text_positions=(0,))):
+        with record(torch.nn.Linear(2, 2), RecordingPlan(text_positions=(0,), store_per_head=True)):
             pass
 
 

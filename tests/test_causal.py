@@ -40,7 +40,7 @@ def expected_cache(chunk: int):
 
 def plan():
     return RecordingPlan(text_positions=POSITIONS, record_sink_stats=True, storage_dtype="float32",
-                         window=FrameWindow(7, 8))
+                         window=FrameWindow(7, 8), store_per_head=True)
 
 
 def spy(calls, kind, fn):
@@ -290,7 +290,7 @@ def test_causal_plan_fields_apply_budget_aggregation_and_downsampling(monkeypatc
     model = tiny_causal.CausalWanModel(dim=256, num_heads=2, num_layers=2, local_attn_size=CACHE, sink_size=SINK,
                                        frame_tokens=16).eval()
     noise, ctx = torch.randn(1, 16, 4, 8, 8), torch.randn(1, 6, 4096)
-    full = RecordingPlan(text_positions=(1,), record_sink_stats=True, storage_dtype="float32")
+    full = RecordingPlan(text_positions=(1,), record_sink_stats=True, storage_dtype="float32", store_per_head=True)
     small = RecordingPlan(text_positions=(1,), record_sink_stats=True, storage_dtype="float32",
                           store_per_block=False, store_per_head=False, spatial_downsample_factor=2)
     takes = []
@@ -308,6 +308,6 @@ def test_causal_plan_fields_apply_budget_aggregation_and_downsampling(monkeypatc
         torch.testing.assert_close(got["key_max"][:, 0, 0], ref["key_max"].amax(dim=(1, 2)), rtol=1e-5, atol=1e-6)
     originals = tiny_causal.attention, tiny_causal.flash_attention
     with pytest.raises(BudgetError, match="memory_budget_mb"):
-        with record(model, RecordingPlan(text_positions=(1,), record_sink_stats=True, memory_budget_mb=0.001)) as rec:
+        with record(model, RecordingPlan(text_positions=(1,), record_sink_stats=True, memory_budget_mb=0.001, store_per_head=True)) as rec:
             causal_generate(model, noise, ctx, 2, TIMESTEPS, cache_frames=CACHE)
     assert (tiny_causal.attention, tiny_causal.flash_attention) == originals and rec.latest.status == "partial"

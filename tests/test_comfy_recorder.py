@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_harness import (conditioning, empty_latent, ksampler, ksampler_advanced, load_comfy, load_model,
-                           needs_comfy, tiny_wan_checkpoint, widget_defaults)
+                           needs_comfy, tiny_wan_checkpoint)
 from reference import naive_probs, naive_scores, naive_sink
 
 pytestmark = needs_comfy
@@ -34,7 +34,7 @@ def core(pack):
 
 def attach(pack, model, **plan):
     wc = core(pack)
-    rec = wc.Recorder(wc.RecordingPlan(**plan))
+    rec = wc.Recorder(wc.RecordingPlan(**{"store_per_head": True, **plan}))
     return pack.nodes.comfy_attach.attach_recorder(model, rec), rec
 
 
@@ -58,7 +58,7 @@ def test_t2v_records_every_step_block_head_and_matches_naive(pack, models):
     plain = ksampler(base, pos, neg, latent)
     spy, calls = capture_override(base)
     tracked = (0, 5, 511)
-    model, rec = attach(pack, spy, text_positions=tracked, record_sink_stats=True, branch="both",
+    model, rec = attach(pack, spy, text_positions=tracked, negative_positions=tracked, record_sink_stats=True, branch="both",
                         storage_dtype="float32", window=core(pack).FrameWindow(1, 2, 0, None))
     out = ksampler(model, pos, neg, latent)
     assert torch.equal(out["samples"], plain["samples"]), "recording changed the sampled latent"
@@ -126,7 +126,7 @@ def test_stale_latent_never_gets_another_recording(pack, models):
     assert not torch.equal(ta.cross[(0, "cond")], tb.cross[(0, "cond")])
     with pytest.raises(ValueError, match="no attention recording matches this LATENT"):
         take_for_latent(rec, {"samples": a["samples"] + 1})
-    fresh = core(pack).Recorder(core(pack).RecordingPlan(text_positions=(1,)))
+    fresh = core(pack).Recorder(core(pack).RecordingPlan(text_positions=(1,), store_per_head=True))
     with pytest.raises(ValueError, match="recorded nothing yet"):
         take_for_latent(fresh, a)
 
@@ -167,7 +167,7 @@ def test_i2v_and_ti2v_record_text_cross_attention(pack, models, variant, spatial
 
 def test_batch_two_with_cond_and_uncond_in_separate_forwards(pack, models):
     spy, calls = capture_override(models["t2v"])
-    model, rec = attach(pack, spy, text_positions=(0,), branch="both", storage_dtype="float32")
+    model, rec = attach(pack, spy, text_positions=(0,), negative_positions=(0,), branch="both", storage_dtype="float32")
     # contexts of different lengths cannot be concatenated, so ComfyUI runs cond and uncond as separate forwards
     out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2, text_len=520), empty_latent("t2v", batch=2))
     take = rec.latest
@@ -212,22 +212,25 @@ def test_non_wan_model_is_refused_by_name(pack):
     import types
     fake = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
     with pytest.raises(TypeError, match="works on Wan video models.*Linear"):
-        pack.nodes.comfy_attach.attach_recorder(fake, core(pack).Recorder(core(pack).RecordingPlan(text_positions=(0,))))
+        pack.nodes.comfy_attach.attach_recorder(fake, core(pack).Recorder(core(pack).RecordingPlan(text_positions=(0,), store_per_head=True)))
 
 
 def test_node_schema_and_execute(pack, models):
-    node = pack.nodes.attach_node.AttachAttentionRecorder
-    schema = node.GET_SCHEMA()
-    assert schema.node_id == "WanAttachAttentionRecorder"
-    defaults = widget_defaults(node)
-    out = node.execute(model=models["t2v"], **defaults)
-    model, rec = out.args
+    an = pack.nodes.attach_node
+    node = an.AttachAttentionRecorder
+    assert node.GET_SCHEMA().node_id == "WanAttachRecorder"
+    opts = an.AttentionRecordingOptions.execute(text_positions="0-7").args[0]  # the rest at their defaults
+    model, rec = node.execute(model=models["t2v"], options=opts).args
     ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
-    assert rec.latest.cross[(0, "cond")].shape == (1, 2, 1, 48, 8)  # defaults: positions 0-7, mean over heads
-    bad = dict(defaults, blocks="3-1")
-    with pytest.raises(core(pack).PlanError, match="blocks"):
-        node.execute(model=models["t2v"], **bad)
+    assert rec.latest.cross[(0, "cond")].shape == (1, 2, 1, 48, 8)  # positions 0-7, mean over heads (the default)
     assert math.isfinite(float(rec.latest.cross[(0, "cond")].float().sum()))
+    with pytest.raises(core(pack).PlanError, match="blocks"):
+        node.execute(model=models["t2v"], options=opts, blocks="3-1")
+    with pytest.raises(core(pack).PlanError, match="text_positions"):  # cross maps of nothing: said, not guessed
+        node.execute(model=models["t2v"])
+    _, rec = node.execute(model=models["t2v"], options=opts, steps="every 2", record="sink statistics").args
+    assert rec.plan.storage_interval == 2 and rec.plan.steps is None and rec.plan.record_sink_stats
+    assert not rec.plan.record_cross
 
 
 def test_sampler_custom_advanced_records_and_returns_the_same_latent(pack, models):
@@ -241,7 +244,8 @@ def test_sampler_custom_advanced_records_and_returns_the_same_latent(pack, model
         sampler = cs.KSamplerSelect().get_sampler("euler")[0]
         return cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(5)[0], guider, sampler, sigmas, latent)[0]
     plain = run(models["t2v"])
-    model, rec = attach(pack, models["t2v"], text_positions=(0, 3), branch="both", storage_dtype="float32")
+    model, rec = attach(pack, models["t2v"], text_positions=(0, 3), negative_positions=(0, 3), branch="both",
+                        storage_dtype="float32")
     out = run(model)
     assert torch.equal(out["samples"], plain["samples"])
     take = recording(pack).take_for_latent(rec, out)
@@ -256,7 +260,7 @@ def test_install_recorder_on_transformer_options_drives_the_dit_directly(pack, m
     dm = models["t2v"].model.diffusion_model
     info = wc.describe_model(dm, model_type="WAN21")
     assert (info.num_blocks, info.num_heads, info.patch_size) == (2, 2, (1, 2, 2)) and not info.causal
-    plan = wc.RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32")
+    plan = wc.RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32", store_per_head=True)
     rec = wc.Recorder(plan)
     to = {"cond_or_uncond": [0]}
     calls = []

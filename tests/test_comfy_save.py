@@ -4,8 +4,8 @@ import importlib
 import numpy as np
 import pytest
 
-from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, tiny_clip, tiny_spiece_model,
-                           tiny_wan_checkpoint, widget_defaults)
+from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, recording_options, tiny_clip,
+                           tiny_spiece_model, tiny_wan_checkpoint)
 
 pytestmark = needs_comfy
 
@@ -21,16 +21,17 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
     spec, prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
         clip=clip, text="a [(flower:2.5) near a tree|(tree:3) next to a flower]", mode="weighted", words="",
         variation=1).args
+    negative, neg_prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
+        clip=clip, text="a dull (tree:1.2)", mode="weighted", words="", variation=0).args
     attach = mod("attach_node").AttachAttentionRecorder
-    widgets = widget_defaults(attach, record_sink_stats=True, store_per_head=True, branch="both")
-    recorded, rec = attach.execute(model=model, token_tracking=spec, **widgets).args
-    pos, neg = nodes.CLIPTextEncode().encode(clip, prompt)[0], nodes.CLIPTextEncode().encode(clip, "")[0]
+    opts = recording_options(pack, store_per_head=True, branch="both", storage_dtype="float32")
+    recorded, rec = attach.execute(model=model, token_tracking=spec, negative_tracking=negative, options=opts,
+                                   record="cross attention + sink statistics").args
+    pos, neg = nodes.CLIPTextEncode().encode(clip, prompt)[0], nodes.CLIPTextEncode().encode(clip, neg_prompt)[0]
     first = ksampler(recorded, pos, neg, empty_latent("t2v", batch=2), seed=3)
     second = ksampler(recorded, pos, neg, empty_latent("t2v"), seed=4)
     save = mod("save_node").SaveAttentionMaps.PREPARE_CLASS_CLONE({})
-    out = save.execute(recorder=rec, samples=first, batch_name="study/../one", storage_format="numpy", compress=False,
-                       storage_interval=1, storage_dtype="float32", spatial_downsample_factor=1, video_number=1,
-                       prompt_id="")
+    out = save.execute(recorder=rec, samples=first, batch_name="study/../one")  # the rest at their defaults
     assert out.args[0] == "study_.._one/attention_maps"
     report = out.ui["attention_maps"]
     assert [v["video_id"] for v in report] == ["prompt_001_vid001", "prompt_001_vid002"]
@@ -51,17 +52,19 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
     assert (meta["video_frames"], meta["video_height"], meta["video_width"]) == (
         4 * (grid[0] - 1) + 1, grid[1] * 16, grid[2] * 16)
     assert meta["token_weight"] == 3.0 and meta["model"]["model_type"] == "WAN21" and meta["branch"] == "cond"
-    assert an.load_step("prompt_001_vid001", "tree", 0, branch="uncond").shape == (2, 2, 48, len(spec.word("tree").positions))
+    assert an.load_step("prompt_001_vid001", "tree", 0, branch="uncond").shape == (
+        2, 2, 48, len(negative.word("tree").positions))
+    neg_meta = an.load_metadata("prompt_001_vid001", "tree", 0, branch="uncond")
+    assert neg_meta["prompt"] == "a dull tree" and neg_meta["token_positions"] == list(negative.word("tree").positions)
     # the other sampling's latent saves the other recording, never this one
     out2 = save.execute(recorder=rec, samples=second, batch_name="two", storage_format="torch", compress=True,
-                        storage_interval=2, storage_dtype="float16", spatial_downsample_factor=2, video_number=5,
-                        prompt_id="custom")
+                        video_number=5, prompt_id="custom")
     an2 = AttentionAnalyzer(str(tmp_path / "output" / out2.args[0]))
-    assert an2.list_videos() == ["custom_vid005"] and an2.list_steps("custom_vid005", "tree") == [0, 2]
+    assert an2.list_videos() == ["custom_vid005"] and an2.list_steps("custom_vid005", "tree") == [0, 1, 2]
+    assert (tmp_path / "output" / "two" / "attention_maps" / "custom_vid005" / "token_tree" / "step_001.pt.gz").is_file()
     assert an2.summary("custom_vid005")["seed"] == 4
     with pytest.raises(ValueError, match="no attention recording matches"):
-        save.execute(recorder=rec, samples=empty_latent("t2v"), batch_name="x", storage_format="numpy", compress=False,
-                     storage_interval=1, storage_dtype="float32", spatial_downsample_factor=1, video_number=1, prompt_id="")
+        save.execute(recorder=rec, samples=empty_latent("t2v"), batch_name="x")
 
 
 def test_no_overwrite_saving_twice_keeps_both_runs(tmp_path):
@@ -74,13 +77,12 @@ def test_no_overwrite_saving_twice_keeps_both_runs(tmp_path):
     mod = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
     model = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
     attach = mod("attach_node").AttachAttentionRecorder
-    recorded, rec = attach.execute(model=model, **widget_defaults(attach, text_positions="1,2")).args
+    recorded, rec = attach.execute(model=model, options=recording_options(pack, text_positions="1,2")).args
     from comfy_harness import conditioning
     runs = [ksampler(recorded, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"), seed=s)
             for s in (1, 2, 3)]
     save = mod("save_node").SaveAttentionMaps.PREPARE_CLASS_CLONE({})
-    kw = dict(recorder=rec, batch_name="same", storage_format="numpy", compress=False, storage_interval=1,
-              storage_dtype="float32", spatial_downsample_factor=1, video_number=1, prompt_id="")
+    kw = dict(recorder=rec, batch_name="same")
     first = save.execute(samples=runs[0], **kw).ui["attention_maps"][0]
     second = save.execute(samples=runs[1], **kw).ui["attention_maps"][0]
     assert first["video_id"] == "prompt_000_vid001" and second["video_id"] == "prompt_000_vid001_2"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, tiny_clip, tiny_spiece_model,
-                           tiny_wan_checkpoint, widget_defaults)
+                           recording_options, tiny_wan_checkpoint)
 from reference import naive_probs, naive_scores
 
 pytestmark = needs_comfy
@@ -93,8 +93,8 @@ def test_tracked_word_cross_attention_end_to_end(pack, clip, tmp_path):
         calls.append((args[0].clone(), args[1].clone(), kwargs["heads"], tuple(kwargs["transformer_options"]["cond_or_uncond"])))
         return func(*args, **kwargs)
     spy.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    widgets = widget_defaults(attach_node, storage_dtype="float32", store_per_head=True)
-    recorded, rec = attach_node.execute(model=spy, token_tracking=spec, **widgets).args
+    opts = recording_options(pack, storage_dtype="float32", store_per_head=True)
+    recorded, rec = attach_node.execute(model=spy, token_tracking=spec, options=opts).args
     ksampler(recorded, positive, negative, empty_latent("t2v"))
     take = rec.latest
     assert take.plan.text_positions == spec.positions and take.plan.extra["tokens"]["words"][0]["label"] == "flower"

@@ -10,7 +10,7 @@ from wan_capture.steps import continues, step_of
 
 
 def test_per_block_per_head_against_naive():
-    rec, seen = run(RecordingPlan(text_positions=(1, 7), storage_dtype="float32", branch="both"))
+    rec, seen = run(RecordingPlan(text_positions=(1, 7), negative_positions=(1, 7), storage_dtype="float32", branch="both", store_per_head=True))
     take = rec.latest
     assert take.status == "complete" and take.steps == [0, 1] and take.blocks == (0, 1, 2)
     for (s, b, kind), (x, k) in seen.items():
@@ -22,7 +22,7 @@ def test_per_block_per_head_against_naive():
 
 
 def test_aggregation_flags_reduce_exactly():
-    full, _ = run(RecordingPlan(text_positions=(2,), record_sink_stats=True, storage_dtype="float32"))
+    full, _ = run(RecordingPlan(text_positions=(2,), record_sink_stats=True, storage_dtype="float32", store_per_head=True))
     agg, _ = run(RecordingPlan(text_positions=(2,), record_sink_stats=True, storage_dtype="float32",
                                store_per_block=False, store_per_head=False))
     f, a = full.latest, agg.latest
@@ -34,15 +34,15 @@ def test_aggregation_flags_reduce_exactly():
 
 
 def test_selection_of_blocks_heads_steps_branch_and_dtype():
-    rec, _ = run(RecordingPlan(text_positions=(0,), blocks=(0, 2), heads=(1,), steps=(1,), branch="cond"), steps=3)
+    rec, _ = run(RecordingPlan(text_positions=(0,), blocks=(0, 2), heads=(1,), steps=(1,), branch="cond", store_per_head=True), steps=3)
     take = rec.latest
     assert take.steps == [1] and set(take.cross) == {(1, "cond")}
     assert take.cross[(1, "cond")].shape == (1, 2, 1, 24, 1) and take.cross[(1, "cond")].dtype == torch.float16
 
 
 def test_downsampled_maps_are_pooled_means():
-    full, _ = run(RecordingPlan(text_positions=(0, 1), storage_dtype="float32"))
-    down, _ = run(RecordingPlan(text_positions=(0, 1), storage_dtype="float32", spatial_downsample_factor=2))
+    full, _ = run(RecordingPlan(text_positions=(0, 1), storage_dtype="float32", store_per_head=True))
+    down, _ = run(RecordingPlan(text_positions=(0, 1), storage_dtype="float32", spatial_downsample_factor=2, store_per_head=True))
     assert down.latest.map_grid == Grid(2, 2, 2)
     m = full.latest.cross[(0, "cond")]  # [1, 3, 3, 24, 2]
     grid = m.view(1, 3, 3, 2, 3, 4, 2)
@@ -62,7 +62,7 @@ def test_pool_spatial_uneven_edges():
 
 def test_budget_refused_before_any_allocation():
     plan = RecordingPlan(text_positions=tuple(range(10)), record_sink_stats=True, window=FrameWindow(0, 2),
-                         memory_budget_mb=0.001)
+                         memory_budget_mb=0.001, store_per_head=True)
     rec = Recorder(plan)
     rec.begin_pass([1.0, 0.5, 0.0], MODEL)
     x = torch.randn(1, 24, HEADS * D)
@@ -73,7 +73,7 @@ def test_budget_refused_before_any_allocation():
 
 
 def test_window_beyond_latent_frames_is_a_plan_error():
-    rec = Recorder(RecordingPlan(record_cross=False, window=FrameWindow(5, 6)))
+    rec = Recorder(RecordingPlan(record_cross=False, window=FrameWindow(5, 6), store_per_head=True))
     rec.begin_pass([1.0, 0.0], MODEL)
     x = torch.randn(1, 24, HEADS * D)
     with pytest.raises(PlanError, match="only 2 frames"):
@@ -81,7 +81,7 @@ def test_window_beyond_latent_frames_is_a_plan_error():
 
 
 def test_between_step_and_repeated_evaluations_are_skipped():
-    rec = Recorder(RecordingPlan(text_positions=(0,)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), store_per_head=True))
     rec.begin_pass([1.0, 0.5, 0.0], MODEL)
     x, ctx = torch.randn(1, 24, HEADS * D), torch.randn(1, TEXT, HEADS * D)
     assert rec.locate(0.75) == (0, False)
@@ -94,7 +94,7 @@ def test_between_step_and_repeated_evaluations_are_skipped():
 
 
 def test_passes_chain_only_when_they_continue():
-    rec = Recorder(RecordingPlan(text_positions=(0,)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), store_per_head=True))
     rec.begin_pass([1.0, 0.7, 0.4], MODEL, input_fingerprint="a")
     rec.end_pass("b")
     rec.begin_pass([0.4, 0.2, 0.0], MODEL, input_fingerprint="b")
@@ -107,7 +107,7 @@ def test_passes_chain_only_when_they_continue():
 
 
 def test_failed_pass_is_partial_and_never_matched():
-    rec = Recorder(RecordingPlan(text_positions=(0,)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), store_per_head=True))
     rec.begin_pass([1.0, 0.0], MODEL)
     rec.end_pass("x", error=RuntimeError("out of memory"))
     assert rec.latest.status == "partial" and "out of memory" in rec.latest.error and rec.find("x") is None
@@ -146,4 +146,4 @@ def test_parse_index_list():
     with pytest.raises(PlanError, match="cannot read"):
         parse_index_list("3-x", "blocks")
     with pytest.raises(PlanError, match=r"heads \[3\] do not exist"):
-        RecordingPlan(text_positions=(0,), heads=(3,)).selected_heads(3)
+        RecordingPlan(text_positions=(0,), heads=(3,), store_per_head=True).selected_heads(3)

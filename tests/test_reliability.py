@@ -145,22 +145,22 @@ def test_range_limit_positions_outside_the_context_give_a_short_message():
 
 # -- out_of_range: blocks and steps the model or schedule lacks are refused before sampling -----------------------
 def test_out_of_range_blocks_and_steps_refused_before_sampling():
-    rec = Recorder(RecordingPlan(text_positions=(0,), blocks=(0, 99)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), blocks=(0, 99), store_per_head=True))
     with pytest.raises(PlanError, match=r"blocks \[99\] do not exist: the model has 2 blocks \(0..1\)"):
         rec.begin_pass([1.0, 0.5, 0.0], INFO)
     assert rec.active is None and not rec.takes
-    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 5)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 5), store_per_head=True))
     with pytest.raises(PlanError, match=r"steps \[5\] do not exist: the sampling has 2 steps"):
         rec.begin_pass([1.0, 0.5, 0.0], INFO)
     # a schedule that stops above sigma 0 can be continued (two experts, KSamplerAdvanced): later steps may come,
     # and are checked when the last pass begins
-    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 3)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 3), store_per_head=True))
     rec.begin_pass([1.0, 0.5, 0.25], INFO)
     rec.end_pass("out-1")
     rec.begin_pass([0.25, 0.1, 0.0], INFO, input_fingerprint="out-1")
     assert rec.active.total_steps == 4
     rec.end_pass("out-2")
-    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 5)))
+    rec = Recorder(RecordingPlan(text_positions=(0,), steps=(1, 5), store_per_head=True))
     rec.begin_pass([1.0, 0.5, 0.25], INFO)
     rec.end_pass("out-1")
     with pytest.raises(PlanError, match=r"steps \[5\] do not exist: the sampling has 4 steps \(0..3\)"):
@@ -215,7 +215,7 @@ def test_takes_released_memory_is_bounded_by_the_budget():
     from fake_sampling import GRID, HEADS, D, TEXT  # noqa: F401
     import torch
     from wan_capture import AttentionCall
-    plan = RecordingPlan(text_positions=(0, 1), record_sink_stats=True, storage_dtype="float32", memory_budget_mb=0.025)
+    plan = RecordingPlan(text_positions=(0, 1), record_sink_stats=True, storage_dtype="float32", memory_budget_mb=0.025, store_per_head=True)
     rec = Recorder(plan, keep_takes=100)
     g = torch.Generator().manual_seed(0)
     held = []

@@ -27,7 +27,8 @@ TRACKING = TokenTracking("a beautiful (flower:2.5) near a (big tree:1.2)", (
 
 
 def recorded(grid=Grid(2, 3, 4), steps=3, batch=1, blocks=3, **plan):
-    kw = dict(text_positions=TRACKING.positions, storage_dtype="float32", extra={"tokens": TRACKING.to_json()})
+    kw = dict(text_positions=TRACKING.positions, negative_positions=TRACKING.positions, storage_dtype="float32",
+              store_per_head=True, extra={"tokens": TRACKING.to_json(), "negative_tokens": TRACKING.to_json()})
     kw.update(plan)
     rec, _ = run(RecordingPlan(**kw), steps=steps, grid=grid, batch=batch, blocks=blocks)
     return rec.latest

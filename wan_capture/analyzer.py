@@ -20,9 +20,12 @@ import numpy as np
 from .causal_stats import assemble_chunks, sink_frames_of
 from .grid import latent_frame_of, pixel_frame_count
 from .storage import safe_name
+from .time_layout import video_maps
 
 _EXTS = (".npy", ".npy.gz", ".pt", ".pt.gz")
 _STEP = re.compile(r"^step_(\d+)(\.npy|\.npy\.gz|\.pt|\.pt\.gz)$")
+_NESTED_PROMPT = re.compile(r"[^.].*")  # a prompt folder of the nested layout (hidden folders are writes under way)
+_NESTED_VIDEO = re.compile(r"vid\d+")
 _SELF_META = re.compile(r"^step_(\d+)(?:_chunk_\d+)?_metadata\.json$")
 
 
@@ -105,24 +108,66 @@ class AttentionAnalyzer:
 
     # -- discovery -----------------------------------------------------------------------------------
     def list_videos(self) -> List[str]:
-        return sorted(d for d in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, d, "summary.json")))
+        """Video ids: the seed's flat ``<prompt_id>_vidNNN/`` folders and the nested ``<prompt_id>/vidNNN/`` ones
+        (the layout the contract's origin project writes), the nested ones named ``<prompt_id>_vidNNN`` too."""
+        out = []
+        for d in sorted(os.listdir(self.path)):
+            path = os.path.join(self.path, d)
+            if not os.path.isdir(path) or d.startswith("."):
+                continue
+            if os.path.isfile(os.path.join(path, "summary.json")):
+                out.append(d)
+            elif _NESTED_PROMPT.fullmatch(d):
+                out += [f"{d}_{v}" for v in sorted(os.listdir(path)) if _NESTED_VIDEO.fullmatch(v)
+                        and self._is_video(os.path.join(path, v))]
+        return out
+
+    @staticmethod
+    def _is_video(path: str) -> bool:
+        return os.path.isfile(os.path.join(path, "summary.json")) or bool(_token_dirs(path))
 
     def summary(self, video_id: str) -> dict:
-        """The video's ``summary.json``; a video not marked ``complete`` warns once (its data may be missing)."""
-        summary = self._json(os.path.join(self._video(video_id), "summary.json"))
+        """The video's ``summary.json``; a video not marked ``complete`` warns once (its data may be missing).
+
+        A video written without one (the nested layout) gets a summary read from its token folders and step files.
+        """
+        video = self._video(video_id)
+        path = os.path.join(video, "summary.json")
+        summary = self._json(path) if os.path.isfile(path) else self._summary_from_files(video, video_id)
         if summary.get("status") != "complete" and video_id not in self._warned:
             self._warned.add(video_id)
             warnings.warn(f"attention recording {video_id!r} is {summary.get('status')!r}, not complete: "
                           f"{summary.get('partial_reason', 'no reason recorded')}", stacklevel=2)
         return summary
 
-    def list_tokens(self, video_id: str) -> List[str]:
-        """Labels of the tracked words, as ``summary.json`` lists them (files of other recordings never count)."""
-        tokens = self.summary(video_id).get("tokens")
+    def _summary_from_files(self, video: str, video_id: str) -> dict:
+        tokens, steps, meta = [], set(), {}
+        for d in _token_dirs(video):
+            found = sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(os.path.join(video, d))) if m)
+            steps.update(found)
+            first = os.path.join(video, d, f"step_{found[0]:03d}_metadata.json") if found else ""
+            meta = self._json(first) if os.path.isfile(first) else {}
+            tokens.append({"label": meta.get("token_label") or meta.get("token_word") or d[len("token_"):],
+                           "folder": d, "word": meta.get("token_word", d[len("token_"):])})
+        keep = ("prompt", "prompt_id", "seed", "cfg_scale", "total_steps", "latent_grid", "map_grid", "model",
+                "video_frames", "video_height", "video_width")
+        return {"video_id": video_id, "status": "complete", "summary_from_files": True, "tokens": tokens,
+                "steps": sorted(steps), **{k: meta[k] for k in keep if k in meta}}
+
+    def list_tokens(self, video_id: str, branch: str = "") -> List[str]:
+        """Labels of the tracked words, as ``summary.json`` lists them (files of other recordings never count);
+        ``branch="uncond"``: the negative prompt's words (what the uncond rows attended to)."""
+        tokens = self._tokens(video_id, branch)
         if tokens is not None:
             return sorted(t["label"] for t in tokens)
         v = self._video(video_id)
         return sorted(d[len("token_"):] for d in os.listdir(v) if d.startswith("token_") and os.path.isdir(os.path.join(v, d)))
+
+    def _tokens(self, video_id: str, branch: str) -> Optional[List[dict]]:
+        summary = self.summary(video_id)
+        if branch == "uncond" and "negative_tokens" in summary:
+            return summary["negative_tokens"]
+        return summary.get("tokens")
 
     def list_steps(self, video_id: str, token: str, branch: str = "") -> List[int]:
         """Saved steps of a word, as ``summary.json`` lists them."""
@@ -135,17 +180,23 @@ class AttentionAnalyzer:
     def _video(self, video_id: str) -> str:
         path = os.path.join(self.path, safe_name(video_id))
         if not os.path.isdir(path):
+            # the nested layout: <prompt_id>/vidNNN, named <prompt_id>_vidNNN or <prompt_id>/vidNNN
+            prompt, sep, number = video_id.replace("/", "_").rpartition("_vid")
+            nested = os.path.join(self.path, safe_name(prompt), f"vid{number}") if sep and number.isdigit() else ""
+            if nested and os.path.isdir(nested):
+                return nested
             raise FileNotFoundError(f"no video {video_id!r} in {self.path}; videos: {self.list_videos()}")
         return path
 
     def _token_dir(self, video_id: str, token: str, branch: str = "") -> str:
         video = self._video(video_id)
         # the folder summary.json names for the word (names that collided were made unique when saved)
-        named = {t["label"]: t.get("folder") for t in self.summary(video_id).get("tokens") or []}
+        named = {t["label"]: t.get("folder") for t in self._tokens(video_id, branch) or []}
         name = named.get(token) or f"token_{safe_name(token, 'token')}"
         folder = os.path.join(video, *(["uncond"] if branch == "uncond" else []), name)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"no token {token!r} in video {video_id!r}; tokens: {self.list_tokens(video_id)}")
+            raise FileNotFoundError(f"no token {token!r} in video {video_id!r} ({branch or 'cond'}); tokens: "
+                                    f"{self.list_tokens(video_id, branch)}")
         return folder
 
     @staticmethod
@@ -207,6 +258,21 @@ class AttentionAnalyzer:
         if not steps:
             raise FileNotFoundError(f"no self-attention statistics saved for {video_id!r}")
         return np.stack([self.load_self_attention(video_id, s, name, branch) for s in steps])
+
+    def load_image_context(self, video_id: str, step: int, name: str = "share", branch: str = "") -> np.ndarray:
+        """Image-context statistics of i2v models: ``share`` ``[blocks, heads, latent tokens]`` (the image tokens'
+        share of each query's attention, were image and text keys one softmax) or ``received``
+        ``[blocks, heads, image tokens]`` (each CLIP-vision token's attention, mean over queries)."""
+        if name not in ("share", "received"):
+            raise ValueError(f"image-context statistic must be 'share' or 'received', got {name!r}")
+        return self._array(self._find(os.path.join(self._branch_dir(video_id, "image_context", branch),
+                                                   f"step_{step:03d}_{name}")))
+
+    def list_image_context_steps(self, video_id: str, branch: str = "") -> List[int]:
+        folder = self._branch_dir(video_id, "image_context", branch)
+        if not os.path.isdir(folder):
+            return []
+        return sorted({int(m.group(1)) for m in map(_SELF_META.match, os.listdir(folder)) if m})
 
     def load_window(self, video_id: str, step: int, block: int, branch: str = "", chunk: Optional[int] = None) -> dict:
         """An exact window: ``scores`` and ``probs`` ``[heads, queries, keys]`` and its metadata (token ranges);
@@ -289,6 +355,10 @@ class AttentionAnalyzer:
         return align_to_video(maps, meta, height, width, frames)
 
 
+def _token_dirs(path: str) -> List[str]:
+    return sorted(d for d in os.listdir(path) if d.startswith("token_") and os.path.isdir(os.path.join(path, d)))
+
+
 def _key_frames(meta: dict) -> List[int]:
     if meta.get("key_frames") is not None:
         return meta["key_frames"]
@@ -301,10 +371,15 @@ def _key_frames(meta: dict) -> List[int]:
 
 def align_to_video(maps: np.ndarray, meta: dict, height: Optional[int], width: Optional[int],
                    frames: Optional[int]) -> np.ndarray:
-    """``[N, F, h, w]`` latent-grid maps -> ``[N, frames, height, width]`` aligned to the decoded video."""
+    """``[N, F, h, w]`` latent-grid maps -> ``[N, frames, height, width]`` aligned to the decoded video.
+
+    Reference and context latent frames (:mod:`wan_capture.time_layout`) are left out first; a frame count that
+    does not fit the recording raises.
+    """
     import torch
-    n, f, h, w = maps.shape
     stride_t, vae_h, vae_w = meta.get("model", {}).get("vae_stride", [4, 8, 8])
+    maps = video_maps(maps, meta, frames, stride_t)
+    n, f, h, w = maps.shape
     patch = meta.get("model", {}).get("patch_size", [1, 2, 2])
     lf, lh, lw = meta["latent_grid"]
     cell_h, cell_w = vae_h * patch[1] * -(-lh // h), vae_w * patch[2] * -(-lw // w)  # pixels per map cell

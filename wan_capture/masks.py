@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .grid import latent_frame_of, pixel_frame_count
+from .time_layout import video_maps
 
 METHODS = ("threshold", "otsu", "top_percent")
 
@@ -71,8 +72,9 @@ def mask_scores(mask: np.ndarray, reference: np.ndarray) -> Tuple[float, float]:
 def masks_on_video(masks: np.ndarray, meta: dict, height: Optional[int] = None, width: Optional[int] = None,
                    frames: Optional[int] = None) -> np.ndarray:
     """``[F, h, w]`` masks on the map grid -> ``[frames, height, width]`` on the decoded video (see the docstring)."""
-    f, h, w = masks.shape
     stride_t, vae_h, vae_w = meta.get("model", {}).get("vae_stride", [4, 8, 8])
+    masks = video_maps(masks[None], meta, frames, stride_t)[0]  # reference/context frames left out, count checked
+    f, h, w = masks.shape
     patch = meta.get("model", {}).get("patch_size", [1, 2, 2])
     lf, lh, lw = meta["latent_grid"]
     cell_h, cell_w = vae_h * patch[1] * -(-lh // h), vae_w * patch[2] * -(-lw // w)

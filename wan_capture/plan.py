@@ -67,17 +67,23 @@ class RecordingPlan:
     model indices. ``None`` for blocks/heads/steps means all of them.
     """
 
-    text_positions: Tuple[int, ...] = ()  # context positions whose cross-attention maps are kept
+    text_positions: Tuple[int, ...] = ()  # context positions whose cross-attention maps are kept (cond rows)
+    # the negative prompt's positions, kept for the uncond rows (they attend to the negative context)
+    negative_positions: Optional[Tuple[int, ...]] = None
+    # position groups kept as one column of summed attention each, after the positions' columns (the padding entry)
+    text_sums: Tuple[Tuple[int, ...], ...] = ()
+    negative_sums: Tuple[Tuple[int, ...], ...] = ()
     record_cross: bool = True
     record_sink_stats: bool = False
     window: Optional[FrameWindow] = None
+    record_image_context: bool = False  # i2v/FLF2V/camera: statistics of the CLIP-vision image cross-attention
     blocks: Optional[Tuple[int, ...]] = None
     heads: Optional[Tuple[int, ...]] = None
     steps: Optional[Tuple[int, ...]] = None
     storage_interval: int = 1
     branch: str = "cond"
     store_per_block: bool = True
-    store_per_head: bool = True
+    store_per_head: bool = False
     storage_dtype: str = "float16"
     spatial_downsample_factor: int = 1
     memory_budget_mb: float = 4096.0  # host memory for the whole recording
@@ -87,13 +93,24 @@ class RecordingPlan:
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "text_positions", _int_tuple("text_positions", self.text_positions) or ())
+        if self.negative_positions is not None:
+            set_(self, "negative_positions", _int_tuple("negative_positions", self.negative_positions))
+        for name in ("text_sums", "negative_sums"):
+            set_(self, name, tuple(_int_tuple(name, g) for g in getattr(self, name) or ()))
         set_(self, "blocks", _int_tuple("blocks", self.blocks))
         set_(self, "heads", _int_tuple("heads", self.heads))
         set_(self, "steps", _int_tuple("steps", self.steps))
-        if self.record_cross and not self.text_positions:
+        if self.record_cross and self.branch != "uncond" and not (self.text_positions or self.text_sums):
             _fail("text_positions", "record_cross is on but no text positions are tracked; "
                   "give positions (e.g. from the Weighted Token Tracker) or turn record_cross off")
-        if not (self.record_cross or self.record_sink_stats or self.window):
+        if self.branch not in BRANCHES:
+            _fail("branch", f"must be one of {BRANCHES}, got {self.branch!r}")
+        if self.record_cross and self.branch != "cond" and not (self.negative_positions or self.negative_sums):
+            _fail("negative_positions", "uncond rows attend to the negative prompt, so their cross-attention maps "
+                  "need the negative prompt's tracked words: connect a Weighted Token Tracker fed with the negative "
+                  "prompt to 'negative_tracking' of Attach Attention Recorder (or give negative_positions), or "
+                  "record branch 'cond' (sink statistics and windows of uncond need no words)")
+        if not (self.record_cross or self.record_sink_stats or self.window or self.record_image_context):
             _fail("record_cross", "nothing to record: enable cross maps, sink statistics or a window")
         if self.blocks == () or self.heads == () or self.steps == ():
             _fail("blocks/heads/steps", "an empty selection records nothing; use None for all")
@@ -101,8 +118,6 @@ class RecordingPlan:
             _fail("storage_interval", f"must be >= 1, got {self.storage_interval}")
         if self.steps is not None and self.storage_interval != 1:
             _fail("storage_interval", "give either an explicit step list or an interval, not both")
-        if self.branch not in BRANCHES:
-            _fail("branch", f"must be one of {BRANCHES}, got {self.branch!r}")
         if self.storage_dtype not in DTYPES:
             _fail("storage_dtype", f"must be one of {DTYPES}, got {self.storage_dtype!r}")
         if int(self.spatial_downsample_factor) < 1:
@@ -146,6 +161,14 @@ class RecordingPlan:
         if bad:
             _fail("heads", f"heads {bad} do not exist: the model has {num_heads} heads (0..{num_heads - 1})")
         return self.heads
+
+    def positions(self, branch: str) -> Tuple[int, ...]:
+        """The context positions whose cross maps are kept for ``branch``'s rows (each attends to its own prompt)."""
+        return self.text_positions if branch == "cond" else (self.negative_positions or ())
+
+    def sums(self, branch: str) -> Tuple[Tuple[int, ...], ...]:
+        """Position groups summed into one column each for ``branch``'s rows (after its positions' columns)."""
+        return self.text_sums if branch == "cond" else self.negative_sums
 
     def branch_names(self) -> Tuple[str, ...]:
         return ("cond", "uncond") if self.branch == "both" else (self.branch,)

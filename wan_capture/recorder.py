@@ -36,13 +36,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import stats as _stats
-from .call import CROSS_TEXT, SELF, AttentionCall
+from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
 from .grid import Grid, pool_spatial
+from .time_layout import TimeLayout
 from .model_info import ModelInfo
 from .plan import PlanError, RecordingPlan
 from .steps import continues, step_of
 
 SINK_NAMES = ("received", "key_max", "frame_mass", "entropy")
+IMAGE_NAMES = ("share", "received")  # image-context statistics (i2v): per query, per image token
+IMAGE_TOKENS = 257  # CLIP-vision tokens of Wan i2v (1 class + 16 x 16 patches): sizes the budget before the call
 _take_ids = itertools.count(1)
 
 
@@ -130,6 +133,9 @@ class Take:
         self.cross: Dict[Tuple[int, str], torch.Tensor] = {}
         self.sink: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
         self.windows: Dict[Tuple[int, int, str], dict] = {}
+        self.image: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
+        self.time_layout = TimeLayout()  # latent frames that are references or context, not video frames
+        self._image_lse: Dict[Tuple[int, int, str], torch.Tensor] = {}  # image call's lse, until the text call
         self.skipped: Counter = Counter()
         self.input_fingerprint: Optional[str] = None
         self.output_fingerprint: Optional[str] = None
@@ -181,7 +187,8 @@ class Take:
 
     @property
     def steps(self) -> List[int]:
-        keys = {s for s, _ in self.cross} | {s for s, _ in self.sink} | {s for s, _, _ in self.windows}
+        keys = ({s for s, _ in self.cross} | {s for s, _ in self.sink} | {s for s, _, _ in self.windows}
+                | {s for s, _ in self.image})
         for chunk in self.chunks.values():
             keys |= set(chunk.steps)
         return sorted(keys)
@@ -230,7 +237,10 @@ class Take:
         sb, sh = (nb if p.store_per_block else 1), (nh if p.store_per_head else 1)
         total = 0
         if p.record_cross:
-            total += rows * sb * sh * grid.pooled(p.spatial_downsample_factor).tokens * len(p.text_positions) * size
+            positions = sum(len(p.positions(b)) + len(p.sums(b)) for b in p.branch_names())
+            total += batch * sb * sh * grid.pooled(p.spatial_downsample_factor).tokens * positions * size
+        if p.record_image_context:
+            total += rows * sb * sh * (grid.tokens + IMAGE_TOKENS) * size
         if p.record_sink_stats:
             total += rows * sb * sh * (2 * keys + grid.frames * key_frames + grid.frames) * size
         if p.window is not None:
@@ -257,9 +267,11 @@ class Take:
         t.cross = {k: v for k, v in self.cross.items() if k[0] < boundary}
         t.sink = {k: v for k, v in self.sink.items() if k[0] < boundary}
         t.windows = {k: v for k, v in self.windows.items() if k[0] < boundary}
+        t.image = {k: v for k, v in self.image.items() if k[0] < boundary}
         t.step_sigmas = {k: v for k, v in self.step_sigmas.items() if k < boundary}
         t.step_timesteps = {k: v for k, v in self.step_timesteps.items() if k < boundary}
         t.grid, t.text_len, t.batch, t.sampling = self.grid, self.text_len, self.batch, dict(self.sampling)
+        t.time_layout = self.time_layout
         t.input_fingerprint, t.output_fingerprint = self.input_fingerprint, t.pass_outputs[-1]
         t.status = "complete"
         t.reserved_bytes = t.nbytes()
@@ -268,7 +280,8 @@ class Take:
     def nbytes(self) -> int:
         """Host bytes the take's recorded arrays hold now."""
         total = sum(t.numel() * t.element_size() for t in self.cross.values())
-        total += sum(t.numel() * t.element_size() for st in self.sink.values() for t in st.values())
+        total += sum(t.numel() * t.element_size() for st in (*self.sink.values(), *self.image.values())
+                     for t in st.values())
         total += sum(w["scores"].numel() * 4 * 2 for w in self.windows.values())
         total += sum(slot.nbytes() for slot in self._slots.values())
         return total + sum(c.nbytes() for c in self.chunks.values())
@@ -343,9 +356,14 @@ class Take:
             if not rows:
                 continue
             qb, kb = _select(qh, 0, rows), _select(kh, 0, rows)
-            if call.kind == CROSS_TEXT and p.record_cross:
+            if call.kind == CROSS_TEXT:
                 self.text_len = k.shape[1]
-                self._record_cross(call, branch, qb, kb, scale, chunk)
+                if p.record_cross:
+                    self._record_cross(call, branch, qb, kb, scale, chunk)
+                if p.record_image_context:
+                    self._record_image_share(call, branch, qb, kb, scale, chunk)
+            elif call.kind == CROSS_IMAGE:
+                self._record_image(call, branch, qb, kb, scale, chunk)
             elif call.kind == SELF:
                 self._record_self(call, branch, qb, kb, scale, chunk, None if lh is None else _select(lh, 0, rows))
 
@@ -367,11 +385,37 @@ class Take:
         if qb.shape[2] != call.grid.tokens:
             self.skipped["cross_text_tokens_differ_from_grid"] += 1
             return
-        maps = _stats.cross_attention_probs(qb, kb, p.text_positions, scale, chunk, call.layout)
+        maps = _stats.cross_attention_probs(qb, kb, p.positions(branch), scale, chunk, call.layout)
+        if p.sums(branch):  # summed groups (padding): one column each, after the positions'
+            maps = torch.cat([maps, _stats.cross_attention_mass(qb, kb, p.sums(branch), scale, chunk, call.layout)], -1)
         if not p.store_per_head:
             maps = maps.mean(dim=1, keepdim=True)
         maps = pool_spatial(maps, call.grid, p.spatial_downsample_factor)
         self._slot(("cross", call.step, branch)).add(call.block, maps)
+
+    def _heads_reduced(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.plan.store_per_head else value.mean(dim=1, keepdim=True)
+
+    def _record_image(self, call, branch, qb, kb, scale, chunk) -> None:
+        """Image cross-attention (i2v): each image token's attention received; the queries' log-sum-exp is kept
+        until the block's text call, for the image share."""
+        if qb.shape[2] != call.grid.tokens:
+            self.skipped["image_tokens_differ_from_grid"] += 1
+            return
+        lse, received = _stats.context_statistics(qb, kb, scale, chunk)
+        self._image_lse[(call.step, call.block, branch)] = lse
+        self._slot(("image", call.step, branch, "received")).add(call.block, self._heads_reduced(received))
+
+    def _record_image_share(self, call, branch, qb, kb, scale, chunk) -> None:
+        """The image tokens' share of each query's attention, were image and text keys one softmax:
+        ``sigmoid(lse_image - lse_text)`` (Wan attends to them in two softmaxes and adds the outputs)."""
+        lse_img = self._image_lse.pop((call.step, call.block, branch), None)
+        if lse_img is None:
+            self.skipped["text_calls_without_image_context"] += 1
+            return
+        lse_txt, _ = _stats.context_statistics(qb, kb, scale, chunk)
+        share = torch.sigmoid(lse_img - lse_txt)
+        self._slot(("image", call.step, branch, "share")).add(call.block, self._heads_reduced(share))
 
     def _record_self(self, call, branch, qb, kb, scale, chunk, lse=None) -> None:
         p = self.plan
@@ -412,9 +456,12 @@ class Take:
         for key, slot in self._slots.items():
             if key[0] == "cross":
                 self.cross[(key[1], key[2])] = slot.result()
+            elif key[0] == "image":
+                self.image.setdefault((key[1], key[2]), {})[key[3]] = slot.result()
             else:
                 self.sink.setdefault((key[1], key[2]), {})[key[3]] = slot.result()
         self._slots.clear()
+        self._image_lse.clear()
         self._open_step = None
         if not ok:
             self.status, self.error = "partial", error or "sampling did not finish"
@@ -571,7 +618,9 @@ class Recorder:
         if not any(b in call.branches for b in p.branch_names()):
             return False
         if call.kind == CROSS_TEXT:
-            needed = p.record_cross
+            needed = p.record_cross or p.record_image_context
+        elif call.kind == CROSS_IMAGE:
+            needed = p.record_image_context
         else:
             needed = call.kind == SELF and (p.record_sink_stats or p.window is not None)
         if not needed:

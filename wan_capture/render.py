@@ -4,13 +4,14 @@ Images are float32 ``[H, W, 3]`` in [0, 1] (ComfyUI's IMAGE layout without the b
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .colormaps import apply_colormap
+from .colormaps import COLORMAPS, apply_colormap
 
 NORMALIZE = ("per_frame", "per_video", "shared", "fixed", "percentile")
 BACKGROUND = (1.0, 1.0, 1.0)
@@ -26,33 +27,31 @@ def font(size: int = 12):
         return ImageFont.load_default()
 
 
-def value_ranges(maps: np.ndarray, mode: str, vmin: float = 0.0, vmax: float = 1.0, p_low: float = 1.0,
-                 p_high: float = 99.0) -> np.ndarray:
+def value_ranges(maps: np.ndarray, mode: str, vmin: float = 0.0, vmax: float = 1.0, p_low: float = 0.0,
+                 p_high: float = 100.0) -> np.ndarray:
     """``(lo, hi)`` per frame for ``maps [N, F, H, W]`` under a normalisation mode -> ``[N, F, 2]``.
 
     per_frame: each frame its own range; per_video: one range per sequence N; shared: one range for everything
-    rendered together (so steps and tokens compare); fixed: ``vmin..vmax``; percentile: the shared range clipped at
-    the ``p_low``/``p_high`` percentiles.
+    rendered together (so steps and tokens compare). Within each group the range runs from the ``p_low`` to the
+    ``p_high`` percentile (0 and 100: minimum and maximum). fixed: ``vmin..vmax``; percentile: shared (kept for
+    0.1.0 callers).
     """
     if mode not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {mode!r}")
     n, f = maps.shape[:2]
-    if mode == "per_frame":
-        lo, hi = maps.min(axis=(2, 3)), maps.max(axis=(2, 3))
-    elif mode == "per_video":
-        lo = np.repeat(maps.min(axis=(1, 2, 3))[:, None], f, axis=1)
-        hi = np.repeat(maps.max(axis=(1, 2, 3))[:, None], f, axis=1)
-    elif mode == "shared":
-        lo, hi = np.full((n, f), maps.min()), np.full((n, f), maps.max())
-    elif mode == "fixed":
+    if mode == "fixed":
         if not vmax > vmin:
             raise ValueError(f"fixed normalisation needs vmax > vmin, got {vmin}..{vmax}")
         lo, hi = np.full((n, f), vmin), np.full((n, f), vmax)
+        return np.stack([lo, hi], axis=-1).astype(np.float64)
+    if not 0 <= p_low < p_high <= 100:
+        raise ValueError(f"percentiles need 0 <= low < high <= 100, got {p_low}..{p_high}")
+    axes = {"per_frame": (2, 3), "per_video": (1, 2, 3)}.get(mode, (0, 1, 2, 3))
+    if (p_low, p_high) == (0, 100):
+        lo, hi = maps.min(axis=axes, keepdims=True), maps.max(axis=axes, keepdims=True)
     else:
-        if not 0 <= p_low < p_high <= 100:
-            raise ValueError(f"percentiles need 0 <= low < high <= 100, got {p_low}..{p_high}")
-        a, b = np.percentile(maps, [p_low, p_high])
-        lo, hi = np.full((n, f), a), np.full((n, f), b)
+        lo, hi = np.percentile(maps, [p_low, p_high], axis=axes, keepdims=True)
+    lo, hi = np.broadcast_to(lo[..., 0, 0], (n, f)), np.broadcast_to(hi[..., 0, 0], (n, f))
     return np.stack([lo, hi], axis=-1).astype(np.float64)
 
 
@@ -181,3 +180,32 @@ def pad_to(images: List[np.ndarray]) -> np.ndarray:
     for k, img in enumerate(images):
         out[k, :img.shape[0], :img.shape[1]] = img[..., :3]
     return out
+
+
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How values become colours: the colormap, the range grouping and its ends, the legend.
+
+    ``low``/``high`` are percentiles of the values within each group (0 and 100: minimum and maximum), or with
+    ``normalize="fixed"`` the values themselves.
+    """
+
+    colormap: str = "inferno"
+    normalize: str = "per_video"
+    low: float = 0.0
+    high: float = 100.0
+    legend: bool = True
+
+    def __post_init__(self):
+        if self.colormap not in COLORMAPS:
+            raise ValueError(f"colormap must be one of {sorted(COLORMAPS)}, got {self.colormap!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        value_ranges(np.zeros((1, 1, 1, 2)), self.normalize, self.low, self.high,
+                     *((0.0, 100.0) if self.normalize == "fixed" else (self.low, self.high)))  # checks the ends now
+
+    def norm(self) -> dict:
+        """Keyword arguments of the view functions (``cmap``, ``mode``, range ends)."""
+        fixed = self.normalize == "fixed"
+        return dict(cmap=self.colormap, mode=self.normalize, vmin=self.low, vmax=self.high,
+                    p_low=0.0 if fixed else self.low, p_high=100.0 if fixed else self.high)

@@ -22,7 +22,7 @@ from .storage import atomic_write, inside, safe_name
 from .templates import expand_template
 
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "RandomNoise": "noise_seed"}
-TRACKER, SAVE = "WanWeightedTokenTracker", "WanSaveAttentionMaps"
+TRACKER, SAVE, ATTACH = "WanWeightedTokenTracker", "WanSaveAttention", "WanAttachRecorder"
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,13 @@ def prepare(workflow: dict, job: Job, batch_name: str) -> dict:
     graph = copy.deepcopy(workflow)
     saves = [n for n in graph.values() if n.get("class_type") == SAVE]
     if not saves:
-        raise ValueError("the workflow has no 'Save Attention Maps' node (WanSaveAttentionMaps): nothing would be kept")
-    for node in graph.values():
+        raise ValueError(f"the workflow has no 'Save Attention Maps' node ({SAVE}): nothing would be kept")
+    # a tracker of the negative prompt keeps its text: the job's prompt is the positive one
+    negative = {str(n["inputs"]["negative_tracking"][0]) for n in graph.values() if n.get("class_type") == ATTACH
+                and isinstance(n.get("inputs", {}).get("negative_tracking"), list)}
+    for nid, node in graph.items():
         cls, inputs = node.get("class_type"), node.setdefault("inputs", {})
-        if cls == TRACKER:
+        if cls == TRACKER and str(nid) not in negative:
             inputs.update(text=job.prompt, variation=0)
         elif cls == SAVE:  # the manifest names each video: a re-run replaces its folder rather than adding _2
             inputs.update(batch_name=batch_name, prompt_id=job.prompt_id, video_number=job.video_number, overwrite=True)

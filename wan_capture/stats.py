@@ -177,6 +177,44 @@ def cross_attention_probs(q: torch.Tensor, k: torch.Tensor, positions: Sequence[
     return out.view(r, h, qf.shape[1], pos.numel())
 
 
+def cross_attention_mass(q: torch.Tensor, k: torch.Tensor, groups: Sequence[Sequence[int]], scale: float,
+                         chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout()) -> torch.Tensor:
+    """Softmax probability summed over each group of key positions: ``[R, H, Lq, len(groups)]`` float32."""
+    qf, kf = _flat(q, k)
+    r, h = q.shape[:2]
+    bad = [p for g in groups for p in g if not 0 <= int(p) < kf.shape[1]]
+    if bad:
+        raise IndexError(f"summed positions {bad[:8]} fall outside the {kf.shape[1]} text keys of the context")
+    member = torch.zeros(kf.shape[1], len(groups), dtype=torch.float32, device=q.device)
+    for j, g in enumerate(groups):
+        member[list(g), j] = 1.0
+    out = torch.empty(r * h, qf.shape[1], len(groups), dtype=torch.float32, device=q.device)
+    for rs, qs in _chunks(r * h, qf.shape[1], kf.shape[1], chunk_bytes):
+        s, _ = _scores(qf, kf, rs, qs, scale, layout)
+        out[rs, qs] = torch.softmax(s, dim=-1) @ member
+    return out.view(r, h, qf.shape[1], len(groups))
+
+
+def context_statistics(q: torch.Tensor, k: torch.Tensor, scale: float,
+                       chunk_bytes: int = 256 << 20) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query log-sum-exp ``[R, H, Lq]`` and per key attention received (mean over queries of its probability
+    column) ``[R, H, Lk]`` of a cross-attention over a short context, float32.
+
+    Used for the image context of i2v models (257 CLIP-vision tokens) and the text log-sum-exp beside it.
+    """
+    qf, kf = _flat(q, k)
+    r, h = q.shape[:2]
+    lse = torch.empty(r * h, qf.shape[1], dtype=torch.float32, device=q.device)
+    received = torch.zeros(r * h, kf.shape[1], dtype=torch.float32, device=q.device)
+    for rs, qs in _chunks(r * h, qf.shape[1], kf.shape[1], chunk_bytes):
+        s, _ = _scores(qf, kf, rs, qs, scale, KeyLayout())
+        m = torch.logsumexp(s, dim=-1)
+        lse[rs, qs] = m
+        received[rs] += torch.exp(s - m[..., None]).sum(dim=1)
+    received /= max(qf.shape[1], 1)
+    return lse.view(r, h, qf.shape[1]), received.view(r, h, kf.shape[1])
+
+
 def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, int, int]:
     """Absolute frame of each position (relative to the first one's frame), that first frame, the frame count."""
     first = offset // frame_tokens

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .grid import pool_spatial
-from .recorder import SINK_NAMES, Take
+from .recorder import IMAGE_NAMES, SINK_NAMES, Take
 from .tokens import TokenTracking, TrackedWord
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
@@ -129,13 +129,15 @@ class SavedVideo:
     files: List[str]
 
 
-def tracking_of(take: Take) -> TokenTracking:
-    """The take's token tracking, or one pseudo-word per recorded position when positions were given by hand."""
-    data = take.plan.extra.get("tokens") if take.plan.extra else None
+def tracking_of(take: Take, branch: str = "cond") -> TokenTracking:
+    """The words whose maps ``branch``'s rows hold: the prompt's tracking for cond, the negative prompt's for uncond
+    (each row attends to its own context); one pseudo-word per position when positions were given by hand."""
+    key = "tokens" if branch == "cond" else "negative_tokens"
+    data = take.plan.extra.get(key) if take.plan.extra else None
     if data:
         return TokenTracking.from_json(data)
     words = tuple(TrackedWord(label=f"pos{p:03d}", word=f"pos{p:03d}", token_ids=(), token_texts=(), positions=(p,),
-                              weight=1.0) for p in take.plan.text_positions)
+                              weight=1.0) for p in take.plan.positions(branch))
     return TokenTracking(prompt="", words=words, context_length=take.text_len or 0)
 
 
@@ -254,7 +256,7 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
         "video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b, "batch_index": b,
         "prompt": plain_prompt(prompt), "prompt_weighted": prompt,
         "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video,
-        "total_steps": take.total_steps, "latent_grid": take.grid.as_list(),
+        "total_steps": take.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
         "map_grid": map_grid.as_list() if map_grid else None, "model": take.model,
         "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
         "storage_format": opts.storage_format, "compressed": opts.compress, "pack_version": version, **opts.extra,
@@ -273,18 +275,25 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     w.write("summary.json", _json(summary))
     if take.status != "complete":
         summary["partial_reason"] = f"recording {take.status}: {take.error}"
-    folders = token_folders(tracking)
     try:
         for i, branch in enumerate(recorded):
-            prefix = "" if i == 0 else f"{branch}/"
+            prefix = "" if branch == "cond" else f"{branch}/"
             if take.cross:
-                for word in tracking.words:
+                words = tracking if branch == "cond" else tracking_of(take, branch)
+                folders = token_folders(words)
+                listed = summary.setdefault("tokens" if branch == "cond" else "negative_tokens", [])
+                branch_base = base if branch == "cond" else {**base, "prompt": plain_prompt(words.prompt),
+                                                               "prompt_weighted": words.prompt}
+                for word in words.words:
                     folder_name = folders[word.label]
-                    if i == 0:
-                        summary["tokens"].append({**_word_json(word), "folder": folder_name})
+                    listed.append({**_word_json(word), "folder": folder_name})
                     for step in steps:
-                        _save_token_step(w, take, tracking, word, step, branch, b, prefix + folder_name, dtype, opts,
-                                         base)
+                        _save_token_step(w, take, words, word, step, branch, b, prefix + folder_name, dtype, opts,
+                                         branch_base)
+            for chunk in ([None] if not take.causal else sorted(take.chunks)):
+                part = take if chunk is None else take.chunks[chunk]
+                for step in steps:
+                    _save_image_step(w, part, step, branch, b, prefix, dtype, base)
             for chunk in ([None] if not take.causal else sorted(take.chunks)):
                 part = take if chunk is None else take.chunks[chunk]
                 if part.sink:
@@ -344,7 +353,8 @@ def video_size(take: Take) -> dict:
         return {}
     stride = take.model.get("vae_stride", [4, 8, 8])
     patch = take.model.get("patch_size", [1, 2, 2])
-    frames = take.grid.frames * patch[0]
+    layout = take.time_layout  # reference (VACE, trimmed before decoding) and context frames are not video frames
+    frames = (take.grid.frames - layout.reference - layout.lead - layout.trail) * patch[0]
     return {"video_frames": stride[0] * (frames - 1) + 1 if frames else 0,
             "video_height": take.grid.height * patch[1] * stride[1],
             "video_width": take.grid.width * patch[2] * stride[2]}
@@ -430,6 +440,25 @@ def _save_sink_step(w, take, step, branch, b, prefix, dtype, base, chunk=None) -
                     key_frames_per_block={str(blk): list(v) for (s, blk), v in sorted(take.key_frames.items())
                                           if s == step} if len(key_frames) > 1 else None,
                     chunk_grid=take.grid.as_list(), **{"pass": parent.step_pass.get(step, "denoise")})
+    w.write(f"{stem}_metadata.json", _json(meta))
+
+
+def _save_image_step(w, take, step, branch, b, prefix, dtype, base) -> None:
+    stats = take.image.get((step, branch))
+    if not stats:
+        return
+    stem = f"{prefix}image_context/step_{step:03d}"
+    shapes = {}
+    for name in IMAGE_NAMES:
+        if name in stats:
+            arr = stats[name][b].to(dtype).contiguous()
+            shapes[name] = list(arr.shape)
+            w.array(f"{stem}_{name}", arr)
+    meta = {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+            "shapes": shapes, **_axis_meta(take), "branch": branch,
+            "share": "per query: sigmoid(lse_image - lse_text), the image tokens' share of its attention were image "
+                     "and text keys one softmax",
+            "received": "per image token: mean over queries of its probability in the image cross-attention"}
     w.write(f"{stem}_metadata.json", _json(meta))
 
 

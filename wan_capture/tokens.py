@@ -38,6 +38,14 @@ class TrackedWord:
     positions: Tuple[int, ...]
     weight: float
     occurrence: int = 1
+    # "pieces": the word's map is the mean over its pieces; "sum": one recorded column holding the summed attention
+    # of all its positions (the padding entry: up to 500 positions that would otherwise each be kept)
+    reduce: str = "pieces"
+
+
+# scripts written without spaces between words: a listed entry in them is looked for inside the prompt's words
+SPACELESS = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]")
+SPECIAL_ENTRIES = {"<end>": "end", "</s>": "end", "<padding>": "padding", "<pad>": "padding"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,19 @@ class TokenTracking:
 
     @property
     def positions(self) -> Tuple[int, ...]:
-        return tuple(sorted({p for w in self.words for p in w.positions}))
+        """Context positions recorded one column each (the summed entries' come after them, one column each)."""
+        return tuple(sorted({p for w in self.words if w.reduce != "sum" for p in w.positions}))
+
+    @property
+    def summed(self) -> Tuple[Tuple[int, ...], ...]:
+        """Position groups recorded as one column of summed attention each, after ``positions``' columns."""
+        return tuple(w.positions for w in self.words if w.reduce == "sum")
 
     def columns(self, word: TrackedWord) -> List[int]:
         """Indices of ``word``'s pieces along the recorded tokens axis."""
+        if word.reduce == "sum":
+            sums = [w.label for w in self.words if w.reduce == "sum"]
+            return [len(self.positions) + sums.index(word.label)]
         index = {p: i for i, p in enumerate(self.positions)}
         return [index[p] for p in word.positions]
 
@@ -138,6 +155,8 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
         raise TrackingError(f"mode must be one of {MODES}, got {mode!r}")
     words = split_words(tokens, piece)
     given = [x for x in listed if x and x.strip()]
+    specials = [SPECIAL_ENTRIES[x.strip().lower()] for x in given if x.strip().lower() in SPECIAL_ENTRIES]
+    given = [x for x in given if x.strip().lower() not in SPECIAL_ENTRIES]
     unreadable = [x for x in given if not clean_phrase(x)]
     if unreadable and mode in ("listed", "both"):
         shown = ", ".join(repr(x[:20]) for x in unreadable[:5])
@@ -145,9 +164,10 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
                             "no letters or digits: emoji and punctuation are not words the text encoder keeps; list "
                             "words that appear in the prompt")
     listed = [e for e in (clean_phrase(x) for x in given) if e]
-    if mode == "listed" and not listed:
+    if mode == "listed" and not listed and not specials:
         raise TrackingError("mode 'listed' needs at least one word in the word list")
     chosen: List[Tuple[int, int]] = []  # (first word index, word count)
+    inside: List[Tuple[str, Tuple[int, ...]]] = []  # listed text found inside words (scripts without spaces)
     if mode in ("weighted", "both"):
         chosen += [(i, 1) for i, w in enumerate(words) if abs(w.weight - 1.0) > 1e-6]
     if mode in ("listed", "both"):
@@ -155,11 +175,13 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
         for entry in listed:
             parts = entry.split(" ")
             hits = [i for i in range(len(texts) - len(parts) + 1) if texts[i:i + len(parts)] == parts]
-            if not hits:
+            found = substring_hits(tokens, piece, entry) if not hits and SPACELESS.search(entry) else []
+            if not hits and not found:
                 present = sorted(set(texts))
                 raise TrackingError(f"the word {entry!r} is not in the prompt {prompt!r}; its words are: "
                                     f"{', '.join(present) if present else '(none)'}")
             chosen += [(i, len(parts)) for i in hits]
+            inside += [(entry, f) for f in found]
     seen, counts, out = set(), {}, []
     for i, n in sorted(set(chosen)):
         if (i, n) in seen:
@@ -173,6 +195,14 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
             label=label, word=name, token_ids=tuple(t for w in group for t in w.ids),
             token_texts=tuple(p for w in group for p in w.pieces), positions=tuple(p for w in group for p in w.positions),
             weight=max((w.weight for w in group), key=lambda x: abs(x - 1.0)), occurrence=counts[name]))
+    for entry, positions in inside:
+        counts[entry] = counts.get(entry, 0) + 1
+        out.append(TrackedWord(
+            label=entry.replace(" ", "_") + ("" if counts[entry] == 1 else f"_{counts[entry]}"), word=entry,
+            token_ids=tuple(tokens[p][0] for p in positions), token_texts=tuple(piece(tokens[p][0]) for p in positions),
+            positions=positions, weight=max((float(tokens[p][1]) for p in positions), key=lambda x: abs(x - 1.0)),
+            occurrence=counts[entry]))
+    out += [special_entry(tokens, piece, kind) for kind in dict.fromkeys(specials)]
     if mode in ("weighted", "both"):  # weighted text the tokenizer could not read as any word is said, not dropped
         seg_of = {pos: seg for pos, (tok, w, seg) in enumerate(tokens)}
         covered = {seg_of[p] for t in out for p in t.positions}
@@ -181,9 +211,52 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
             warnings.warn(f"weighted text in {len(lost)} place(s) of {prompt[:60]!r} has no word the tokenizer can read "
                           "(emoji or symbols become <unk>): it is not tracked", stacklevel=2)
     if not out:
-        raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0; weight a word "
-                            "like (flower:1.5) or list words to track")
+        hint = ""
+        if re.search(r"[（(][^()（）]*[:：]\s*[\d.]+\s*[）)]", prompt) and re.search("[（）：]", prompt):
+            hint = (" (full-width brackets or colon such as （红花：1.5） are plain text to ComfyUI: write the weight "
+                    "with ASCII ( : ) as (红花:1.5))")
+        raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0{hint}; weight a "
+                            "word like (flower:1.5) or list words to track")
     return TokenTracking(prompt, tuple(out), len(tokens), prompt_id)
+
+
+def substring_hits(tokens: Sequence[Tuple], piece: Callable[[int], str], entry: str) -> List[Tuple[int, ...]]:
+    """Where ``entry`` occurs inside the prompt's text, for scripts without spaces (Chinese, Japanese): the
+    positions of the pieces each occurrence overlaps. Text is compared lowercased, with the word marker as a space."""
+    chars: List[int] = []
+    text = []
+    for pos, (tok, _w, segment) in enumerate(tokens):
+        if segment == 0 or not isinstance(tok, int):
+            continue
+        t = piece(tok)
+        if len(t) > 2 and t[0] == "<" and t[-1] == ">":
+            continue
+        t = t.replace(WORD_START, " ").lower()
+        text.append(t)
+        chars += [pos] * len(t)
+    joined, needle, out, start = "".join(text), entry.lower(), [], 0
+    while needle:
+        i = joined.find(needle, start)
+        if i < 0:
+            break
+        out.append(tuple(sorted(set(chars[i:i + len(needle)]))))
+        start = i + len(needle)
+    return out
+
+
+def special_entry(tokens: Sequence[Tuple], piece: Callable[[int], str], kind: str) -> TrackedWord:
+    """The end token (``<end>``) or all padding positions as one summed entry (``<padding>``)."""
+    wanted = "</s>" if kind == "end" else "<pad>"
+    positions = tuple(p for p, (tok, _w, seg) in enumerate(tokens) if seg == 0 and isinstance(tok, int)
+                      and piece(tok) == wanted)
+    if kind == "end":
+        positions = positions[:1]
+    if not positions:
+        raise TrackingError(f"the context has no {wanted} token to track as '{kind}'" +
+                            (": the prompt fills the whole context" if kind == "padding" else ""))
+    return TrackedWord(label=kind, word=wanted, token_ids=tuple(tokens[p][0] for p in positions[:1]),
+                       token_texts=(wanted,), positions=positions, weight=1.0,
+                       reduce="sum" if kind == "padding" else "pieces")
 
 
 def clean_phrase(text: str) -> str:

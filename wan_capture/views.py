@@ -12,10 +12,10 @@ import numpy as np
 from .analyzer import AttentionAnalyzer, align_to_video
 from .causal_stats import assemble_chunks, sink_frames_of
 from .colormaps import apply_colormap
-from .grid import pixel_frame_count
 from .recorder import Take
 from .render import blend, fmt, labelled_grid, matrix_plot, normalize, value_ranges, with_legend
 from .storage import tracking_of
+from .time_layout import TimeLayout
 
 
 class TakeSource:
@@ -27,19 +27,32 @@ class TakeSource:
         if not 0 <= batch_index < (take.batch or 1):
             raise ValueError(f"batch_index {batch_index} is outside the recording's {take.batch} videos")
         self.take, self.b = take, batch_index
-        self.tracking = tracking_of(take)
+        self.trackings = {b: tracking_of(take, b) for b in take.plan.branch_names()}
+        self.tracking = self.trackings.get("cond") or tracking_of(take)
         self.labels = [w.label for w in self.tracking.words]
         self.steps = take.steps
         self.blocks, self.heads = list(take.blocks), list(take.heads)
-        self.meta = {"latent_grid": take.grid.as_list(), "map_grid": take.map_grid.as_list(), "model": take.model}
+        self.meta = {"latent_grid": take.grid.as_list(), "map_grid": take.map_grid.as_list(), "model": take.model,
+                     **take.time_layout.as_meta()}
         self.causal = take.causal
         self.sink_frames = sink_frames_of(take.kv_events)
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         if (step, branch) not in self.take.cross:
             raise KeyError(f"no cross-attention maps for step {step} ({branch}); recorded steps: {self.steps}")
-        word = self.tracking.word(label)
-        return self.take.cross[(step, branch)][self.b][..., self.tracking.columns(word)].float().numpy()
+        tracking = self.trackings[branch]
+        word = tracking.word(label)
+        return self.take.cross[(step, branch)][self.b][..., tracking.columns(word)].float().numpy()
+
+    def labels_of(self, branch: str = "cond") -> List[str]:
+        """Tracked words of ``branch``'s prompt (uncond: the negative prompt's)."""
+        return [w.label for w in self.trackings[branch].words] if branch in self.trackings else []
+
+    def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        if (step, branch) not in self.take.image:
+            raise KeyError(f"no image-context statistics for step {step} ({branch}): record an i2v model with "
+                           "image_context on")
+        return self.take.image[(step, branch)][name][self.b].float().numpy()
 
     def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
         """A sink statistic of one step; causal takes give it assembled over the whole video."""
@@ -78,12 +91,19 @@ class SavedSource:
         self.labels = [t["label"] for t in summary.get("tokens", [])]
         self.steps = summary["steps"]
         self.blocks, self.heads = summary["blocks"], summary["heads"]
-        self.meta = {"latent_grid": summary["latent_grid"], "map_grid": summary["map_grid"], "model": summary["model"]}
+        self.meta = {"latent_grid": summary["latent_grid"], "map_grid": summary["map_grid"], "model": summary["model"],
+                     **TimeLayout.from_meta(summary).as_meta()}
         self.causal = "causal" in summary
         self.sink_frames = self.an.sink_frames(video_id) if self.causal else []
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         return self.an.load_step(self.video, label, step, "" if branch == "cond" else branch)
+
+    def labels_of(self, branch: str = "cond") -> List[str]:
+        return [t["label"] for t in self.an._tokens(self.video, "" if branch == "cond" else branch) or []]
+
+    def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        return self.an.load_image_context(self.video, step, name, "" if branch == "cond" else branch)
 
     def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
         br = "" if branch == "cond" else branch
@@ -132,8 +152,10 @@ def token_maps(source, label: str, steps: Optional[Sequence[int]] = None, blocks
                branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
     """``[N, F, h, w]`` maps of a word on the map grid: mean over the chosen blocks, heads and the word's pieces;
     N = 1 (mean over steps) or one per step."""
-    if label not in source.labels:
-        raise ValueError(f"no tracked word {label!r}; tracked: {source.labels}")
+    labels = source.labels_of(branch)
+    if label not in labels:
+        whose = "" if branch == "cond" else " of the negative prompt (uncond rows)"
+        raise ValueError(f"no tracked word {label!r}{whose}; tracked: {labels}")
     bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
     f, h, w = source.meta["map_grid"]
     maps = np.stack([source.cross(label, s, branch)[bi][:, hi].mean(axis=(0, 1, 3)).reshape(f, h, w)
@@ -151,21 +173,29 @@ def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
 
 
+def image_share_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
+                     mean_steps: bool = True) -> np.ndarray:
+    """``[N, F, H, W]`` i2v: the image tokens' share of each latent token's attention, on the latent grid."""
+    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    f, h, w = source.meta["latent_grid"]
+    maps = np.stack([source.image(s, "share", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
+                     for s in _steps(source, steps)])
+    return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+
+
 def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cmap: str, mode: str, alpha: float,
-                 vmin: float = 0.0, vmax: float = 1.0, p_low: float = 1.0, p_high: float = 99.0,
+                 vmin: float = 0.0, vmax: float = 1.0, p_low: float = 0.0, p_high: float = 100.0,
                  show_legend: bool = True, latent_grid_maps: bool = False) -> np.ndarray:
     """Maps ``[N, F, h, w]`` -> IMAGE ``[N * frames, H, W, 3]`` aligned in time and space with the decoded video.
 
     With ``images`` (the VAE-decoded frames) their count and size are used and the heat is blended over them;
     without, plain heatmaps at the pixel size the latent stands for. Each frame gets a legend with its range.
     """
-    f = maps.shape[1]
     meta = dict(meta, map_grid=meta["latent_grid"]) if latent_grid_maps else meta
-    stride_t = meta.get("model", {}).get("vae_stride", [4])[0]
     if images is not None:
         frames, height, width = images.shape[0], images.shape[1], images.shape[2]
-    else:
-        frames, height, width = pixel_frame_count(f, stride_t), None, None
+    else:  # the video as decoded (reference frames trimmed)
+        frames, height, width = None, None, None
     video = align_to_video(maps, meta, height, width, frames)  # [N, frames, H, W]
     ranges = value_ranges(video, mode, vmin, vmax, p_low, p_high)
     heat = apply_colormap(normalize(video, ranges), cmap)
@@ -178,7 +208,7 @@ def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cma
 
 
 def grid_image(rows: List[np.ndarray], row_labels: List[str], col_labels: List[str], frame: int, cmap: str,
-               mode: str, title: str, vmin=0.0, vmax=1.0, p_low=1.0, p_high=99.0, cell: int = 160) -> np.ndarray:
+               mode: str, title: str, vmin=0.0, vmax=1.0, p_low=0.0, p_high=100.0, cell: int = 160) -> np.ndarray:
     """Rows of ``[cols, F, h, w]`` maps -> one labelled image (frame ``frame``, or the mean over frames if -1)."""
     stack = np.stack(rows)  # [R, C, F, h, w]
     if frame >= stack.shape[2]:
@@ -199,7 +229,7 @@ def grid_image(rows: List[np.ndarray], row_labels: List[str], col_labels: List[s
 
 
 def window_image(window: dict, which: str, heads: Optional[Sequence[int]], frame_tokens: int, cmap: str, mode: str,
-                 vmin=0.0, vmax=1.0, p_low=1.0, p_high=99.0, title: str = "") -> List[np.ndarray]:
+                 vmin=0.0, vmax=1.0, p_low=0.0, p_high=100.0, title: str = "") -> List[np.ndarray]:
     """An exact window (query x key) as labelled heatmaps: one per head, or the mean over ``heads``."""
     data = window["scores" if which == "scores" else "probs"]  # [heads, nq, nk]
     q0, k0 = window["q_range"][0], window["k_range"][0]
@@ -229,10 +259,12 @@ def window_image(window: dict, which: str, heads: Optional[Sequence[int]], frame
 
 
 def frame_mass_images(mass: np.ndarray, heads_axis: Sequence[int], each_head: bool, cmap: str,
-                      title: str, sink_frames: Sequence[int] = ()) -> List[np.ndarray]:
+                      title: str, sink_frames: Sequence[int] = (), vrange: Optional[Sequence[float]] = None
+                      ) -> List[np.ndarray]:
     """``[heads, Fq, Fk]`` query-frame x key-frame probability mass: one plot per head, or their mean.
 
-    ``sink_frames`` (causal Wan): key frames kept as attention sinks, marked ``S`` on the key axis.
+    ``sink_frames`` (causal Wan): key frames kept as attention sinks, marked ``S`` on the key axis. ``vrange``:
+    the colour range (default 0 to the largest mass).
     """
     mats = [(f"head {h}", mass[i]) for i, h in enumerate(heads_axis)] if each_head else [("mean over heads", mass.mean(0))]
     sinks = set(sink_frames)
@@ -240,6 +272,47 @@ def frame_mass_images(mass: np.ndarray, heads_axis: Sequence[int], each_head: bo
     for name, m in mats:
         ticks_q = [(i, str(i)) for i in range(m.shape[0])]
         ticks_k = [(i, f"{i}S" if i in sinks else str(i)) for i in range(m.shape[1])]
-        out.append(matrix_plot(m, cmap, 0.0, float(max(m.max(), 1e-12)), "key frame", "query frame",
+        lo, hi = vrange if vrange is not None else (0.0, float(max(m.max(), 1e-12)))
+        out.append(matrix_plot(m, cmap, lo, hi, "key frame", "query frame",
                                f"{title} frame x frame mass, {name}", ticks_k, ticks_q))
     return out
+
+
+class SavedRecording:
+    """Saved attention maps opened for viewing: the videos of one ``attention_maps`` folder, in order.
+
+    It plays the part of a recorder for the view nodes (one type for live and saved recordings); ``batch_index``
+    picks a video as it picks a batch item of a live recording.
+    """
+
+    def __init__(self, attention_maps: str, videos: Sequence[str]):
+        if not videos:
+            raise ValueError(f"no saved videos in {attention_maps!r}")
+        self.path, self.videos = attention_maps, list(videos)
+
+    def source(self, batch_index: int = 0) -> SavedSource:
+        if not 0 <= batch_index < len(self.videos):
+            raise ValueError(f"batch_index {batch_index} is outside the {len(self.videos)} loaded videos "
+                             f"({', '.join(self.videos[:5])}{'...' if len(self.videos) > 5 else ''})")
+        return SavedSource(self.path, self.videos[batch_index])
+
+
+def mean_window(source, steps=None, blocks=None, branch: str = "cond") -> dict:
+    """The exact window averaged over the chosen steps and blocks (each must have been recorded)."""
+    steps = _steps(source, steps)
+    blocks = list(blocks) if blocks is not None else [b for b in source.blocks if b >= 0] or [0]
+    wins = [source.window(s, b, branch) for s in steps for b in blocks]
+    first = wins[0]
+    for w in wins[1:]:
+        if (w["q_range"], w["k_range"]) != (first["q_range"], first["k_range"]):
+            raise ValueError("the chosen steps/blocks hold windows over different tokens (a causal video's chunks): "
+                             "choose one step and block")
+    return {**first, "scores": np.mean([w["scores"] for w in wins], axis=0),
+            "probs": np.mean([w["probs"] for w in wins], axis=0)}
+
+
+def frame_mass(source, steps=None, blocks=None, heads=None, branch: str = "cond") -> np.ndarray:
+    """``[Fq, Fk]`` query-frame x key-frame probability mass, mean over the chosen steps, blocks and heads."""
+    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    return np.mean([source.sink(s, "frame_mass", branch)[bi][:, hi].mean(axis=(0, 1)) for s in _steps(source, steps)],
+                   axis=0)
