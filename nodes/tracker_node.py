@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..wan_capture.templates import TemplateError, expand_template
 from ..wan_capture.tokens import MODES, TokenTracking, TrackingError, track
 from .attach_node import TokenTracking as TokenTrackingType
+from .widgets import settings
 
 
 def tokenizer_pieces(clip):
@@ -42,11 +43,19 @@ class WeightedTokenTracker(io.ComfyNode):
                         "CLIP's own tokenizer, for Attach Attention Recorder. Templates like [a|b] are expanded; "
                         "'variation' picks one, and 'prompt' outputs it for CLIP Text Encode.",
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("text", multiline=True, default="a beautiful (flower:2.5) near a tree"),
-                io.Combo.Input("mode", options=list(MODES), default="weighted"),
-                io.String.Input("words", default="", tooltip="Comma-separated words to track in 'listed'/'both' mode."),
-                io.Int.Input("variation", default=0, min=0, max=9999,
+                io.Clip.Input("clip", tooltip="The text encoder that encodes this prompt (Wan's umt5)."),
+                io.String.Input("text", multiline=True, default="a beautiful (flower:2.5) near a tree",
+                                tooltip="The prompt, as CLIP Text Encode will get it (connect the 'prompt' output "
+                                        "there). Weight words like (flower:1.5); Chinese and Japanese too, with "
+                                        "ASCII brackets and colon."),
+                io.Combo.Input("mode", options=list(MODES), default="weighted", optional=True,
+                               tooltip="weighted: every word with a weight other than 1.0; listed: the words below; "
+                                       "both: the union."),
+                io.String.Input("words", default="", optional=True,
+                                tooltip="Comma-separated words to track in 'listed'/'both' mode. Chinese/Japanese: "
+                                        "any piece of the text (e.g. 红花). <end>: the end token; <padding>: all "
+                                        "padding positions as one entry (their attention summed)."),
+                io.Int.Input("variation", default=0, min=0, max=9999, optional=True,
                              tooltip="Which expansion of a [a|b] template to use (0 for a plain prompt)."),
             ],
             outputs=[TokenTrackingType.Output(display_name="token_tracking"),
@@ -54,7 +63,9 @@ class WeightedTokenTracker(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, text, mode, words, variation) -> io.NodeOutput:
+    def execute(cls, clip, text, **kw) -> io.NodeOutput:
+        kw = settings(cls, kw)
+        mode, words, variation = kw["mode"], kw["words"], kw["variation"]
         try:
             variations = expand_template(text)
         except TemplateError as e:

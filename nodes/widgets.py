@@ -11,10 +11,20 @@ def settings(cls: type[io.ComfyNode], given: dict) -> dict:
     value is the default the frontend would show (one place defines it: the schema).
     """
     out = dict(given)
-    for inp in cls.GET_SCHEMA().inputs:
-        if inp.id not in out and getattr(inp, "default", None) is not None:
-            out[inp.id] = inp.default
+    for name, value in _defaults(cls).items():
+        out.setdefault(name, value)
     return out
+
+
+_DEFAULTS: dict = {}
+
+
+def _defaults(cls: type[io.ComfyNode]) -> dict:
+    # define_schema(), not GET_SCHEMA(): the class ComfyUI executes is a locked clone that must not be written to
+    schema = cls.define_schema()
+    if schema.node_id not in _DEFAULTS:
+        _DEFAULTS[schema.node_id] = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
+    return _DEFAULTS[schema.node_id]
 
 
 def steps_input(what: str, default: str = "all") -> io.String.Input:

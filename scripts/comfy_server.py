@@ -43,8 +43,8 @@ def start(comfyui: str, base_dir: str, tiny_nodes: bool = True, port: int = 0, t
         if proc.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(url + "/object_info/WanAttachAttentionRecorder", timeout=2) as r:
-                if r.status == 200 and b"WanAttachAttentionRecorder" in r.read():
+            with urllib.request.urlopen(url + "/object_info/WanAttachRecorder", timeout=2) as r:
+                if r.status == 200 and b"WanAttachRecorder" in r.read():
                     return proc, url, log_path
         except OSError:
             time.sleep(0.5)

@@ -42,17 +42,24 @@ def text(tracker_text, words=""):
     }
 
 
+VIEW_NODES = {"token overlay": ("WanAttentionOverlay", {}), "sink overlay": ("WanAttentionStatisticOverlay", {}),
+              "token grid": ("WanAttentionGrid", {}), "block grid": ("WanAttentionGrid", {"rows": "blocks"}),
+              "self-attention window": ("WanAttentionMatrix", {"matrix": "window scores"}),
+              "frame x frame mass": ("WanAttentionMatrix", {"matrix": "frame x frame mass"})}
+
+
 def outputs(recorder, samples, images, first_id=20, views=("token overlay", "token grid")):
     nodes = {
-        str(first_id): ("WanSaveAttentionMaps", {"recorder": recorder, "samples": samples, "images": images,
-                                                 "batch_name": "wan_attention"}),
+        str(first_id): ("WanSaveAttention", {"recorder": recorder, "samples": samples, "images": images,
+                                             "batch_name": "wan_attention"}),
     }
     for i, view in enumerate(views):
         hid, sid = str(first_id + 1 + 2 * i), str(first_id + 2 + 2 * i)
-        kw = {"view": view, "recorder": recorder, "samples": samples}
+        cls, kw = VIEW_NODES[view]
+        kw = {**kw, "recorder": recorder, "samples": samples}
         if view in ("token overlay", "sink overlay"):
             kw["images"] = images
-        nodes[hid] = ("WanAttentionHeatmap", kw)
+        nodes[hid] = (cls, kw)
         if view in ("token overlay", "sink overlay"):
             nodes[sid] = ("SaveAnimatedWEBP", {"images": [hid, 0], "filename_prefix": f"wan_attention/{view.replace(' ', '_')}",
                                                "fps": 16.0, "lossless": False, "quality": 90, "method": "default"})
@@ -64,7 +71,7 @@ def outputs(recorder, samples, images, first_id=20, views=("token overlay", "tok
 def t2v():
     g = {**loaders(), **text("a beautiful (flower:2.5) near a (tree:1.5), gentle wind, sunny garden")}
     g.update({
-        "7": ("WanAttachAttentionRecorder", {"model": ["1", 0], "token_tracking": ["4", 0], "store_per_block": True}),
+        "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0]}),
         "8": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         "9": ("KSampler", {"model": ["7", 0], "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
                            "scheduler": "simple", "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["8", 0],
@@ -84,7 +91,8 @@ def i2v():
         "14": ("WanImageToVideo", {"positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0],
                                    "clip_vision_output": ["13", 0], "start_image": ["12", 0], "width": 832,
                                    "height": 480, "length": 33, "batch_size": 1}),
-        "7": ("WanAttachAttentionRecorder", {"model": ["1", 0], "token_tracking": ["4", 0]}),
+        "17": ("WanRecordingOptions", {"image_context": True}),
+        "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0], "options": ["17", 0]}),
         "9": ("KSampler", {"model": ["7", 0], "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                            "scheduler": "simple", "positive": ["14", 0], "negative": ["14", 1],
                            "latent_image": ["14", 2], "denoise": 1.0}),
@@ -101,8 +109,8 @@ def a14b():
         "15": ("UNETLoader", {"unet_name": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"}),
         "16": ("ModelSamplingSD3", {"model": ["1", 0], "shift": 8.0}),
         "17": ("ModelSamplingSD3", {"model": ["15", 0], "shift": 8.0}),
-        "7": ("WanAttachAttentionRecorder", {"model": ["16", 0], "token_tracking": ["4", 0]}),
-        "18": ("WanAttachAttentionRecorder", {"model": ["17", 0], "share_recorder": ["7", 1]}),
+        "7": ("WanAttachRecorder", {"model": ["16", 0], "token_tracking": ["4", 0]}),
+        "18": ("WanAttachRecorder", {"model": ["17", 0], "share_recorder": ["7", 1]}),
         "8": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         "9": ("KSamplerAdvanced", {"model": ["7", 0], "add_noise": "enable", "noise_seed": 42, "steps": 20, "cfg": 3.5,
                                    "sampler_name": "euler", "scheduler": "simple", "positive": ["5", 0],
@@ -121,16 +129,19 @@ def a14b():
 def sink_study():
     g = {**loaders(), **text("a (dog:1.5) runs across a field")}
     g.update({
-        "7": ("WanAttachAttentionRecorder", {"model": ["1", 0], "token_tracking": ["4", 0],
-                                             "record_cross_attention": False, "record_sink_stats": True,
-                                             "window_query_frames": "0", "store_per_head": True,
-                                             "storage_interval": 5}),
+        "11": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": NEGATIVE, "mode": "listed",
+                                           "words": "blurry, <padding>", "variation": 0}),
+        "12": ("WanRecordingOptions", {"branch": "both", "window_query_frames": "0", "store_per_head": True}),
+        "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0], "negative_tracking": ["11", 0],
+                                    "record": "cross attention + sink statistics", "steps": "every 5",
+                                    "options": ["12", 0]}),
         "8": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         "9": ("KSampler", {"model": ["7", 0], "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
                            "scheduler": "simple", "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["8", 0],
                            "denoise": 1.0}),
         "10": ("VAEDecode", {"samples": ["9", 0], "vae": ["3", 0]}),
     })
+    g["6"] = ("CLIPTextEncode", {"clip": ["2", 0], "text": ["11", 1]})  # the negative prompt the tracker saw
     g.update(outputs(["7", 1], ["9", 0], ["10", 0], views=("sink overlay", "frame x frame mass", "self-attention window")))
     return g
 
@@ -139,7 +150,8 @@ EXAMPLES = {
     "wan21_t2v_attention": (t2v, "Wan 2.1 t2v: where weighted words land, overlaid on the video"),
     "wan21_i2v_attention": (i2v, "Wan 2.1 i2v: cross-attention of weighted words with an input image"),
     "wan22_a14b_two_experts_attention": (a14b, "Wan 2.2 A14B: one recording across both experts"),
-    "wan21_attention_sink_study": (sink_study, "Self-attention sinks: received attention, frame x frame mass, exact window"),
+    "wan21_attention_sink_study": (sink_study, "Self-attention sinks (received attention, frame x frame mass, exact "
+                                               "window) and the negative prompt's words in the uncond rows"),
 }
 
 
@@ -154,10 +166,15 @@ def widget_names(info: dict) -> list:
     return names
 
 
-def fill_defaults(api: dict, object_info: dict) -> dict:
-    """Give every widget a value: the example's, else the node's default (first option for combos)."""
+def fill_defaults(api: dict, object_info: dict, pack_nodes: bool = True) -> dict:
+    """Give every widget a value: the example's, else the node's default (first option for combos).
+
+    ``pack_nodes=False``: the pack's own nodes keep only the inputs the example gives (their other inputs are
+    optional with defaults: the API twins show what an API prompt needs); ComfyUI's nodes get every widget."""
     for node in api.values():
         info = object_info[node["class_type"]]
+        if not pack_nodes and info.get("category", "").startswith("Wan Attention Capture"):
+            continue
         for name, spec in widget_names(info):
             if name in node["inputs"]:
                 continue
@@ -244,9 +261,10 @@ def main() -> int:
         comfy_server.stop(proc)
     os.makedirs(os.path.join(OUT, "api"), exist_ok=True)
     for name, (build, title) in EXAMPLES.items():
-        api = fill_defaults(api_graph(build), object_info)
+        api = fill_defaults(api_graph(build), object_info, pack_nodes=False)
         with open(os.path.join(OUT, "api", f"{name}.json"), "w") as f:
             json.dump(api, f, indent=2)
+        api = fill_defaults(api_graph(build), object_info)  # the UI file shows every widget's value
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(to_ui(api, object_info, title), f, indent=2)
         print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")

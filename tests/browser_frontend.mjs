@@ -22,7 +22,7 @@ const startup = errors.splice(0);  // errors the frontend raises on its own, bef
 const result = await page.evaluate(async (wf) => {
   await window.app.loadGraphData(wf);
   const nodes = window.app.graph._nodes || window.app.graph.nodes;
-  const save = nodes.find((n) => n.type === "WanSaveAttentionMaps");
+  const save = nodes.find((n) => n.type === "WanSaveAttention");
   return {
     types: nodes.map((n) => n.type).sort(),
     links: Object.keys(window.app.graph.links || {}).length || (window.app.graph.links?.size ?? 0),

@@ -98,7 +98,7 @@ def test_bad_selections_are_clear(scene):
         run(scene, "WanAttentionOverlay", samples=None)
     with pytest.raises(ValueError, match="batch_index 3 is outside the 1 loaded videos"):
         run(scene, "WanAttentionOverlay", live=False, batch_index=3)
-    with pytest.raises(ValueError, match="no image-context statistics"):
+    with pytest.raises(KeyError, match="no image-context statistics"):
         run(scene, "WanAttentionStatisticOverlay", statistic="image share (i2v)")
     with pytest.raises(Exception, match="outside the output folder"):
         scene["mod"]("source_node").LoadAttentionMaps.execute(attention_maps_path="../../etc")

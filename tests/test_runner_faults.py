@@ -11,7 +11,7 @@ from aiohttp import web  # noqa: E402
 
 from wan_capture.runner import plan_jobs, run_batch  # noqa: E402
 
-WORKFLOW = {"1": {"class_type": "WanSaveAttentionMaps", "inputs": {}}, "2": {"class_type": "KSampler", "inputs": {"seed": 0}}}
+WORKFLOW = {"1": {"class_type": "WanSaveAttention", "inputs": {}}, "2": {"class_type": "KSampler", "inputs": {"seed": 0}}}
 
 
 def free_port() -> int:

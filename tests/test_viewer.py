@@ -23,7 +23,8 @@ NODE_DIR = os.path.join(ROOT, ".cache", "node")
 @pytest.fixture(scope="module")
 def recording(comfy_server):
     api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
-    api["7"]["inputs"].update(record_sink_stats=True, store_per_head=True)
+    api["7"]["inputs"].update(record="cross attention + sink statistics", options=["opts", 0])
+    api["opts"] = {"class_type": "WanRecordingOptions", "inputs": {"store_per_head": True}}
     api["20"]["inputs"]["batch_name"] = "viewer"
     entry = run_prompt(comfy_server.url, to_tiny(api))
     report = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]

@@ -11,7 +11,7 @@ app.registerExtension({
     document.head.appendChild(style);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "WanSaveAttentionMaps") return;
+    if (nodeData.name !== "WanSaveAttention") return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
