@@ -56,6 +56,7 @@ VARIANTS = {
     "t2v": (dict(model_type="t2v", in_dim=16, out_dim=16), 16),
     "i2v": (dict(model_type="i2v", in_dim=36, out_dim=16), 16),
     "ti2v": (dict(model_type="t2v", in_dim=48, out_dim=48), 48),
+    "vace": (dict(in_dim=16, out_dim=16, vace_layers=1, vace_in_dim=96), 16),  # VaceWanModel: 1 VACE block
 }
 
 
@@ -65,7 +66,7 @@ def tiny_wan_checkpoint(path: str, variant: str = "t2v", blocks: int = 2, dim: i
     import comfy.ops
     import safetensors.torch
     kwargs, _ = VARIANTS[variant]
-    model = wan.WanModel(dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=blocks, text_dim=4096,
+    model = (wan.VaceWanModel if variant == "vace" else wan.WanModel)(dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=blocks, text_dim=4096,
                          operations=comfy.ops.disable_weight_init, **kwargs)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -94,6 +95,19 @@ def empty_latent(variant: str, frames: int = 9, height: int = 64, width: int = 6
                  spatial: int = 8) -> dict:
     channels = VARIANTS[variant][1]
     return {"samples": torch.zeros(batch, channels, (frames - 1) // 4 + 1, height // spatial, width // spatial)}
+
+
+def capture_override(model):
+    """A test-side override installed first: it keeps every attention call's q and k, in call order."""
+    calls = []
+    clone = model.clone()
+
+    def override(func, *args, **kwargs):
+        order = tuple(kwargs["transformer_options"]["cond_or_uncond"])
+        calls.append((args[0].detach().clone(), args[1].detach().clone(), kwargs["heads"], order))
+        return func(*args, **kwargs)
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return clone, calls
 
 
 def recording_options(pack, **fields):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from comfy_harness import (conditioning, empty_latent, ksampler, ksampler_advanced, load_comfy, load_model,
-                           needs_comfy, tiny_wan_checkpoint)
+from comfy_harness import (capture_override, conditioning, empty_latent, ksampler, ksampler_advanced, load_comfy,
+                           load_model, needs_comfy, tiny_wan_checkpoint)
 from reference import naive_probs, naive_scores, naive_sink
 
 pytestmark = needs_comfy
@@ -36,19 +36,6 @@ def attach(pack, model, **plan):
     wc = core(pack)
     rec = wc.Recorder(wc.RecordingPlan(**{"store_per_head": True, **plan}))
     return pack.nodes.comfy_attach.attach_recorder(model, rec), rec
-
-
-def capture_override(model):
-    """A test-side override installed first: it keeps every attention call's q and k, in call order."""
-    calls = []
-    clone = model.clone()
-
-    def override(func, *args, **kwargs):
-        order = tuple(kwargs["transformer_options"]["cond_or_uncond"])
-        calls.append((args[0].detach().clone(), args[1].detach().clone(), kwargs["heads"], order))
-        return func(*args, **kwargs)
-    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return clone, calls
 
 
 def test_t2v_records_every_step_block_head_and_matches_naive(pack, models):
