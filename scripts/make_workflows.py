@@ -35,8 +35,8 @@ def loaders(unet=T2V_MODEL):
 
 def text(tracker_text, words=""):
     return {
-        "4": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": tracker_text, "mode": "weighted" if not words else "both",
-                                          "words": words, "variation": 0}),
+        "4": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": tracker_text,
+                                          **({"mode": "both", "words": words} if words else {})}),
         "5": ("CLIPTextEncode", {"clip": ["2", 0], "text": ["4", 1]}),
         "6": ("CLIPTextEncode", {"clip": ["2", 0], "text": NEGATIVE}),
     }
@@ -50,13 +50,14 @@ VIEW_NODES = {"token overlay": ("WanAttentionOverlay", {}), "sink overlay": ("Wa
 
 def outputs(recorder, samples, images, first_id=20, views=("token overlay", "token grid")):
     nodes = {
-        str(first_id): ("WanSaveAttention", {"recorder": recorder, "samples": samples, "images": images,
-                                             "batch_name": "wan_attention"}),
+        str(first_id): ("WanSaveAttention", {"recorder": recorder, "samples": samples, "images": images}),
     }
     for i, view in enumerate(views):
         hid, sid = str(first_id + 1 + 2 * i), str(first_id + 2 + 2 * i)
         cls, kw = VIEW_NODES[view]
         kw = {**kw, "recorder": recorder, "samples": samples}
+        if kw.get("matrix") == "frame x frame mass":
+            kw.pop("matrix")  # the Attention Matrix's default view
         if view in ("token overlay", "sink overlay"):
             kw["images"] = images
         nodes[hid] = (cls, kw)
@@ -130,7 +131,7 @@ def sink_study():
     g = {**loaders(), **text("a (dog:1.5) runs across a field")}
     g.update({
         "11": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": NEGATIVE, "mode": "listed",
-                                           "words": "blurry, <padding>", "variation": 0}),
+                                           "words": "blurry, <padding>"}),
         "12": ("WanRecordingOptions", {"branch": "both", "window_query_frames": "0", "store_per_head": True}),
         "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0], "negative_tracking": ["11", 0],
                                     "record": "cross attention + sink statistics", "steps": "every 5",
