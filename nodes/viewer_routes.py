@@ -10,7 +10,8 @@ import folder_paths
 from aiohttp import web
 
 from ..wan_capture.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
-from ..wan_capture.slices import Refused, frame_mass_slice, reader, resolve, sink_slice, token_slice
+from ..wan_capture.slices import (Refused, frame_mass_slice, point_probe, reader, resolve, sink_slice,
+                                  token_slice)
 
 PREFIX = "/wan_capture"
 KINDS = ("token", "sink", "frame_mass")
@@ -101,6 +102,20 @@ def register(routes) -> None:
                    "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
         return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",
                             headers=headers)
+
+    @routes.get(PREFIX + "/probe")
+    @_guard
+    async def probe(request):
+        maps_dir = _maps_dir(request)
+        video = _video(request, maps_dir)
+        q = request.query
+        values = [q.get(k, "") for k in ("frame", "y", "x")]
+        branch = q.get("branch", "cond")
+        if branch not in ("cond", "uncond") or not all(v.isdigit() and len(v) <= 6 for v in values):
+            raise ValueError("bad parameter")
+        frame, y, x = map(int, values)
+        result = await _off_loop(point_probe, maps_dir, video, frame, y, x, branch, root=_root())
+        return web.json_response(result, headers={"Cache-Control": "no-store"})
 
     @routes.get(PREFIX + "/frame")
     @_guard

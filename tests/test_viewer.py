@@ -256,3 +256,73 @@ def test_stale_files_never_mix_through_the_server(comfy_server):
     folder = comfy_server.output / "stale_server" / "attention_maps" / video
     assert not (folder / "token_tree").exists() and sorted(p.name for p in (folder / "token_flower").iterdir()) == \
         ["step_000.npy", "step_000_metadata.json"]
+
+
+def test_point_probe_playback_side_by_side_legend_and_png_export_in_chromium(comfy_server, recording):
+    """A click on a frame cell shows each tracked word's value there over the steps, equal to the saved arrays at that
+    cell; playback advances the frames and pauses; words side by side; the legend bar; the PNG export."""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    import base64
+    import io
+
+    from PIL import Image
+    from wan_capture.colormaps import apply_colormap
+    path, video = recording
+    script = os.path.join(NODE_DIR, "browser_probe.mjs")
+    shutil.copy(os.path.join(ROOT, "tests", "browser_probe.mjs"), script)
+    shot = os.path.join(ROOT, ".cache", "viewer_probe_screenshot.png")
+    page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
+    out = subprocess.run(["node", script, page, shot], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not r["errors"], r["errors"]
+    an = AttentionAnalyzer(str(comfy_server.output / path))
+    steps = an.list_steps(video, "flower")
+    probe = r["probe"]["data"]
+    assert probe["cell"] == [1, 2, 3] and probe["steps"] == steps
+    assert sorted(probe["words"]) == an.list_tokens(video) == ["flower", "tree"]
+    cell = (1 * 4 + 2) * 4 + 3
+    for word in ("flower", "tree"):
+        arrays = [an.load_step(video, word, s) for s in steps]  # [blocks, heads, spatial, pieces]
+        per_block = np.array([a[:, :, cell, :].mean(axis=(1, 2)) for a in arrays]).T
+        np.testing.assert_allclose(probe["words"][word]["blocks"], per_block, rtol=1e-6)
+        np.testing.assert_allclose(probe["words"][word]["mean"], per_block.mean(axis=0), rtol=1e-6)
+        shown = dict(r["probe"]["table"])[word]  # the table, as printed (4 significant digits)
+        np.testing.assert_allclose(shown, per_block.mean(axis=0), rtol=1e-3)
+    assert r["probe"]["lines"] == 2
+    assert len(r["seen"]) >= 3 and "\u275a" in r["playLabel"]  # frames advanced, the button shows pause
+    assert r["pausedAt"] == r["stillAt"]
+    assert r["compare"] == ["flower", "tree"]
+    lo_rgb, hi_rgb = (np.round(apply_colormap(np.array([x]), r["cmap"])[0] * 255) for x in (0.0, 1.0))
+    assert np.abs(np.array(r["barEnds"]) - np.array([lo_rgb, hi_rgb])).max() <= 2
+    assert r["legendText"].strip().startswith("per_video:")
+    assert r["png"].startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(r["png"].split(",", 1)[1])))
+    assert img.size == (r["width"], r["height"]) and np.asarray(img.convert("RGB")).std() > 0
+    assert fetch(f"{comfy_server.url}/wan_capture/probe?path={path}&video={video}&frame=9&y=0&x=0")[0] == 400
+    assert fetch(f"{comfy_server.url}/wan_capture/probe?path=../x&video={video}&frame=0&y=0&x=0")[0] == 403
+
+
+def test_screenshot_every_node_fully_on_screen_at_default_zoom(comfy_server):
+    """Each node of the pack, created in the real frontend at zoom 1, fits the screen with all its inputs."""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    script = os.path.join(NODE_DIR, "browser_nodes.mjs")
+    shutil.copy(os.path.join(ROOT, "tests", "browser_nodes.mjs"), script)
+    shot = os.path.join(ROOT, ".cache", "nodes_screenshot.png")
+    out = subprocess.run(["node", script, comfy_server.url, shot], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not r["errors"], r["errors"]
+    width, height = r["viewport"]
+    types = {n["type"] for n in r["nodes"]}
+    assert {"WanAttachRecorder", "WanRecordingOptions", "WanAttentionOverlay", "WanAttentionMatrix",
+            "WanSaveAttention", "WanAttentionMask"} <= types
+    assert not r["domOutside"], r["domOutside"]  # the Save node's viewer stays inside the node
+    for n in r["nodes"]:
+        x0, y0, x1, y1 = n["box"]
+        assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height, n  # whole, on screen
+    from PIL import Image
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[0] >= height and img.shape[1] >= width and img.std() > 5  # the page holds the canvas

@@ -108,3 +108,29 @@ def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond",
     data = data.mean(axis=0) if bi is None else data[bi]
     data = data.mean(axis=0) if hi is None else data[hi]
     return np.ascontiguousarray(data, dtype=np.float32), summary
+
+
+def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: str = "cond",
+                root: Optional[str] = None) -> dict:
+    """Every tracked word's value at one map cell (latent frame, row, column) over the saved steps, per block and
+    as the mean over blocks (mean over heads and the word's pieces), read from the saved arrays."""
+    an = reader(maps_dir, root)
+    summary = an.summary(video)
+    f, h, w = summary["map_grid"]
+    if not (0 <= frame < f and 0 <= y < h and 0 <= x < w):
+        raise ValueError("cell outside the map grid")
+    b = "" if branch == "cond" else branch
+    cell = (frame * h + y) * w + x
+    out = {"steps": list(summary["steps"]), "blocks": list(summary["blocks"]), "cell": [frame, y, x], "words": {}}
+    for label in an.list_tokens(video, b):
+        rows = []
+        for step in out["steps"]:
+            meta = an.load_metadata(video, label, step, b)
+            shape = meta.get("attention_shape") or []
+            itemsize = 4 if "float32" in str(meta.get("dtype")) else 2
+            an.max_bytes = min(MAX_SLICE_BYTES, int(np.prod(shape)) * itemsize + 4096) if shape else MAX_SLICE_BYTES
+            data = an.load_step(video, label, step, b)  # [blocks, heads, spatial, pieces]
+            rows.append(data[:, :, cell, :].mean(axis=(1, 2)))
+        per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
+        out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
+    return out

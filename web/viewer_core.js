@@ -63,18 +63,114 @@ export class Viewer {
       <div class="wcv-row">step <input class="wcv-step" type="range" min="0" max="0" value="0"><span class="wcv-step-v"></span>
         block <select class="wcv-block"></select> head <select class="wcv-head"></select>
         frame <input class="wcv-frame" type="range" min="0" max="0" value="0"><span class="wcv-frame-v"></span></div>
-      <canvas class="wcv-canvas" width="320" height="180"></canvas>
-      <div class="wcv-readout">&nbsp;</div><div class="wcv-legend"></div>`;
+      <div class="wcv-row"><button class="wcv-play-frames" title="play / pause over frames">&#9654; frames</button>
+        <button class="wcv-play-steps" title="play / pause over steps">&#9654; steps</button>
+        <label title="every tracked word at this step and frame, side by side"><input class="wcv-compare-on"
+          type="checkbox"> words side by side</label>
+        <button class="wcv-export" title="save the current view as PNG">export PNG</button></div>
+      <canvas class="wcv-canvas" width="320" height="180" title="click a point: each word's value there over steps"></canvas>
+      <div class="wcv-legend"><canvas class="wcv-bar" width="240" height="12"></canvas>
+        <span class="wcv-legend-text"></span></div>
+      <div class="wcv-readout">&nbsp;</div><div class="wcv-compare"></div><div class="wcv-probe"></div>`;
     this.$ = (c) => this.root.querySelector(".wcv-" + c);
     for (const c of COLORMAPS) this.$("cmap").add(new Option(c, c));
     for (const n of NORMALIZE) this.$("norm").add(new Option(n, n));
     this.$("cmap").value = "inferno";
     this.$("norm").value = "per_video";
     this.$("open").onclick = () => this.open(this.$("path").value, this.$("video").value);
-    for (const c of ["token", "branch", "step", "block", "head"]) this.$(c).oninput = () => this.load();
+    for (const c of ["token", "step", "block", "head"]) this.$(c).oninput = () => this.load();
+    this.$("branch").oninput = () => { this.fillTokens(); this.load(); };
     for (const c of ["frame", "cmap", "norm", "alpha"]) this.$(c).oninput = () => this.draw();
+    this.$("compare-on").oninput = () => this.draw();
     this.$("canvas").onmousemove = (e) => this.hover(e);
+    this.$("canvas").onclick = (e) => this.probeAt(e);
+    this.$("play-frames").onclick = () => this.toggle("frame");
+    this.$("play-steps").onclick = () => this.toggle("step");
+    this.$("export").onclick = () => this.download();
+    this.playing = {};
     this.slice = null;
+  }
+
+  /** Play or pause: the frame or step slider advances every ``ms`` milliseconds, wrapping at the end. */
+  toggle(which, ms = 400) {
+    const button = this.$(which === "frame" ? "play-frames" : "play-steps");
+    if (this.playing[which]) {
+      clearInterval(this.playing[which]);
+      this.playing[which] = null;
+      button.innerHTML = `&#9654; ${which}s`;
+      return false;
+    }
+    this.playing[which] = setInterval(() => {
+      if (this.root.dataset.ready !== "1") return;  // the previous picture is still being drawn
+      const el = this.$(which);
+      el.value = String(Number(el.value) >= Number(el.max) ? 0 : Number(el.value) + 1);
+      el.dispatchEvent(new Event("input"));
+    }, ms);
+    button.innerHTML = `&#10074;&#10074; ${which}s`;
+    return true;
+  }
+
+  tokensOf(branch) {
+    const s = this.summary;
+    return (branch === "uncond" && s.negative_tokens ? s.negative_tokens : s.tokens) || [];
+  }
+
+  fillTokens() {
+    const s = this.summary, el = this.$("token"), keep = el.value;
+    el.innerHTML = "";
+    for (const t of this.tokensOf(this.$("branch").value)) el.add(new Option(`token: ${t.label}`, t.label));
+    if (s.self_attention) {
+      el.add(new Option("attention received (sinks)", "__sink__"));
+      el.add(new Option(s.causal ? "frame x frame mass (causal, S = sink)" : "frame x frame mass", "__frame_mass__"));
+    }
+    if ([...el.options].some((o) => o.value === keep)) el.value = keep;
+  }
+
+  /** The current view as a PNG data URL (the heat over the frame, as drawn), also offered as a download. */
+  exportPNG() {
+    return this.$("canvas").toDataURL("image/png");
+  }
+
+  download() {
+    const a = document.createElement("a");
+    a.href = this.exportPNG();
+    a.download = `${this.$("video").value}_${this.drawn?.token || "view"}_step${this.drawn?.step}_frame${this.drawn?.frame}.png`;
+    a.click();
+  }
+
+  /** Click on the frame: each tracked word's value at that cell over every saved step (and per block). */
+  async probeAt(e) {
+    if (!this.slice || this.slice.matrix) return;
+    const [, h, w] = this.slice.shape;
+    const r = this.$("canvas").getBoundingClientRect();
+    const x = Math.min(w - 1, Math.floor(((e.clientX - r.left) / r.width) * w));
+    const y = Math.min(h - 1, Math.floor(((e.clientY - r.top) / r.height) * h));
+    return this.probe(Number(this.$("frame").value), y, x);
+  }
+
+  async probe(frame, y, x) {
+    this.root.dataset.probed = "0";
+    const p = await this.json("probe", { path: this.path, video: this.$("video").value, branch: this.$("branch").value,
+      frame, y, x });
+    this.probed = p;
+    const words = Object.keys(p.words);
+    const all = words.flatMap((k) => p.words[k].mean);
+    const lo = Math.min(...all), hi = Math.max(...all), span = hi > lo ? hi - lo : 1;
+    const W = 240, H = 80, n = Math.max(1, p.steps.length - 1);
+    const colors = ["#ff6b6b", "#4dabf7", "#69db7c", "#ffd43b", "#da77f2", "#ffa94d"];
+    const lines = words.map((k, i) => `<polyline fill="none" stroke="${colors[i % colors.length]}" stroke-width="1.5"
+      points="${p.words[k].mean.map((v, j) => `${(j / n) * W},${H - ((v - lo) / span) * H}`).join(" ")}"/>`).join("");
+    const head = `<tr><th>word \ step</th>${p.steps.map((s) => `<th>${s}</th>`).join("")}</tr>`;
+    const rows = words.map((k, i) => `<tr data-word="${k}"><td style="color:${colors[i % colors.length]}">${k}</td>` +
+      p.words[k].mean.map((v) => `<td>${v.toPrecision(4)}</td>`).join("") + "</tr>").join("");
+    const perBlock = words.map((k) => p.words[k].blocks.map((vals, b) => `<tr><td>${k}, block ${p.blocks[b]}</td>` +
+      vals.map((v) => `<td>${v.toPrecision(4)}</td>`).join("") + "</tr>").join("")).join("");
+    this.$("probe").innerHTML = `<div>point: latent frame ${frame}, cell (${y}, ${x}); mean over blocks and heads
+      (${this.$("branch").value})</div><svg width="${W}" height="${H}" class="wcv-chart">${lines}</svg>
+      <table class="wcv-probe-table">${head}${rows}</table>
+      <details><summary>per block</summary><table class="wcv-probe-blocks">${head}${perBlock}</table></details>`;
+    this.root.dataset.probed = "1";
+    return p;
   }
 
   async json(route, params) {
@@ -94,10 +190,8 @@ export class Viewer {
     this.summary = await this.json("summary", { path, video: sel.value });
     const s = this.summary;
     const fill = (el, items) => { el.innerHTML = ""; for (const [v, t] of items) el.add(new Option(t, v)); };
-    fill(this.$("token"), [...(s.tokens || []).map((t) => [t.label, `token: ${t.label}`]),
-      ...(s.self_attention ? [["__sink__", "attention received (sinks)"],
-        ["__frame_mass__", s.causal ? "frame x frame mass (causal, S = sink)" : "frame x frame mass"]] : [])]);
     fill(this.$("branch"), s.branches.map((b) => [b, b]));
+    this.fillTokens();
     fill(this.$("block"), [["mean", "mean"], ...s.blocks.filter((b) => b >= 0).map((b) => [String(b), String(b)])]);
     fill(this.$("head"), [["mean", "mean"], ...s.heads.filter((h) => h >= 0).map((h) => [String(h), String(h)])]);
     this.$("step").max = String(s.steps.length - 1);
@@ -182,9 +276,59 @@ export class Viewer {
       ctx.strokeStyle = "#00e5ff";
       for (const f of this.slice.sinks) ctx.strokeRect(f * (canvas.width / w) + 0.5, 0.5, canvas.width / w - 1, canvas.height - 1);
     }
-    this.$("legend").textContent = `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}${sinkNote}`;
+    this.legend(lo, hi, `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}${sinkNote}`);
+    if (this.$("compare-on").checked && !this.slice.matrix) await this.compare(t, lo, hi);
+    else this.$("compare").innerHTML = "";
+    if (id !== this.drawId) return;
     this.drawn = { step: this.slice.step, frame: t, token: this.slice.token };
     this.root.dataset.ready = "1";
+  }
+
+  /** The colour bar from lo to hi, with the range written beside it. */
+  legend(lo, hi, text) {
+    const bar = this.$("bar"), ctx = bar.getContext("2d");
+    for (let x = 0; x < bar.width; x++) {
+      const [r, g, b] = colormap(this.$("cmap").value, x / (bar.width - 1));
+      ctx.fillStyle = `rgb(${r},${g},${b})`;
+      ctx.fillRect(x, 0, 1, bar.height);
+    }
+    this.$("legend-text").textContent = ` ${text}`;
+  }
+
+  /** Every tracked word at this step and frame, side by side, all in one colour range (so they compare). */
+  async compare(t, lo, hi) {
+    const words = this.tokensOf(this.$("branch").value).map((x) => x.label);
+    const maps = [];
+    for (const token of words) {
+      const params = { path: this.path, video: this.$("video").value, step: this.slice.step,
+        branch: this.$("branch").value, block: this.$("block").value, head: this.$("head").value, token };
+      const r = await fetch(`${this.api}/wan_capture/slice?${new URLSearchParams(params)}`);
+      if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
+      const [, h, w] = r.headers.get("X-Shape").split(",").map(Number);
+      maps.push({ token, h, w, data: new Float32Array(await r.arrayBuffer()).subarray(t * h * w, (t + 1) * h * w) });
+    }
+    const all = maps.flatMap((m) => Array.from(m.data));
+    const [a, b] = [Math.min(...all), Math.max(...all)];
+    const span = b > a ? b - a : 1;
+    const box = this.$("compare");
+    box.innerHTML = "";
+    for (const m of maps) {
+      const fig = document.createElement("figure");
+      const c = document.createElement("canvas");
+      const cell = Math.max(1, Math.floor(96 / m.w));
+      c.width = m.w * cell; c.height = m.h * cell; c.dataset.word = m.token;
+      const ctx = c.getContext("2d");
+      for (let y = 0; y < m.h; y++) for (let x = 0; x < m.w; x++) {
+        const [r, g, bb] = colormap(this.$("cmap").value, (m.data[y * m.w + x] - a) / span);
+        ctx.fillStyle = `rgb(${r},${g},${bb})`;
+        ctx.fillRect(x * cell, y * cell, cell, cell);
+      }
+      fig.appendChild(c);
+      fig.insertAdjacentHTML("beforeend", `<figcaption>${m.token}</figcaption>`);
+      box.appendChild(fig);
+    }
+    box.insertAdjacentHTML("beforeend", `<div>shared range ${a.toPrecision(3)} .. ${b.toPrecision(3)}</div>`);
+    this.compared = { words, range: [a, b] };
   }
 
   hover(e) {
@@ -203,4 +347,11 @@ export class Viewer {
 }
 
 export const STYLE = `.wan-capture-viewer{font:12px sans-serif;color:#ddd}.wan-capture-viewer .wcv-row{margin:2px 0}
-.wan-capture-viewer canvas{image-rendering:pixelated;width:480px;max-width:100%;border:1px solid #444}`;
+.wan-capture-viewer .wcv-canvas{image-rendering:pixelated;width:480px;max-width:100%;border:1px solid #444;cursor:crosshair}
+.wan-capture-viewer .wcv-bar{vertical-align:middle;border:1px solid #444}
+.wan-capture-viewer .wcv-compare figure{display:inline-block;margin:2px 6px 2px 0}
+.wan-capture-viewer .wcv-compare canvas{image-rendering:pixelated;width:96px;border:1px solid #444}
+.wan-capture-viewer figcaption{text-align:center}
+.wan-capture-viewer .wcv-probe-table{border-collapse:collapse}.wan-capture-viewer .wcv-probe-table td,
+.wan-capture-viewer .wcv-probe-table th{border:1px solid #444;padding:1px 4px}
+.wan-capture-viewer .wcv-chart{background:#111;border:1px solid #444;display:block}`;

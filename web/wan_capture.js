@@ -3,6 +3,8 @@
 import { app } from "../../scripts/app.js";
 import { Viewer, STYLE } from "./viewer_core.js";
 
+const VIEWER_HEIGHT = 420;
+
 app.registerExtension({
   name: "wan_attention_capture.viewer",
   async setup() {
@@ -16,8 +18,14 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
       const el = document.createElement("div");
+      // a fixed height that the node's size includes (nothing hangs below the node); the viewer scrolls inside
+      el.style.cssText = `height:${VIEWER_HEIGHT}px;overflow:auto;box-sizing:border-box`;
       this.wanViewer = new Viewer(el);
-      this.addDOMWidget("attention_viewer", "viewer", el, { serialize: false });
+      this.addDOMWidget("attention_viewer", "viewer", el, {
+        serialize: false, getMinHeight: () => VIEWER_HEIGHT, getMaxHeight: () => VIEWER_HEIGHT,
+      });
+      const [w, h] = this.computeSize();
+      this.setSize([Math.max(w, 440), h]);
       return r;
     };
     const executed = nodeType.prototype.onExecuted;
