@@ -75,7 +75,7 @@ def _make_outer_sample(state: _Comfy):
         guider = getattr(executor, "class_obj", None)
         sampling = {"seed": seed, "cfg": getattr(guider, "cfg", None), "guider": type(guider).__name__}
         state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),
-                                  sampling=sampling)
+                                  sampling=sampling, weights=state.weights)
         try:
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, marked partial
@@ -173,6 +173,8 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
     if patcher and model_sampling is None:
         model_sampling = getattr(target.model, "model_sampling", None)
     state = _Comfy(recorder, info, kinds, model_sampling, to.get("optimized_attention_override"))
+    # which weights: two Attach nodes sharing one recorder over different models are experts (Wan 2.2 A14B)
+    state.weights = id(getattr(getattr(target, "model", None), "diffusion_model", None)) if patcher else None
     to["optimized_attention_override"] = _make_override(state)
     replace = to.get("patches_replace", {}).get("dit", {})
     patches = {i: _make_block_patch(state, i, replace.get(("double_block", i))) for i in range(info.num_blocks)}

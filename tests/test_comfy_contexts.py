@@ -265,3 +265,34 @@ def test_vace_reference_frame_is_left_out_of_the_overlay_after_trim(pack, tmp_pa
     assert summary["reference_latent_frames"] == 1 and summary["video_frames"] == 9
     assert an.get_spatial_attention_map(an.list_videos()[0], "pos000", step=0).shape == (1, 9, 64, 64)
     json.dumps(summary)
+
+
+def test_a14b_experts_are_named_per_step(pack, tmp_path):
+    """Two Attach nodes sharing a recorder over two different models (Wan 2.2 A14B's high and low noise experts,
+    which ComfyUI runs as WAN21): the metadata names the experts and which one evaluated each step."""
+    import folder_paths
+    from comfy_harness import ksampler_advanced
+    from wan_capture import AttentionAnalyzer
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    attach = node(pack, "attach_node", "AttachAttentionRecorder")
+    high_model = load_model(tiny_wan_checkpoint(str(tmp_path / "high.safetensors"), seed=0))
+    low_model = load_model(tiny_wan_checkpoint(str(tmp_path / "low.safetensors"), seed=1))
+    high, rec = attach.execute(model=high_model, options=recording_options(pack, text_positions="2")).args
+    low, _ = attach.execute(model=low_model, share_recorder=rec).args
+    pos, neg = conditioning("t2v", 1), conditioning("t2v", 2)
+    first = ksampler_advanced(high, pos, neg, empty_latent("t2v"), 0, 2, 4, leftover=True)
+    second = ksampler_advanced(low, pos, neg, first, 2, 10000, 4, leftover=False, add_noise=False)
+    take = rec.find(pack.wan_capture.fingerprint(second["samples"]))
+    assert take.experts() == [{"expert": "high_noise", "steps": [0, 1]}, {"expert": "low_noise", "steps": [2, 3]}]
+    path = node(pack, "save_node", "SaveAttentionMaps").PREPARE_CLASS_CLONE({}).execute(
+        recorder=rec, samples=second, batch_name="a14b").args[0]
+    an = AttentionAnalyzer(str(tmp_path / "output" / path))
+    video = an.list_videos()[0]
+    summary = an.summary(video)
+    assert summary["model_family"] == "wan2.2_a14b" and summary["model"]["model_type"] == "WAN21"
+    assert [an.load_metadata(video, "pos002", s)["expert"] for s in range(4)] == ["high_noise"] * 2 + ["low_noise"] * 2
+    same, rec2 = attach.execute(model=high_model, options=recording_options(pack, text_positions="2")).args
+    again, _ = attach.execute(model=high_model.clone(), share_recorder=rec2).args  # the same weights: no experts
+    out = ksampler_advanced(again, pos, neg, ksampler_advanced(same, pos, neg, empty_latent("t2v"), 0, 2, 4, True),
+                            2, 10000, 4, leftover=False, add_noise=False)
+    assert rec2.find(pack.wan_capture.fingerprint(out["samples"])).experts() == []

@@ -186,3 +186,42 @@ def test_gzip_files_are_gzip(tmp_path):
     save_take(recorded(), str(tmp_path), "b", SaveOptions(compress=True))
     path = tmp_path / "b" / "attention_maps" / "prompt_000_vid001" / "token_tree" / "step_000.npy.gz"
     np.load(io.BytesIO(gzip.decompress(path.read_bytes())))
+
+
+def test_analyzer_reads_the_nested_layout_of_the_origin_project(tmp_path):
+    """``attention_maps/prompt_000/vid001/token_flower/step_000.npy`` (no summary.json): listed, read and aggregated
+    like the seed's flat ``prompt_000_vid001`` folders, side by side with them."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "attention_maps"
+    arrays = {}
+    for prompt, vid, word in (("prompt_000", "vid001", "flower"), ("prompt_000", "vid002", "flower"),
+                              ("prompt_001", "vid001", "tree")):
+        folder = root / prompt / vid / f"token_{word}"
+        folder.mkdir(parents=True)
+        for step in range(3):
+            a = rng.random((2, 3, 12, 2)).astype(np.float16)
+            np.save(folder / f"step_{step:03d}.npy", a)
+            arrays[(f"{prompt}_{vid}", word, step)] = a
+            meta = {"video_id": f"{prompt}_{vid}", "step": step, "token_word": word, "total_steps": 3,
+                    "attention_shape": [2, 3, 12, 2], "prompt": f"a {word}", "seed": 7}
+            (folder / f"step_{step:03d}_metadata.json").write_text(json.dumps(meta))
+    flat = root / "prompt_002_vid001" / "token_sun"
+    flat.mkdir(parents=True)
+    np.save(flat / "step_000.npy", np.ones((1, 1, 12, 1), np.float16))
+    (root / "prompt_002_vid001" / "summary.json").write_text(json.dumps(
+        {"status": "complete", "steps": [0], "tokens": [{"label": "sun", "folder": "token_sun"}]}))
+    an = AttentionAnalyzer(str(root))
+    assert an.list_videos() == ["prompt_000_vid001", "prompt_000_vid002", "prompt_001_vid001", "prompt_002_vid001"]
+    assert an.list_tokens("prompt_001_vid001") == ["tree"] and an.list_steps("prompt_001_vid001", "tree") == [0, 1, 2]
+    np.testing.assert_array_equal(an.load_step("prompt_000_vid002", "flower", 1),
+                                  arrays[("prompt_000_vid002", "flower", 1)].astype(np.float32))
+    np.testing.assert_array_equal(an.load_step("prompt_000/vid002", "flower", 2),  # the nested name works too
+                                  arrays[("prompt_000_vid002", "flower", 2)].astype(np.float32))
+    evo = an.get_temporal_evolution("prompt_000_vid001", "flower")
+    want = np.stack([arrays[("prompt_000_vid001", "flower", s)].astype(np.float32) for s in range(3)]).mean(axis=(1, 2))
+    np.testing.assert_allclose(evo, want, rtol=1e-6)
+    summary = an.summary("prompt_001_vid001")
+    assert summary["summary_from_files"] and summary["prompt"] == "a tree" and summary["seed"] == 7
+    assert an.load_metadata("prompt_000_vid001", "flower", 0)["token_word"] == "flower"
+    with pytest.raises(FileNotFoundError, match="no video 'prompt_000_vid009'"):
+        an.load_step("prompt_000_vid009", "flower", 0)

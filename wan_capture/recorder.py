@@ -127,6 +127,7 @@ class Take:
         self.text_len: Optional[int] = None
         self.batch: Optional[int] = None  # rows per branch: one per video
         self.passes: List[Tuple[int, List[float]]] = []  # (first global step, the pass's sigmas)
+        self.pass_weights: List[Optional[int]] = []  # identity of each pass's model weights (experts differ)
         self.sampling: dict = {}  # seed, cfg... of the first pass, as the sampler reported them
         self.step_sigmas: Dict[int, float] = {}
         self.step_timesteps: Dict[int, Optional[float]] = {}
@@ -263,6 +264,7 @@ class Take:
         t._recorder = self._recorder
         boundary = self.passes[passes][0] if passes < len(self.passes) else self.total_steps
         t.passes = [(offset, list(sig)) for offset, sig in self.passes[:passes]]
+        t.pass_weights = list(self.pass_weights[:passes])
         t.pass_outputs = list(self.pass_outputs[:passes])
         t.cross = {k: v for k, v in self.cross.items() if k[0] < boundary}
         t.sink = {k: v for k, v in self.sink.items() if k[0] < boundary}
@@ -485,6 +487,21 @@ class Take:
         for key in keys:
             self.cross[key] = torch.cat([s.cross[key] for s in subs], dim=3)
 
+    def experts(self) -> List[dict]:
+        """The experts of a take whose passes ran different weights (Wan 2.2 A14B: high noise, then low noise):
+        each with its steps; empty for one model."""
+        groups: List[dict] = []
+        for (first, sigmas), weights in zip(self.passes, self.pass_weights):
+            last = first + max(1, len(sigmas) - 1) - 1
+            if groups and groups[-1]["weights"] == weights:
+                groups[-1]["steps"][1] = last
+            else:
+                groups.append({"weights": weights, "steps": [first, last]})
+        if len({g["weights"] for g in groups}) < 2:
+            return []
+        names = ["high_noise", "low_noise"] if len(groups) == 2 else [f"expert_{i}" for i in range(len(groups))]
+        return [{"expert": name, "steps": g["steps"]} for name, g in zip(names, groups)]
+
     def summary(self) -> dict:
         """A JSON-able description of the take (what nodes show and metadata starts from)."""
         return {
@@ -518,11 +535,12 @@ class Recorder:
 
     # -- passes ------------------------------------------------------------------------------------
     def begin_pass(self, sigmas: Optional[Sequence[float]], model, input_fingerprint: Optional[str] = None,
-                   sampling: Optional[dict] = None) -> Take:
+                   sampling: Optional[dict] = None, weights: Optional[int] = None) -> Take:
         """Start a sampling pass; it continues the latest take when it starts where that one stopped.
 
         ``sampling`` (seed, cfg, ...) describes the sampler; the first pass's values are kept. ``sigmas=None``
-        (a pipeline whose schedule is not known): each new sigma or timestep seen is the next step.
+        (a pipeline whose schedule is not known): each new sigma or timestep seen is the next step. ``weights``:
+        an identity of the model's weights (passes of different weights in one take are experts, as in Wan 2.2 A14B).
         """
         dynamic = sigmas is None
         sigmas = [] if dynamic else [float(s) for s in sigmas]
@@ -560,6 +578,7 @@ class Recorder:
             del self.takes[:-self.keep_takes]
         # a dynamic pass has no scheduled steps ([0.0]); locate() numbers its steps as they come
         take.passes.append((take.total_steps, [0.0] if dynamic else sigmas))
+        take.pass_weights = take.pass_weights[:len(take.passes) - 1] + [weights]
         take._seen.clear()
         self.active = take
         return take

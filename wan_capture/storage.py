@@ -257,6 +257,7 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
         "prompt": plain_prompt(prompt), "prompt_weighted": prompt,
         "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video,
         "total_steps": take.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
+        **expert_meta(take),
         "map_grid": map_grid.as_list() if map_grid else None, "model": take.model,
         "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
         "storage_format": opts.storage_format, "compressed": opts.compress, "pack_version": version, **opts.extra,
@@ -346,6 +347,25 @@ def readable(pieces) -> List[str]:
     return [p.replace("\u2581", "") for p in pieces]
 
 
+def expert_meta(take: Take) -> dict:
+    """``experts`` (name and steps of each) where different weights made one recording; two experts of Wan 2.1's
+    architecture are Wan 2.2 A14B (``model_family``), which ComfyUI runs as WAN21 models."""
+    experts = take.experts()
+    if not experts:
+        return {}
+    meta = {"experts": experts}
+    if len(experts) == 2 and take.model.get("model_type") == "WAN21":
+        meta["model_family"] = "wan2.2_a14b"
+    return meta
+
+
+def expert_of(take: Take, step: int) -> Optional[str]:
+    for e in take.experts():
+        if e["steps"][0] <= step <= e["steps"][1]:
+            return e["expert"]
+    return None
+
+
 def video_size(take: Take) -> dict:
     """Decoded video size the latent grid stands for: ``video_frames`` (latent frame 0 is frame 0, each further latent
     frame covers 4), ``video_height``/``video_width`` (patch x VAE stride pixels per token)."""
@@ -412,6 +432,8 @@ def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, op
     }
     if take.causal:
         meta["pass"] = take.step_pass.get(step, "denoise")
+    if expert_of(take, step):
+        meta["expert"] = expert_of(take, step)
     w.write(f"{folder}/step_{step:03d}_metadata.json", _json(meta))
 
 
