@@ -15,7 +15,7 @@ from .templates import TemplateError, expand_template
 from .tokens import TokenTracking, TrackedWord, TrackingError
 from .tracker import CallTracker
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionAnalyzer", "CausalRecorder", "record", "SaveOptions", "StorageError", "TemplateError", "TokenTracking", "TrackedWord",
