@@ -326,3 +326,21 @@ def test_screenshot_every_node_fully_on_screen_at_default_zoom(comfy_server):
     from PIL import Image
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[0] >= height and img.shape[1] >= width and img.std() > 5  # the page holds the canvas
+
+
+def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(comfy_server):
+    """A UI workflow saved with 0.1.0 (tests/data) loads in the real frontend without errors; its old nodes are
+    there, marked retired, with descriptions naming the nodes that replace them (queued, they stop with that)."""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    script = os.path.join(NODE_DIR, "browser_frontend.mjs")
+    shutil.copy(os.path.join(ROOT, "tests", "browser_frontend.mjs"), script)
+    old = os.path.join(ROOT, "tests", "data", "workflow_0.1.0_t2v.json")
+    shot = os.path.join(ROOT, ".cache", "frontend_0.1.0_screenshot.png")
+    out = subprocess.run(["node", script, comfy_server.url, old, shot], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["errors"], result["errors"]
+    assert {"WanAttachAttentionRecorder", "WanSaveAttentionMaps", "WanAttentionHeatmap"} <= set(result["types"])
+    info = json.loads(fetch(f"{comfy_server.url}/object_info/WanAttentionHeatmap")[2])["WanAttentionHeatmap"]
+    assert info["deprecated"] and "Attention Overlay" in info["description"]
