@@ -58,17 +58,23 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
     """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
     an = reader(maps_dir, root)
     b = "" if branch == "cond" else branch
-    meta = an.load_metadata(video, token, step, b)
-    # the metadata says how large the array is: nothing larger is decompressed (a planted gzip bomb is refused)
-    shape = meta.get("attention_shape") or []
-    expected = int(np.prod(shape)) * (4 if "float32" in str(meta.get("dtype")) else 2) if shape else MAX_SLICE_BYTES
-    an.max_bytes = min(MAX_SLICE_BYTES, expected + 4096)
+    meta = _bounded_by_metadata(an, video, token, step, b)
     data = an.load_step(video, token, step, b)  # [blocks, heads, spatial, pieces]
     bi, hi = _axis(meta["blocks"], block, "block"), _axis(meta["heads"], head, "head")
     data = data.mean(axis=0) if bi is None else data[bi]
     data = data.mean(axis=0) if hi is None else data[hi]
     f, h, w = meta["map_grid"]
     return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
+
+
+def _bounded_by_metadata(an: AttentionAnalyzer, video: str, token: str, step: int, branch: str) -> dict:
+    """The step's metadata; the reader then decompresses nothing larger than the array it describes (a planted gzip
+    bomb is refused)."""
+    meta = an.load_metadata(video, token, step, branch)
+    shape = meta.get("attention_shape") or []
+    expected = int(np.prod(shape)) * (4 if "float32" in str(meta.get("dtype")) else 2) if shape else MAX_SLICE_BYTES
+    an.max_bytes = min(MAX_SLICE_BYTES, expected + 4096)
+    return meta
 
 
 def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
@@ -125,10 +131,7 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     for label in an.list_tokens(video, b):
         rows = []
         for step in out["steps"]:
-            meta = an.load_metadata(video, label, step, b)
-            shape = meta.get("attention_shape") or []
-            itemsize = 4 if "float32" in str(meta.get("dtype")) else 2
-            an.max_bytes = min(MAX_SLICE_BYTES, int(np.prod(shape)) * itemsize + 4096) if shape else MAX_SLICE_BYTES
+            _bounded_by_metadata(an, video, label, step, b)
             data = an.load_step(video, label, step, b)  # [blocks, heads, spatial, pieces]
             rows.append(data[:, :, cell, :].mean(axis=(1, 2)))
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]

@@ -441,18 +441,24 @@ def _chunk_suffix(chunk: Optional[int]) -> str:
     return "" if chunk is None else f"_chunk_{chunk:03d}"
 
 
+def _save_statistics(w, take, stats: dict, names, stem: str, step: int, branch: str, b: int, dtype, base) -> dict:
+    """Write one step's named statistics (``<stem>_<name>``); the step metadata they share, for the caller to add to."""
+    shapes = {}
+    for name in names:
+        if name in stats:
+            arr = stats[name][b].to(dtype).contiguous()
+            shapes[name] = list(arr.shape)
+            w.array(f"{stem}_{name}", arr)
+    return {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+            "shapes": shapes, **_axis_meta(take), "branch": branch}
+
+
 def _save_sink_step(w, take, step, branch, b, prefix, dtype, base, chunk=None) -> None:
     stats = take.sink.get((step, branch))
     if not stats:
         return
     stem = f"{prefix}self_attention/step_{step:03d}{_chunk_suffix(chunk)}"
-    shapes = {}
-    for name in SINK_NAMES:
-        arr = stats[name][b].to(dtype).contiguous()
-        shapes[name] = list(arr.shape)
-        w.array(f"{stem}_{name}", arr)
-    meta = {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
-            "shapes": shapes, **_axis_meta(take), "branch": branch,
+    meta = {**_save_statistics(w, take, stats, SINK_NAMES, stem, step, branch, b, dtype, base),
             "frame_tokens": take.grid.frame_tokens, "key_max_aggregation": "max"}
     if chunk is not None:
         parent = take.parent
@@ -470,14 +476,7 @@ def _save_image_step(w, take, step, branch, b, prefix, dtype, base) -> None:
     if not stats:
         return
     stem = f"{prefix}image_context/step_{step:03d}"
-    shapes = {}
-    for name in IMAGE_NAMES:
-        if name in stats:
-            arr = stats[name][b].to(dtype).contiguous()
-            shapes[name] = list(arr.shape)
-            w.array(f"{stem}_{name}", arr)
-    meta = {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
-            "shapes": shapes, **_axis_meta(take), "branch": branch,
+    meta = {**_save_statistics(w, take, stats, IMAGE_NAMES, stem, step, branch, b, dtype, base),
             "share": "per query: sigmoid(lse_image - lse_text), the image tokens' share of its attention were image "
                      "and text keys one softmax",
             "received": "per image token: mean over queries of its probability in the image cross-attention"}
