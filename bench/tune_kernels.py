@@ -28,6 +28,12 @@ def main(only=None):
     k = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16).view(1, tokens, 12, 128).transpose(1, 2)
     scale, layout = 128 ** -0.5, KeyLayout()
     lse = kernels.row_pass(q, k, scale, layout, ft, True)[0]
+    # the model's own call for this row (ComfyUI: cuDNN first): what the per-block ratio is taken against
+    v = torch.randn_like(q)
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=50,
+                                     rep=300, return_mode="median")
+    print(f"cuDNN attention, this row: {ms:.2f} ms")
     best = {}
     for name, configs, fn in [
         ("row", ROW, lambda c: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
