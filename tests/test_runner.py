@@ -40,6 +40,12 @@ def test_plan_and_prepare_are_stable():
     assert g["22"]["inputs"]["filename_prefix"] == "my_batch/prompt_001_vid002/token_overlay"
     with pytest.raises(ValueError, match="no 'Save Attention Maps' node"):
         prepare({"1": {"class_type": "KSampler", "inputs": {}}}, Job("p", "x", 1, 1), "b")
+    # the negative prompt's tracker keeps its text: only the positive one gets the job's prompt
+    sink = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_attention_sink_study.json")))
+    negative = sink["7"]["inputs"]["negative_tracking"][0]
+    g = prepare(sink, jobs[1], "b")
+    assert g["4"]["inputs"]["text"] == jobs[1].prompt
+    assert g[negative]["inputs"]["text"] == sink[negative]["inputs"]["text"] != jobs[1].prompt
 
 
 def test_batch_of_four_resumes_after_kill_without_duplicates(comfy_server, tmp_path):

@@ -167,10 +167,12 @@ class _Writer:
 def plan_file_count(take: Take, opts: SaveOptions) -> int:
     """Files one video of ``take`` will take (for progress bars)."""
     steps = [s for s in take.steps if s % opts.storage_interval == 0]
-    per_step = len(tracking_of(take).words) * 2 * len(take.plan.branch_names()) if take.cross else 0
+    branches = take.plan.branch_names()
+    per_step = sum(len(tracking_of(take, b).words) * 2 for b in branches) if take.cross else 0
+    per_step += (len(IMAGE_NAMES) + 1) * len(branches) if take.image else 0
     for part in (list(take.chunks.values()) or [take]):
-        per_step += (len(SINK_NAMES) + 1) * len(take.plan.branch_names()) if part.sink else 0
-        per_step += 3 * len(take.blocks) * len(take.plan.branch_names()) if part.windows else 0
+        per_step += (len(SINK_NAMES) + 1) * len(branches) if part.sink else 0
+        per_step += 3 * len(take.blocks) * len(branches) if part.windows else 0
     return len(steps) * per_step + 2 + (1 if take.causal else 0)
 
 
