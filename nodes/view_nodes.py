@@ -54,7 +54,10 @@ def steps_of(text: str, source) -> list:
     """The recorded steps a selection names ('all', a list, 'every N')."""
     steps, every = parse_steps(text)
     if steps is None:
-        return [s for s in source.steps if s % every == 0] or list(source.steps)
+        chosen = [s for s in source.steps if s % every == 0]
+        if not chosen:
+            raise ValueError(f"no recorded step is a multiple of {every}; recorded steps: {list(source.steps)}")
+        return chosen
     return list(steps)
 
 
