@@ -157,13 +157,14 @@ class AttentionAnalyzer:
     def list_tokens(self, video_id: str, branch: str = "") -> List[str]:
         """Labels of the tracked words, as ``summary.json`` lists them (files of other recordings never count);
         ``branch="uncond"``: the negative prompt's words (what the uncond rows attended to)."""
-        tokens = self._tokens(video_id, branch)
+        tokens = self.tracked_words(video_id, branch)
         if tokens is not None:
             return sorted(t["label"] for t in tokens)
         v = self._video(video_id)
         return sorted(d[len("token_"):] for d in os.listdir(v) if d.startswith("token_") and os.path.isdir(os.path.join(v, d)))
 
-    def _tokens(self, video_id: str, branch: str) -> Optional[List[dict]]:
+    def tracked_words(self, video_id: str, branch: str = "") -> Optional[List[dict]]:
+        """``summary.json``'s entries of the tracked words in prompt order (``uncond``: the negative prompt's)."""
         summary = self.summary(video_id)
         if branch == "uncond" and "negative_tokens" in summary:
             return summary["negative_tokens"]
@@ -191,7 +192,7 @@ class AttentionAnalyzer:
     def _token_dir(self, video_id: str, token: str, branch: str = "") -> str:
         video = self._video(video_id)
         # the folder summary.json names for the word (names that collided were made unique when saved)
-        named = {t["label"]: t.get("folder") for t in self._tokens(video_id, branch) or []}
+        named = {t["label"]: t.get("folder") for t in self.tracked_words(video_id, branch) or []}
         name = named.get(token) or f"token_{safe_name(token, 'token')}"
         folder = os.path.join(video, *(["uncond"] if branch == "uncond" else []), name)
         if not os.path.isdir(folder):

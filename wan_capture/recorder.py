@@ -9,12 +9,16 @@ exactly that sampler output, whatever ComfyUI cached or re-ran.
 Recorded arrays (host memory, ``plan.storage_dtype`` except windows, which stay float32):
 
 * ``take.cross[(step, branch)]``: ``[batch, blocks', heads', spatial', T]`` text cross-attention probabilities of
-  the tracked positions ``plan.text_positions`` (T of them); ``blocks'`` is ``take.blocks`` or 1 (mean over blocks
+  the tracked positions ``plan.positions(branch)`` (the negative prompt's for uncond), then one summed column per
+  group of ``plan.sums(branch)`` (T in all); ``blocks'`` is ``take.blocks`` or 1 (mean over blocks
   when ``store_per_block`` is off), ``heads'`` is ``take.heads`` or 1 (mean), ``spatial'`` the latent tokens after
   ``spatial_downsample_factor`` pooling (``take.map_grid``).
 * ``take.sink[(step, branch)][name]`` with name in ``received``/``key_max`` ``[batch, blocks', heads', keys]``,
   ``frame_mass`` ``[batch, blocks', heads', Fq, Fk]``, ``entropy`` ``[batch, blocks', heads', Fq]``; aggregation over
   blocks/heads is the mean, except ``key_max`` which takes the max.
+* ``take.image[(step, branch)][name]`` (i2v with ``record_image_context``): ``share`` ``[batch, blocks', heads',
+  tokens]``, the image tokens' share of each query's attention were image and text keys one softmax, and
+  ``received`` ``[batch, blocks', heads', image tokens]``.
 * ``take.windows[(step, block, branch)]``: dict with ``scores`` and ``probs`` ``[batch, heads, nq, nk]`` float32 and the
   token ranges ``q_range``/``k_range`` (and ``q_frames``/``k_frames``, absolute latent frames of its rows/columns).
 
@@ -38,10 +42,10 @@ import torch
 from . import stats as _stats
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
 from .grid import Grid, pool_spatial
-from .time_layout import TimeLayout
 from .model_info import ModelInfo
 from .plan import PlanError, RecordingPlan
 from .steps import continues, step_of
+from .time_layout import TimeLayout
 
 SINK_NAMES = ("received", "key_max", "frame_mass", "entropy")
 IMAGE_NAMES = ("share", "received")  # image-context statistics (i2v): per query, per image token
@@ -390,9 +394,7 @@ class Take:
         maps = _stats.cross_attention_probs(qb, kb, p.positions(branch), scale, chunk, call.layout)
         if p.sums(branch):  # summed groups (padding): one column each, after the positions'
             maps = torch.cat([maps, _stats.cross_attention_mass(qb, kb, p.sums(branch), scale, chunk, call.layout)], -1)
-        if not p.store_per_head:
-            maps = maps.mean(dim=1, keepdim=True)
-        maps = pool_spatial(maps, call.grid, p.spatial_downsample_factor)
+        maps = pool_spatial(self._heads_reduced(maps), call.grid, p.spatial_downsample_factor)
         self._slot(("cross", call.step, branch)).add(call.block, maps)
 
     def _heads_reduced(self, value: torch.Tensor) -> torch.Tensor:
@@ -578,7 +580,7 @@ class Recorder:
             del self.takes[:-self.keep_takes]
         # a dynamic pass has no scheduled steps ([0.0]); locate() numbers its steps as they come
         take.passes.append((take.total_steps, [0.0] if dynamic else sigmas))
-        take.pass_weights = take.pass_weights[:len(take.passes) - 1] + [weights]
+        take.pass_weights.append(weights)
         take._seen.clear()
         self.active = take
         return take

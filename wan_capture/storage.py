@@ -434,8 +434,9 @@ def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, op
     }
     if take.causal:
         meta["pass"] = take.step_pass.get(step, "denoise")
-    if expert_of(take, step):
-        meta["expert"] = expert_of(take, step)
+    expert = expert_of(take, step)
+    if expert:
+        meta["expert"] = expert
     w.write(f"{folder}/step_{step:03d}_metadata.json", _json(meta))
 
 

@@ -100,7 +100,7 @@ class SavedSource:
         return self.an.load_step(self.video, label, step, "" if branch == "cond" else branch)
 
     def labels_of(self, branch: str = "cond") -> List[str]:
-        return [t["label"] for t in self.an._tokens(self.video, "" if branch == "cond" else branch) or []]
+        return [t["label"] for t in self.an.tracked_words(self.video, "" if branch == "cond" else branch) or []]
 
     def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
         return self.an.load_image_context(self.video, step, name, "" if branch == "cond" else branch)
@@ -163,24 +163,26 @@ def token_maps(source, label: str, steps: Optional[Sequence[int]] = None, blocks
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
 
 
-def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
-    """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
+def _latent_grid_maps(source, statistic, steps, blocks, heads, mean_steps: bool) -> np.ndarray:
+    """``[N, F, H, W]``: a per-token statistic ``statistic(step) -> [blocks, heads, tokens]`` on the latent grid, mean
+    over the chosen blocks and heads; N = 1 (mean over steps) or one per step."""
     bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
     f, h, w = source.meta["latent_grid"]
-    # nan: a causal key no chunk attended to (shown as 0, the attention it received)
-    maps = np.nan_to_num(np.stack([source.sink(s, "received", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
-                                   for s in _steps(source, steps)]))
+    maps = np.stack([statistic(s)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w) for s in _steps(source, steps)])
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+
+
+def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
+    """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
+    # nan: a causal key no chunk attended to (shown as 0, the attention it received)
+    return np.nan_to_num(_latent_grid_maps(source, lambda s: source.sink(s, "received", branch), steps, blocks, heads,
+                                           mean_steps))
 
 
 def image_share_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
                      mean_steps: bool = True) -> np.ndarray:
     """``[N, F, H, W]`` i2v: the image tokens' share of each latent token's attention, on the latent grid."""
-    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
-    f, h, w = source.meta["latent_grid"]
-    maps = np.stack([source.image(s, "share", branch)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
-                     for s in _steps(source, steps)])
-    return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+    return _latent_grid_maps(source, lambda s: source.image(s, "share", branch), steps, blocks, heads, mean_steps)
 
 
 def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cmap: str, mode: str, alpha: float,
