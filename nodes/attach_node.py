@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Optional, Tuple
+from typing import Optional
 
 from comfy_api.latest import io
 
 from ..wan_capture import FrameWindow, PlanError, Recorder, RecordingPlan, parse_index_list
+from ..wan_capture.plan import parse_steps
 from .comfy_attach import attach_recorder
 from .widgets import settings, steps_input
 
@@ -18,16 +18,6 @@ RecordingOptions = io.Custom("WAN_RECORDING_OPTIONS")
 RECORD = {"cross attention": (True, False), "sink statistics": (False, True),
           "cross attention + sink statistics": (True, True)}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecordingPlan)}
-
-
-def parse_steps(text: str, field_name: str = "steps") -> Tuple[Optional[Tuple[int, ...]], int]:
-    """``"all"``, ``"0-9,20"`` or ``"every 5"`` -> (explicit steps or None, interval)."""
-    m = re.fullmatch(r"\s*every\s+(\d+)\s*", text or "", flags=re.I)
-    if m:
-        if int(m.group(1)) < 1:
-            raise PlanError(f"RecordingPlan.{field_name}: 'every N' needs N >= 1, got {text!r}")
-        return None, int(m.group(1))
-    return parse_index_list(text, field_name), 1
 
 
 def _frames(text: str, field_name: str):

@@ -1,6 +1,7 @@
 """What to record: the recording plan, validated when it is built."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -211,3 +212,13 @@ def parse_index_list(text: str, field_name: str = "indices") -> Optional[Tuple[i
                               "context has that many")
         out.extend(range(lo, hi + 1))
     return tuple(dict.fromkeys(out))
+
+
+def parse_steps(text: str, field_name: str = "steps") -> Tuple[Optional[Tuple[int, ...]], int]:
+    """``"all"``, ``"0-9,20"`` or ``"every 5"`` -> (explicit steps or None, interval)."""
+    m = re.fullmatch(r"\s*every\s+(\d+)\s*", text or "", flags=re.I)
+    if m:
+        if int(m.group(1)) < 1:
+            _fail(field_name, f"'every N' needs N >= 1, got {text!r}")
+        return None, int(m.group(1))
+    return parse_index_list(text, field_name), 1
