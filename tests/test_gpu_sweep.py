@@ -46,7 +46,8 @@ def test_single_sweep_sampling_is_bit_identical_and_exact(monkeypatch):
         calls.append((q.detach().clone(), k.detach().clone(), kwargs.get("heads", args[0] if args else None)))
         return real(q, k, v, *args, **kwargs)
     monkeypatch.setattr(wan, "optimized_attention", spy)
-    rec = wc.Recorder(wc.RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32"))
+    rec = wc.Recorder(wc.RecordingPlan(record_cross=False, record_sink_stats=True, storage_dtype="float32",
+                                       store_per_head=True))
     info = wc.describe_model(model, model_type="WAN21")
     to = {"cond_or_uncond": [1, 0]}
     tracker = comfy_attach.install_recorder(to, rec, info)
