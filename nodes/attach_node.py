@@ -55,6 +55,10 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
         raise PlanError("RecordingPlan.text_positions: both a token tracking spec and text_positions are given; "
                         "clear text_positions in Attention Recording Options or disconnect the tracker")
     cross, sink = RECORD[record]
+    if cross and tracking is None and not opts.get("text_positions") and opts.get("branch", "cond") != "uncond":
+        raise PlanError("RecordingPlan.text_positions: record is 'cross attention' but no words are tracked: connect "
+                        "a Weighted Token Tracker to token_tracking (or give text_positions in Attention Recording "
+                        "Options), or set record to 'sink statistics'")
     step_list, interval = parse_steps(steps)
     positions = tracking.positions if tracking is not None else opts.pop("text_positions", ())
     opts.pop("text_positions", None)
