@@ -85,19 +85,26 @@ def playwright_ready():
     return os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core"))
 
 
+def browser(script_name: str, *args: str, timeout: int = 240) -> dict:
+    """Run one of tests/browser_*.mjs in Debian's chromium (copied beside playwright-core in .cache/node): its JSON
+    line, after checking it exited cleanly and saw no page errors."""
+    script = os.path.join(NODE_DIR, script_name)
+    shutil.copy(os.path.join(ROOT, "tests", script_name), script)
+    out = subprocess.run(["node", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["errors"], result["errors"]
+    return result
+
+
 def test_viewer_in_chromium_draws_the_array(comfy_server, recording, tmp_path):
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm "
                     "(playwright-core is installed into .cache/node)")
     path, video = recording
-    script = os.path.join(NODE_DIR, "browser_viewer.mjs")
-    shutil.copy(os.path.join(ROOT, "tests", "browser_viewer.mjs"), script)
     shot = os.path.join(ROOT, ".cache", "viewer_screenshot.png")  # kept as a test artefact
     page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
-    out = subprocess.run(["node", script, page, shot], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result["errors"], result["errors"]
+    result = browser("browser_viewer.mjs", page, shot)
     an = AttentionAnalyzer(str(comfy_server.output / path))
     steps = an.list_steps(video, "flower")
     for key, step, frame in (("before", steps[0], 0), ("after", steps[-1], 1)):
@@ -117,14 +124,9 @@ def test_frontend_loads_an_example_and_the_save_node_has_the_viewer(comfy_server
     """The real ComfyUI frontend: our extension registers, a UI example loads whole, the Save node carries the viewer."""
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
-    script = os.path.join(NODE_DIR, "browser_frontend.mjs")
-    shutil.copy(os.path.join(ROOT, "tests", "browser_frontend.mjs"), script)
     example = os.path.join(ROOT, "example_workflows", "wan21_t2v_attention.json")
     shot = os.path.join(ROOT, ".cache", "frontend_screenshot.png")
-    out = subprocess.run(["node", script, comfy_server.url, example, shot], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result["errors"], result["errors"]
+    result = browser("browser_frontend.mjs", comfy_server.url, example, shot)
     wf = json.load(open(example))
     assert result["types"] == sorted(n["type"] for n in wf["nodes"])
     assert result["links"] == len(wf["links"])
@@ -269,14 +271,9 @@ def test_point_probe_playback_side_by_side_legend_and_png_export_in_chromium(com
     from PIL import Image
     from wan_capture.colormaps import apply_colormap
     path, video = recording
-    script = os.path.join(NODE_DIR, "browser_probe.mjs")
-    shutil.copy(os.path.join(ROOT, "tests", "browser_probe.mjs"), script)
     shot = os.path.join(ROOT, ".cache", "viewer_probe_screenshot.png")
     page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
-    out = subprocess.run(["node", script, page, shot], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not r["errors"], r["errors"]
+    r = browser("browser_probe.mjs", page, shot)
     an = AttentionAnalyzer(str(comfy_server.output / path))
     steps = an.list_steps(video, "flower")
     probe = r["probe"]["data"]
@@ -308,13 +305,8 @@ def test_screenshot_every_node_fully_on_screen_at_default_zoom(comfy_server):
     """Each node of the pack, created in the real frontend at zoom 1, fits the screen with all its inputs."""
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
-    script = os.path.join(NODE_DIR, "browser_nodes.mjs")
-    shutil.copy(os.path.join(ROOT, "tests", "browser_nodes.mjs"), script)
     shot = os.path.join(ROOT, ".cache", "nodes_screenshot.png")
-    out = subprocess.run(["node", script, comfy_server.url, shot], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not r["errors"], r["errors"]
+    r = browser("browser_nodes.mjs", comfy_server.url, shot)
     width, height = r["viewport"]
     types = {n["type"] for n in r["nodes"]}
     assert {"WanAttachRecorder", "WanRecordingOptions", "WanAttentionOverlay", "WanAttentionMatrix",
@@ -333,14 +325,9 @@ def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(c
     there, marked retired, with descriptions naming the nodes that replace them (queued, they stop with that)."""
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
-    script = os.path.join(NODE_DIR, "browser_frontend.mjs")
-    shutil.copy(os.path.join(ROOT, "tests", "browser_frontend.mjs"), script)
     old = os.path.join(ROOT, "tests", "data", "workflow_0.1.0_t2v.json")
     shot = os.path.join(ROOT, ".cache", "frontend_0.1.0_screenshot.png")
-    out = subprocess.run(["node", script, comfy_server.url, old, shot], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result["errors"], result["errors"]
+    result = browser("browser_frontend.mjs", comfy_server.url, old, shot)
     assert {"WanAttachAttentionRecorder", "WanSaveAttentionMaps", "WanAttentionHeatmap"} <= set(result["types"])
     info = json.loads(fetch(f"{comfy_server.url}/object_info/WanAttentionHeatmap")[2])["WanAttentionHeatmap"]
     assert info["deprecated"] and "Attention Overlay" in info["description"]
