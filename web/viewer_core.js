@@ -170,6 +170,7 @@ export class Viewer {
       <table class="wcv-probe-table">${head}${rows}</table>
       <details><summary>per block</summary><table class="wcv-probe-blocks">${head}${perBlock}</table></details>`;
     this.root.dataset.probed = "1";
+    await this.draw();  // the marker on the frame
     return p;
   }
 
@@ -275,6 +276,13 @@ export class Viewer {
     if (this.slice.matrix && this.slice.sinks.length) {  // mark the sink frames' key columns
       ctx.strokeStyle = "#00e5ff";
       for (const f of this.slice.sinks) ctx.strokeRect(f * (canvas.width / w) + 0.5, 0.5, canvas.width / w - 1, canvas.height - 1);
+    }
+    const pr = this.probed;
+    if (pr && !this.slice.matrix && pr.cell[0] === t) {  // mark the probed point on its frame
+      const [, py, px] = pr.cell;
+      ctx.strokeStyle = "#00e5ff";
+      ctx.lineWidth = 2;
+      ctx.strokeRect((px * canvas.width) / w + 1, (py * canvas.height) / h + 1, canvas.width / w - 2, canvas.height / h - 2);
     }
     this.legend(lo, hi, `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}${sinkNote}`);
     if (this.$("compare-on").checked && !this.slice.matrix) await this.compare(t, lo, hi);
