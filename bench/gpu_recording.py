@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     for label, kw in (("cross maps, 8 tokens", dict(text_positions=tuple(range(8)))),
                       ("sink statistics", dict(record_cross=False, record_sink_stats=True)),
                       ("both", dict(text_positions=tuple(range(8)), record_sink_stats=True))):
-        take = wc.Take(wc.RecordingPlan(memory_budget_mb=1 << 22, **kw), wc.describe_model(model))
+        plan = wc.RecordingPlan(memory_budget_mb=1 << 22, store_per_block=True, store_per_head=True, **kw)
+        take = wc.Take(plan, wc.describe_model(model))
         full[label] = {"mib_per_step_one_video": take.bytes_per_step(grid, 1) / 2 ** 20,
                        "full_model_blocks": size["blocks"]}
     print("host memory of a full recording (every block and head, float16, one video) per step: " +

@@ -1,7 +1,8 @@
 """Time the sink-statistics kernels' block shapes on this GPU at Wan 1.3B's size (one CFG row, 12 heads of 128,
-32,760 tokens, frames of 1,560) and print the fastest; kernels.ROW_CONFIG / COL_CONFIG / SWEEP_CONFIG hold the chosen ones.
+32,760 tokens, frames of 1,560) or Wan 14B's at 720p (40 heads, 75,600 tokens, frames of 3,600) and print the
+fastest; kernels.ROW_CONFIG / COL_CONFIG / SWEEP_CONFIG hold the chosen ones, kernels.sweep_splits the splits.
 
-    python bench/tune_kernels.py
+    python bench/tune_kernels.py [row] [column] [sweep] [--size 1.3b|14b]
 """
 import os
 import sys
@@ -15,44 +16,51 @@ from wan_capture import kernels  # noqa: E402
 
 ROW = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2),
        (128, 64, 4, 2), (64, 64, 4, 3)]
-SWEEP = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3),
-         (256, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)]
+SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3)]
+SWEEP_SPLITS = [None, 8, 16, 32]  # None: kernels.sweep_splits
 COL = [(64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 2),
        (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+SIZES = {"1.3b": (32760, 1560, 12), "14b": (75600, 3600, 40)}
 
 
-def main(only=None):
+def main(argv):
+    size = argv[argv.index("--size") + 1] if "--size" in argv else "1.3b"
+    only = [a for a in argv if a in ("row", "column", "sweep")]
     torch.manual_seed(0)
-    tokens, ft = 32760, 1560
-    q = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16).view(1, tokens, 12, 128).transpose(1, 2)
-    k = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16).view(1, tokens, 12, 128).transpose(1, 2)
+    tokens, ft, heads = SIZES[size]
+    dim = heads * 128
+    q = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16).view(1, tokens, heads, 128).transpose(1, 2)
+    k = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16).view(1, tokens, heads, 128).transpose(1, 2)
     scale, layout = 128 ** -0.5, KeyLayout()
-    lse = kernels.row_pass(q, k, scale, layout, ft, True)[0]
     # the model's own call for this row (ComfyUI: cuDNN first): what the per-block ratio is taken against
     v = torch.randn_like(q)
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
-        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=50,
-                                     rep=300, return_mode="median")
-    print(f"cuDNN attention, this row: {ms:.2f} ms")
+        ref = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=50,
+                                      rep=300, return_mode="median")
+    from wan_capture.lse_attention import cudnn_attention
+    lse = cudnn_attention(q, k, v)[1].reshape(heads, tokens)
+    del v
+    print(f"{size}: cuDNN attention, this row: {ref:.2f} ms; splits chosen for the sweep: "
+          f"{kernels.sweep_splits(tokens, -(-tokens // ft), heads, ft, 128, kernels.SWEEP_CONFIG[0], q.device)}")
     best = {}
-    for name, configs, fn in [
-        ("row", ROW, lambda c: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
-        ("column", COL, lambda c: kernels.column_pass(q, k, scale, layout, ft, lse, config=c)),
-        ("sweep", SWEEP, lambda c: kernels.sweep(q, k, scale, layout, ft, lse, config=c)),
-    ]:
+    runs = [("row", [(c, None) for c in ROW], lambda c, s: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
+            ("column", [(c, None) for c in COL], lambda c, s: kernels.column_pass(q, k, scale, layout, ft, lse, config=c)),
+            ("sweep", [(c, s) for c in SWEEP for s in SWEEP_SPLITS],
+             lambda c, s: kernels.sweep(q, k, scale, layout, ft, lse, config=c, splits=s))]
+    for name, cases, fn in runs:
         if only and name not in only:
             continue
-        for c in configs:
+        for c, s in cases:
             try:
-                ms = triton.testing.do_bench(lambda: fn(c), warmup=50, rep=300, return_mode="median")
+                ms = triton.testing.do_bench(lambda: fn(c, s), warmup=50, rep=300, return_mode="median")
             except Exception as e:  # a shape that does not fit this GPU's shared memory or registers
-                print(f"{name} {c}: failed ({type(e).__name__})")
+                print(f"{name} {c} splits {s}: failed ({type(e).__name__})")
                 continue
-            print(f"{name} {c}: {ms:.2f} ms")
-            if name not in best or ms < best[name][1]:
-                best[name] = (c, ms)
-    for name, (c, ms) in best.items():
-        print(f"best {name}: {c} {ms:.2f} ms")
+            print(f"{name} {c} splits {s or 'auto'}: {ms:.2f} ms ({ms / ref:.3f}x cuDNN)", flush=True)
+            if name not in best or ms < best[name][2]:
+                best[name] = (c, s, ms)
+    for name, (c, s, ms) in best.items():
+        print(f"best {name}: {c} splits {s or 'auto'} {ms:.2f} ms ({ms / ref:.3f}x cuDNN)")
 
 
 if __name__ == "__main__":

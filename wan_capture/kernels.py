@@ -7,11 +7,11 @@
   receives and the maximum score it gets; no atomics, each program owns its keys.
 * ``cross`` (one program per query block): log-sum-exp over all text keys, then the probabilities of the tracked
   keys only.
-* ``sweep`` (one program per key frame x query split, query tiles outer, the frame's key tiles inner): the single
+* ``sweep`` (one program per query split x key frame, query tiles outer, the frame's key tiles inner): the single
   sweep used when each query's log-sum-exp is already known (returned by the model's own attention kernel): per
   query the mass and the ``sum p*s`` on that key frame (so frame mass and entropy need no second sweep), per key the
-  received attention and max score, accumulated in registers over the split's queries (partials per split, summed
-  afterwards). No atomics: each program alone writes its outputs, so the results are deterministic.
+  received attention and max score, added tile by tile to rows the program alone owns (one row per split, summed
+  afterwards). No atomics, so the results are deterministic.
 
 Scores are ``tl.dot`` of the model's own bf16/fp16 q and k with float32 accumulation (float32 inputs use IEEE
 float32, never TF32), kept in base-2 units inside the kernels (``exp2``), reported in natural units.
@@ -226,15 +226,17 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
 
 
 @triton.jit
-def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, q_abs, qmask, lse2, accp, accs, rsum, rmax,
-                rows, frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2, accp, accs, RB, KB,
+                frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """One key tile against the program's query tile, as [keys, queries]. Per-key sums reduce along the cheap axis
-    into the program's per-key accumulators (one row per key tile of the frame); per-query sums accumulate
-    elementwise and are reduced once per query tile."""
+    and are added to the program's own per-key rows in memory (``RB``/``KB``, loaded before the dot so that their
+    latency hides behind it); per-query sums accumulate elementwise and are reduced once per query tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    kmask = offs_n < k_hi
+    recv = tl.load(RB + offs_n, mask=kmask, other=0.0)
+    kmax = tl.load(KB + offs_n, mask=kmask, other=float("-inf"))
     if MASKED:
-        kmask = offs_n < k_hi
         k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kmask[:, None], other=0.0)
     else:
         k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d)
@@ -252,18 +254,19 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, q_abs, qmask,
         p = tl.exp2(s * c - lse2[None, :])
         accs += p * s
     accp += p
-    j = (start_n - k_lo) // BLOCK_N
-    rsum = tl.where(rows[:, None] == j, rsum + tl.sum(p, 1)[None, :], rsum)
-    rmax = tl.where(rows[:, None] == j, tl.maximum(rmax, tl.max(s, 1)[None, :]), rmax)
-    return accp, accs, rsum, rmax
+    tl.store(RB + offs_n, recv + tl.sum(p, 1), mask=kmask)
+    tl.store(KB + offs_n, tl.maximum(kmax, tl.max(s, 1)), mask=kmask)
+    return accp, accs
 
 
 @triton.jit
 def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
                   q_offset, frame_tokens, Fk, q_per_split, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NT: tl.constexpr):
-    fk = tl.program_id(0)
-    split = tl.program_id(1)
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    # the splits of one key frame are neighbours in launch order, so the programs running at once share few key
+    # frames and those stay in L2 (at Wan 14B's 720p frames, 0.9 MB a head, that decides the speed)
+    split = tl.program_id(0)
+    fk = tl.program_id(1)
     pid_bh = tl.program_id(2)
     r = pid_bh // H
     h = pid_bh % H
@@ -277,9 +280,11 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     offs_d = tl.arange(0, D)
     kbase = K + r * sk_r + h * sk_h
     qbase = Q + r * sq_r + h * sq_h
-    rows = tl.arange(0, NT)
-    rsum = tl.zeros([NT, BLOCK_N], tl.float32)  # received: this split's sum over queries, per key of the frame
-    rmax = tl.full([NT, BLOCK_N], float("-inf"), tl.float32)  # max raw score per key of the frame
+    # this split's per-key received sums and max scores: rows of its own, so no other program touches them and the
+    # results are deterministic. Each query tile updates every key once; the barrier after it orders those
+    # read-modify-writes across the program's threads.
+    RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
+    KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
     # the hot loop has no masks: full query tiles against the frame's full key tiles (bidirectional attention);
     # the frame's last, partial key tile and a partial query tile follow in masked loops of their own
     q_full = q_lo if CAUSAL != 0 else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
@@ -291,12 +296,12 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, n_hot, BLOCK_N):
-            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, offs_m, offs_m,
-                                                 lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL, False,
-                                                 IEEE, BLOCK_N)
+            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m, offs_m, lse2, accp, accs,
+                                     RB, KB, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_N)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0))
         tl.store(PS + out, tl.sum(accs, 0))
+        tl.debug_barrier()
     if n_hot < k_hi:  # the frame's partial key tile against the full query tiles: added to what they stored
         for start_m in range(q_lo, q_full, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -305,12 +310,12 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
             lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
             accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_lo, k_hi, offs_m + q_offset,
-                                                 qmask, lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL,
-                                                 True, IEEE, BLOCK_N)
+            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
+                                     accs, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N)
             out = (pid_bh * Fk + fk) * Lq + offs_m
             tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
             tl.store(PS + out, tl.load(PS + out) + tl.sum(accs, 0))
+            tl.debug_barrier()
     for start_m in range(q_full, q_hi, BLOCK_M):  # a partial query tile (or every tile under a causal mask)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qmask = offs_m < q_hi
@@ -319,16 +324,12 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, k_hi, BLOCK_N):
-            accp, accs, rsum, rmax = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_lo, k_hi, offs_m + q_offset,
-                                                 qmask, lse2, accp, accs, rsum, rmax, rows, frame_tokens, c, CAUSAL,
-                                                 True, IEEE, BLOCK_N)
+            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
+                                     accp, accs, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
         tl.store(PS + out, tl.sum(accs, 0), mask=qmask)
-    keys = k_lo + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    ptr = (split * tl.num_programs(2) + pid_bh) * Lk + keys
-    tl.store(RECV + ptr, rsum, mask=keys < k_hi)
-    tl.store(KMAX + ptr, rmax, mask=keys < k_hi)
+        tl.debug_barrier()
 
 
 _CAUSAL = {None: 0, "token": 1, "frame": 2}
@@ -444,41 +445,52 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 SWEEP_CONFIG = (64, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
-# per-key accumulators of a whole frame live in registers: longer frames (Wan 14B at 720p: 3,600) spill and were
-# measured slower than the two passes, so they keep using those
-SWEEP_MAX_FRAME_TOKENS = 2048
 
 
-def sweep_supported(frame_tokens: int) -> bool:
-    return 0 < frame_tokens <= SWEEP_MAX_FRAME_TOKENS
+def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, block_m: int, device) -> int:
+    """Query splits of the single sweep: enough programs to fill the GPU, and enough splits per key frame that the
+    key frames of the programs running at once fit in half the L2 cache (each program re-reads its frame's keys for
+    every query tile)."""
+    if _interpreting():
+        sms, l2 = 132, 50 << 20
+    else:
+        props = torch.cuda.get_device_properties(device)
+        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
+    running = 3 * sms  # programs resident at once: about 3 of SWEEP_CONFIG's 4 warps fit a multiprocessor
+    fill = triton.cdiv(8 * sms, frames * rows)
+    fit = triton.cdiv(running * frame_tokens * d * 2, l2 // 2)
+    return max(1, min(triton.cdiv(lq, block_m), max(fill, fit)))
+
+
+def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
+    """Device bytes :func:`sweep` allocates per row-head (per-query partial sums, per-split per-key rows)."""
+    return (2 * frames * lq + 2 * splits * lk) * 4
 
 
 def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None):
     """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
-    units), per-query ``mass [R*H, Lq, Fk]`` and ``entropy [R*H, Lq]``."""
+    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     ft = frame_tokens or lk
     fk = -(-lk // ft)
     bm, bn, warps, stages = config or (SMALL_CONFIG if d > 128 or _interpreting() else SWEEP_CONFIG)
-    if splits is None:  # enough programs to fill the GPU: about 4 per multiprocessor
-        sms = 132 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(lq, bm), triton.cdiv(8 * sms, fk * r * h)))
+    if splits is None:
+        splits = sweep_splits(lq, fk, r * h, ft, d, bm, q.device)
     per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
     splits = triton.cdiv(lq, per)
     dev = q.device
     mass = torch.zeros(r * h, fk, lq, device=dev, dtype=torch.float32)  # causal programs skip unseen queries
     ps = torch.zeros_like(mass)
-    recv = torch.empty(splits, r * h, lk, device=dev, dtype=torch.float32)  # every key written once per split
-    kmax = torch.empty_like(recv)
+    recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)  # one row per split, summed after
+    kmax = torch.full((splits, r * h, lk), float("-inf"), device=dev, dtype=torch.float32)
     lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
-    _sweep_kernel[(fk, splits, r * h)](q, k, lse, mass, ps, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
+    _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, ps, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
                                        layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
-                                       IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d,
-                                       NT=triton.next_power_of_2(triton.cdiv(ft, bn)), num_warps=warps,
+                                       IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps,
                                        num_stages=stages)
     entropy = lse - scale * ps.sum(dim=1)
-    return recv.sum(dim=0), kmax.amax(dim=0) * scale, mass.transpose(1, 2), entropy
+    return recv.sum(dim=0), kmax.amax(dim=0) * scale, mass, entropy
 
 
 def sink_statistics(q, k, scale, frame_tokens, layout):

@@ -232,7 +232,7 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     instead of two. Without it (or on the torch path) it is computed here.
     """
     kern = kernels_for(q, k)
-    if kern is not None and lse is not None and kern.sweep_supported(frame_tokens):
+    if kern is not None and lse is not None and frame_tokens > 0:
         return _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse)
     if kern is not None and -(-k.shape[2] // frame_tokens) <= kern.MAX_FRAMES:
         return _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
@@ -270,24 +270,35 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
                      entropy.view(r, h, fq), q_frame0)
 
 
+def _frame_means(x: torch.Tensor, offset: int, frame_tokens: int, frames: int) -> torch.Tensor:
+    """``x [..., Lq]`` averaged over each query frame's queries (the first query is token ``offset``): ``[...,
+    frames]``. Frames are contiguous runs of queries, so a reshape sums them: no index kernels, no device sync."""
+    lq = x.shape[-1]
+    lead = offset % frame_tokens
+    tail = frames * frame_tokens - lead - lq
+    if lead or tail:
+        x = torch.nn.functional.pad(x, (lead, tail))
+    sums = x.reshape(*x.shape[:-1], frames, frame_tokens).sum(-1)
+    counts = [min((f + 1) * frame_tokens, lead + lq) - max(f * frame_tokens, lead) for f in range(frames)]
+    return sums / torch.tensor(counts, dtype=sums.dtype).to(sums.device, non_blocking=True)
+
+
 def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
     r, h, lq = q.shape[:3]
     lk = k.shape[2]
-    q_frame, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
-    q_frame = q_frame.to(q.device)
+    _, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
-    counts = torch.bincount(q_frame, minlength=fq).clamp_min(1).to(torch.float32)
     per_head = r * lq * (fk + 3) * 4  # per-query outputs the kernels write for one head
     step = max(1, min(h, chunk_bytes // max(1, per_head)))
     parts = []
     for h0 in range(0, h, step):
         qs, ks = q[:, h0:h0 + step], k[:, h0:h0 + step]
         received, key_max, mass_rows, ent_rows, _ = kern.sink_statistics(qs, ks, scale, frame_tokens, layout)
-        rh = received.shape[0]
-        mass = torch.zeros(rh, fq, fk, device=q.device).index_add_(1, q_frame, mass_rows) / counts[None, :, None]
-        ent = torch.zeros(rh, fq, device=q.device).index_add_(1, q_frame, ent_rows) / counts[None, :]
+        mass = _frame_means(mass_rows.transpose(1, 2), layout.q_offset, frame_tokens, fq).transpose(1, 2)
+        ent = _frame_means(ent_rows, layout.q_offset, frame_tokens, fq)
         hs = qs.shape[1]
-        parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.view(r, hs, fq, fk), ent.view(r, hs, fq)))
+        parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.reshape(r, hs, fq, fk),
+                      ent.view(r, hs, fq)))
     return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
 
 
@@ -296,21 +307,19 @@ def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout,
     lk = k.shape[2]
     if tuple(lse.shape[:3]) != (r, h, lq):
         raise ValueError(f"lse of shape {tuple(lse.shape)} does not match queries [R={r}, H={h}, Lq={lq}]")
-    q_frame, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
-    q_frame = q_frame.to(q.device)
+    _, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
-    counts = torch.bincount(q_frame, minlength=fq).clamp_min(1).to(torch.float32)
-    per_head = r * lq * (2 * fk + 2) * 4  # per-query partial sums the sweep writes for one head
+    splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], kern.SWEEP_CONFIG[0], q.device)
+    per_head = r * kern.sweep_bytes(lq, lk, fk, splits)  # what the sweep allocates for one head
     step = max(1, min(h, chunk_bytes // max(1, per_head)))
     parts = []
     for h0 in range(0, h, step):
         qs, ks, ls = q[:, h0:h0 + step], k[:, h0:h0 + step], lse[:, h0:h0 + step]
-        received, key_max, mass_rows, ent_rows = kern.sweep(qs, ks, scale, layout, frame_tokens, ls)
-        rh = received.shape[0]
-        mass = torch.zeros(rh, fq, fk, device=q.device).index_add_(1, q_frame, mass_rows) / counts[None, :, None]
-        ent = torch.zeros(rh, fq, device=q.device).index_add_(1, q_frame, ent_rows) / counts[None, :]
+        received, key_max, mass_rows, ent_rows = kern.sweep(qs, ks, scale, layout, frame_tokens, ls, splits=splits)
+        mass = _frame_means(mass_rows, layout.q_offset, frame_tokens, fq).transpose(1, 2)
+        ent = _frame_means(ent_rows, layout.q_offset, frame_tokens, fq)
         hs = qs.shape[1]
-        parts.append(((received / lq).view(r, hs, lk), key_max.view(r, hs, lk), mass.view(r, hs, fq, fk),
+        parts.append(((received / lq).view(r, hs, lk), key_max.view(r, hs, lk), mass.reshape(r, hs, fq, fk),
                       ent.view(r, hs, fq)))
     return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
 
