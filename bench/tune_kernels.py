@@ -41,7 +41,7 @@ def main(argv):
     lse = cudnn_attention(q, k, v)[1].reshape(heads, tokens)
     del v
     print(f"{size}: cuDNN attention, this row: {ref:.2f} ms; splits chosen for the sweep: "
-          f"{kernels.sweep_splits(tokens, -(-tokens // ft), heads, ft, 128, kernels.SWEEP_CONFIG[0], q.device)}")
+          f"{kernels.sweep_splits(tokens, -(-tokens // ft), heads, ft, 128, q.device)}")
     best = {}
     runs = [("row", [(c, None) for c in ROW], lambda c, s: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
             ("column", [(c, None) for c in COL], lambda c, s: kernels.column_pass(q, k, scale, layout, ft, lse, config=c)),

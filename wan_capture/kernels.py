@@ -447,7 +447,11 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
 SWEEP_CONFIG = (64, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
 
 
-def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, block_m: int, device) -> int:
+def _sweep_config(d: int):
+    return SMALL_CONFIG if d > 128 or _interpreting() else SWEEP_CONFIG
+
+
+def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, device: torch.device) -> int:
     """Query splits of the single sweep: enough programs to fill the GPU, and enough splits per key frame that the
     key frames of the programs running at once fit in half the L2 cache (each program re-reads its frame's keys for
     every query tile)."""
@@ -459,7 +463,7 @@ def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, blo
     running = 3 * sms  # programs resident at once: about 3 of SWEEP_CONFIG's 4 warps fit a multiprocessor
     fill = triton.cdiv(8 * sms, frames * rows)
     fit = triton.cdiv(running * frame_tokens * d * 2, l2 // 2)
-    return max(1, min(triton.cdiv(lq, block_m), max(fill, fit)))
+    return max(1, min(triton.cdiv(lq, _sweep_config(d)[0]), max(fill, fit)))
 
 
 def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
@@ -474,9 +478,9 @@ def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None):
     lk = k.shape[2]
     ft = frame_tokens or lk
     fk = -(-lk // ft)
-    bm, bn, warps, stages = config or (SMALL_CONFIG if d > 128 or _interpreting() else SWEEP_CONFIG)
+    bm, bn, warps, stages = config or _sweep_config(d)
     if splits is None:
-        splits = sweep_splits(lq, fk, r * h, ft, d, bm, q.device)
+        splits = sweep_splits(lq, fk, r * h, ft, d, q.device)
     per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
     splits = triton.cdiv(lq, per)
     dev = q.device

@@ -309,7 +309,7 @@ def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout,
         raise ValueError(f"lse of shape {tuple(lse.shape)} does not match queries [R={r}, H={h}, Lq={lq}]")
     _, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
-    splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], kern.SWEEP_CONFIG[0], q.device)
+    splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], q.device)
     per_head = r * kern.sweep_bytes(lq, lk, fk, splits)  # what the sweep allocates for one head
     step = max(1, min(h, chunk_bytes // max(1, per_head)))
     parts = []
