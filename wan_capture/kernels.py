@@ -444,7 +444,7 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
-SWEEP_CONFIG = (64, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
+SWEEP_CONFIG = (128, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
 
 
 def _sweep_config(d: int):
@@ -460,7 +460,7 @@ def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, dev
     else:
         props = torch.cuda.get_device_properties(device)
         sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
-    running = 3 * sms  # programs resident at once: about 3 of SWEEP_CONFIG's 4 warps fit a multiprocessor
+    running = 3 * sms  # an estimate of the programs resident at once (registers allow 2 to 3 per multiprocessor)
     fill = triton.cdiv(8 * sms, frames * rows)
     fit = triton.cdiv(running * frame_tokens * d * 2, l2 // 2)
     return max(1, min(triton.cdiv(lq, _sweep_config(d)[0]), max(fill, fit)))
