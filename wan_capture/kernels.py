@@ -24,7 +24,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MAX_FRAMES = 128  # frame accumulators live in registers: longer videos fall back to the torch path for frame_mass
+MAX_FRAMES = 128  # key frames the kernels keep per-query sums for (row pass: in registers; sweep: in memory)
 
 
 @triton.jit

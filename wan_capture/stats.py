@@ -232,9 +232,10 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     instead of two. Without it (or on the torch path) it is computed here.
     """
     kern = kernels_for(q, k)
-    if kern is not None and lse is not None and frame_tokens > 0:
-        return _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse)
+    # the kernels keep per-query sums for every key frame: past MAX_FRAMES the chunked torch path bounds memory
     if kern is not None and -(-k.shape[2] // frame_tokens) <= kern.MAX_FRAMES:
+        if lse is not None:
+            return _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse)
         return _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
     qf, kf = _flat(q, k)
     r, h = q.shape[:2]
