@@ -215,11 +215,16 @@ def context_statistics(q: torch.Tensor, k: torch.Tensor, scale: float,
     return lse.view(r, h, qf.shape[1]), received.view(r, h, kf.shape[1])
 
 
+def _frame_span(length: int, offset: int, frame_tokens: int) -> Tuple[int, int]:
+    """The absolute frame of the first of ``length`` positions starting at ``offset``, and how many frames they span."""
+    first = offset // frame_tokens
+    return first, ((offset + length - 1) // frame_tokens - first + 1) if length else 0
+
+
 def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, int, int]:
     """Absolute frame of each position (relative to the first one's frame), that first frame, the frame count."""
-    first = offset // frame_tokens
-    idx = torch.arange(offset, offset + length) // frame_tokens - first
-    return idx, first, int(idx[-1]) + 1 if length else 0
+    first, count = _frame_span(length, offset, frame_tokens)
+    return torch.arange(offset, offset + length) // frame_tokens - first, first, count
 
 
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens: int,
@@ -287,7 +292,7 @@ def _frame_means(x: torch.Tensor, offset: int, frame_tokens: int, frames: int) -
 def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
     r, h, lq = q.shape[:3]
     lk = k.shape[2]
-    _, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
+    q_frame0, fq = _frame_span(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
     per_head = r * lq * (fk + 3) * 4  # per-query outputs the kernels write for one head
     step = max(1, min(h, chunk_bytes // max(1, per_head)))
@@ -308,7 +313,7 @@ def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout,
     lk = k.shape[2]
     if tuple(lse.shape[:3]) != (r, h, lq):
         raise ValueError(f"lse of shape {tuple(lse.shape)} does not match queries [R={r}, H={h}, Lq={lq}]")
-    _, q_frame0, fq = _frames(lq, layout.q_offset, frame_tokens)
+    q_frame0, fq = _frame_span(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
     splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], q.device)
     per_head = r * kern.sweep_bytes(lq, lk, fk, splits)  # what the sweep allocates for one head
