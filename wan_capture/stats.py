@@ -289,23 +289,36 @@ def _frame_means(x: torch.Tensor, offset: int, frame_tokens: int, frames: int) -
     return sums / torch.tensor(counts, dtype=sums.dtype).to(sums.device, non_blocking=True)
 
 
-def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
+def _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head: int, run) -> SinkStats:
+    """The kernels' statistics, heads in chunks whose buffers (``per_head`` bytes a head) fit ``chunk_bytes``.
+    ``run(h0, h1)`` gives ``received`` (mean over queries) and ``key_max`` ``[rh, Lk]``, per-query ``mass
+    [rh, Fk, Lq]`` and ``entropy [rh, Lq]``; the per-query values become per-query-frame means here."""
     r, h, lq = q.shape[:3]
     lk = k.shape[2]
     q_frame0, fq = _frame_span(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
-    per_head = r * lq * (fk + 3) * 4  # per-query outputs the kernels write for one head
     step = max(1, min(h, chunk_bytes // max(1, per_head)))
     parts = []
     for h0 in range(0, h, step):
-        qs, ks = q[:, h0:h0 + step], k[:, h0:h0 + step]
-        received, key_max, mass_rows, ent_rows, _ = kern.sink_statistics(qs, ks, scale, frame_tokens, layout)
-        mass = _frame_means(mass_rows.transpose(1, 2), layout.q_offset, frame_tokens, fq).transpose(1, 2)
+        h1 = min(h, h0 + step)
+        received, key_max, mass_rows, ent_rows = run(h0, h1)
+        mass = _frame_means(mass_rows, layout.q_offset, frame_tokens, fq).transpose(1, 2)
         ent = _frame_means(ent_rows, layout.q_offset, frame_tokens, fq)
-        hs = qs.shape[1]
+        hs = h1 - h0
         parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.reshape(r, hs, fq, fk),
                       ent.view(r, hs, fq)))
     return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
+
+
+def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
+    r, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+
+    def run(h0, h1):
+        received, key_max, mass, ent, _ = kern.sink_statistics(q[:, h0:h1], k[:, h0:h1], scale, frame_tokens, layout)
+        return received, key_max, mass.transpose(1, 2), ent
+
+    per_head = r * lq * (-(-lk // frame_tokens) + 3) * 4  # per-query outputs the kernels write for one head
+    return _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head, run)
 
 
 def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse) -> SinkStats:
@@ -313,21 +326,16 @@ def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout,
     lk = k.shape[2]
     if tuple(lse.shape[:3]) != (r, h, lq):
         raise ValueError(f"lse of shape {tuple(lse.shape)} does not match queries [R={r}, H={h}, Lq={lq}]")
-    q_frame0, fq = _frame_span(lq, layout.q_offset, frame_tokens)
     fk = -(-lk // frame_tokens)
     splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], q.device)
+
+    def run(h0, h1):
+        received, key_max, mass, ent = kern.sweep(q[:, h0:h1], k[:, h0:h1], scale, layout, frame_tokens,
+                                                  lse[:, h0:h1], splits=splits)
+        return received / lq, key_max, mass, ent
+
     per_head = r * kern.sweep_bytes(lq, lk, fk, splits)  # what the sweep allocates for one head
-    step = max(1, min(h, chunk_bytes // max(1, per_head)))
-    parts = []
-    for h0 in range(0, h, step):
-        qs, ks, ls = q[:, h0:h0 + step], k[:, h0:h0 + step], lse[:, h0:h0 + step]
-        received, key_max, mass_rows, ent_rows = kern.sweep(qs, ks, scale, layout, frame_tokens, ls, splits=splits)
-        mass = _frame_means(mass_rows, layout.q_offset, frame_tokens, fq).transpose(1, 2)
-        ent = _frame_means(ent_rows, layout.q_offset, frame_tokens, fq)
-        hs = qs.shape[1]
-        parts.append(((received / lq).view(r, hs, lk), key_max.view(r, hs, lk), mass.reshape(r, hs, fq, fk),
-                      ent.view(r, hs, fq)))
-    return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
+    return _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head, run)
 
 
 def window_bytes(rows: int, heads: int, q_len: int, k_len: int) -> int:
