@@ -112,6 +112,10 @@ class AttachAttentionRecorder(io.ComfyNode):
                 **kw) -> io.NodeOutput:
         kw = settings(cls, kw)
         if share_recorder is not None:
+            if not isinstance(share_recorder, Recorder):
+                raise TypeError("share_recorder needs the live recorder of another Attach Attention Recorder (the "
+                                "first expert's): saved maps from Load Attention Maps cannot record. Connect the "
+                                "other Attach node's recorder output, or leave share_recorder empty")
             recorder = share_recorder
         else:
             recorder = Recorder(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,

@@ -1,17 +1,16 @@
-"""Finding what a view node shows: the take that belongs to a sampler's LATENT output, or saved maps."""
+"""Finding what a view or Save node reads: the recording of a sampler's LATENT in a live recorder, or saved maps."""
 from __future__ import annotations
 
 from ..wan_capture import Recorder, Take, fingerprint
-from ..wan_capture.views import SavedRecording, TakeSource
+from ..wan_capture.recording import MemoryRecording, Recording
+from ..wan_capture.views import SavedRecording
 
 
 def take_for_latent(recorder: Recorder, latent: dict) -> Take:
     """The take whose last sampling pass produced ``latent``; a clear error when there is none."""
-    if isinstance(recorder, SavedRecording):
-        raise TypeError("this input needs the live recorder of Attach Attention Recorder; saved maps (Load Attention "
-                        "Maps) are already saved and can be viewed directly")
     if not isinstance(recorder, Recorder):
-        raise TypeError(f"expected the ATTENTION_RECORDER output of Attach Attention Recorder, got {type(recorder).__name__}")
+        raise TypeError(f"expected the recorder output of Attach Attention Recorder or Load Attention Maps, got "
+                        f"{type(recorder).__name__}")
     if latent is None:
         raise ValueError("connect the sampler's LATENT output too: it picks which recording of the recorder to use")
     if not recorder.takes:
@@ -31,8 +30,17 @@ def take_for_latent(recorder: Recorder, latent: dict) -> Take:
     return take
 
 
-def open_source(recorder, samples, batch_index: int = 0):
-    """What a view node reads: a live recorder's take of ``samples``, or saved maps from Load Attention Maps."""
+def recordings(recorder, samples) -> list:
+    """Every video a node reads: the batch items of a live recorder's take of ``samples``, or the loaded videos of
+    saved maps (Load Attention Maps), each a :class:`Recording`."""
+    if isinstance(recorder, SavedRecording):
+        return [recorder.source(i) for i in range(len(recorder.videos))]
+    take = take_for_latent(recorder, samples)
+    return [MemoryRecording(take, b) for b in range(take.batch or 1)]
+
+
+def open_source(recorder, samples, batch_index: int = 0) -> Recording:
+    """The video a view node reads: one batch item of a live recording, or one video of saved maps."""
     if isinstance(recorder, SavedRecording):
         return recorder.source(batch_index)
-    return TakeSource(take_for_latent(recorder, samples), batch_index)
+    return MemoryRecording(take_for_latent(recorder, samples), batch_index)

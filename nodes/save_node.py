@@ -7,10 +7,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..wan_capture import SaveOptions, __version__, save_take
-from ..wan_capture.storage import plan_file_count
+from ..wan_capture import SaveOptions, __version__
+from ..wan_capture.storage import file_count, save_recording
 from .attach_node import AttentionRecorder
-from .recording import take_for_latent
+from .recording import recordings
 from .widgets import settings
 
 
@@ -24,11 +24,15 @@ class SaveAttentionMaps(io.ComfyNode):
             description="Writes the recording of the connected sampler output to "
                         "output/<batch_name>/attention_maps/<prompt_id>_vid<NNN>/ (arrays + metadata JSON), as it "
                         "was recorded (steps, precision and pooling are set where recording is: Attach Attention "
-                        "Recorder and Attention Recording Options).",
+                        "Recorder and Attention Recording Options). Fed from Load Attention Maps, it writes a copy "
+                        "of the loaded videos (into another batch, or under another prompt_id).",
             is_output_node=True,
             inputs=[
-                AttentionRecorder.Input("recorder", tooltip="Attach Attention Recorder's recorder."),
-                io.Latent.Input("samples", tooltip="The LATENT output of the sampler that used the recorder's MODEL."),
+                AttentionRecorder.Input("recorder", tooltip="Attach Attention Recorder's recorder, or Load Attention "
+                                                            "Maps to copy saved maps."),
+                io.Latent.Input("samples", optional=True,
+                                tooltip="The LATENT output of the sampler that used the recorder's MODEL (not needed "
+                                        "for saved maps)."),
                 io.Image.Input("images", optional=True,
                                tooltip="The decoded frames: saved beside the maps for the viewer to draw over."),
                 io.String.Input("batch_name", default="wan_attention", optional=True,
@@ -50,21 +54,27 @@ class SaveAttentionMaps(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, recorder, samples, images=None, **kw) -> io.NodeOutput:
+    def execute(cls, recorder, samples=None, images=None, **kw) -> io.NodeOutput:
         kw = settings(cls, kw)
-        take = take_for_latent(recorder, samples)
+        videos = recordings(recorder, samples)
+        first = videos[0].summary
         opts = SaveOptions(storage_format=kw["storage_format"], compress=kw["compress"],
-                           storage_dtype=take.plan.storage_dtype, video_number=kw["video_number"],
-                           prompt_id=kw["prompt_id"] or None, if_exists="replace" if kw["overwrite"] else "new_name")
+                           storage_dtype=first.get("dtype", "torch.float16").replace("torch.", ""),
+                           video_number=kw["video_number"], prompt_id=kw["prompt_id"] or None,
+                           if_exists="replace" if kw["overwrite"] else "new_name")
         out_dir = folder_paths.get_output_directory()
-        pbar = comfy.utils.ProgressBar(plan_file_count(take, opts) * (take.batch or 1), node_id=cls.hidden.unique_id)
+        pbar = comfy.utils.ProgressBar(sum(file_count(v, opts) for v in videos), node_id=cls.hidden.unique_id)
         frames = None if images is None else images.float().cpu().numpy()
-        videos = save_take(take, out_dir, kw["batch_name"], opts, progress=lambda _path: pbar.update(1),
-                           version=__version__, frames=frames)
+        if frames is not None and len(frames) % len(videos):
+            raise ValueError(f"{len(frames)} decoded frames do not split into the recording's {len(videos)} videos")
+        per = None if frames is None else len(frames) // len(videos)
+        saved = [save_recording(v, out_dir, kw["batch_name"], opts, progress=lambda _path: pbar.update(1),
+                                version=__version__, frames=None if frames is None else frames[b * per:(b + 1) * per],
+                                batch_index=b) for b, v in enumerate(videos)]
         rel = lambda p: os.path.relpath(p, out_dir).replace(os.sep, "/")  # noqa: E731
         ui = {"attention_maps": [{"video_id": v.video_id, "subfolder": rel(v.path), "status": v.status,
-                                  "files": [rel(f) for f in v.files]} for v in videos]}
-        root = os.path.dirname(videos[0].path)
+                                  "files": [rel(f) for f in v.files]} for v in saved]}
+        root = os.path.dirname(saved[0].path)
         return io.NodeOutput(rel(root), ui=ui)
 
 

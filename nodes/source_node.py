@@ -52,7 +52,7 @@ class LoadAttentionMaps(io.ComfyNode):
         videos = an.list_videos()
         if video_id and video_id not in videos:
             raise ValueError(f"no saved video {video_id!r} in {attention_maps_path!r}; videos: {videos[:20]}")
-        return io.NodeOutput(SavedRecording(path, [video_id] if video_id else videos))
+        return io.NodeOutput(SavedRecording(path, [video_id] if video_id else videos, confine_to=out))
 
 
 NODES = [LoadAttentionMaps]

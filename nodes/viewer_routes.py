@@ -10,6 +10,7 @@ import folder_paths
 from aiohttp import web
 
 from ..wan_capture.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
+from ..wan_capture.selection import SelectionError
 from ..wan_capture.slices import (Refused, frame_mass_slice, point_probe, reader, resolve, sink_slice,
                                   token_slice)
 
@@ -37,6 +38,8 @@ def _guard(handler):
             return web.json_response({"error": "forbidden"}, status=403)
         except (FileNotFoundError, KeyError, IndexError):
             return web.json_response({"error": "not found"}, status=404)
+        except SelectionError as e:  # what the recording holds, said as the view nodes say it
+            return web.json_response({"error": str(e)}, status=400)
         except ArrayTooLarge:
             return web.json_response({"error": "array too large"}, status=413)
         except DamagedFileError:

@@ -19,6 +19,7 @@ def find_comfyui():
     env = os.environ.get("COMFYUI_PATH")
     candidates = [env] if env else []
     candidates.append(os.path.dirname(os.path.dirname(ROOT)))  # <ComfyUI>/custom_nodes/<pack>
+    candidates.append(os.path.expanduser("~/ComfyUI"))
     for path in candidates:
         if path and os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
             return os.path.abspath(path)

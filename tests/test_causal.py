@@ -20,7 +20,8 @@ from wan_capture import AttentionAnalyzer, FrameWindow, RecordingPlan, SaveOptio
 from wan_capture import tiny_causal
 from wan_capture.adapters.official import sdpa_attention
 from wan_capture.tiny_causal import causal_generate
-from wan_capture.views import SavedSource, TakeSource, frame_mass_images, sink_maps
+from wan_capture.recording import FolderRecording, MemoryRecording
+from wan_capture.views import frame_mass_images, sink_maps
 
 FRAMES, CHUNK, CACHE, SINK = 10, 2, 5, 1  # latent frames, frames per chunk, cache frames, sink frames
 H = W = 4  # latent 4x4 -> 2x2 tokens per frame
@@ -186,7 +187,7 @@ def test_causal_take_saved_read_and_drawn(monkeypatch, tmp_path):
     for f, parts in recv_lists.items():
         np.testing.assert_allclose(received[:, :, f], np.mean(parts, axis=0), rtol=1e-5, atol=1e-8)
     # live and saved answer the same way; the pictures come from them
-    live, saved = TakeSource(take), SavedSource(maps, v)
+    live, saved = MemoryRecording(take), FolderRecording.open(maps, v)
     for name in ("frame_mass", "received", "key_max", "entropy"):
         np.testing.assert_allclose(live.sink(step, name), saved.sink(step, name), rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(sink_maps(saved, [step])[0], received.mean(axis=(0, 1)).reshape(FRAMES, 2, 2),

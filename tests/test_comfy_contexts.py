@@ -224,7 +224,8 @@ def test_vace_reference_frame_is_left_out_of_the_overlay_after_trim(pack, tmp_pa
     from wan_capture import AttentionAnalyzer
     from wan_capture.grid import latent_frame_of
     from wan_capture.masks import attention_masks
-    from wan_capture.views import TakeSource, token_maps
+    from wan_capture.recording import MemoryRecording
+    from wan_capture.views import token_maps
     folder_paths.set_output_directory(str(tmp_path / "output"))
     base = load_model(tiny_wan_checkpoint(str(tmp_path / "vace.safetensors"), "vace"))
     assert type(base.model.diffusion_model).__name__ == "VaceWanModel"
@@ -246,7 +247,7 @@ def test_vace_reference_frame_is_left_out_of_the_overlay_after_trim(pack, tmp_pa
     # the mask node decides per latent cell: its frame i must be latent frame 1 + (the frame that decodes to i)
     mask = node(pack, "mask_node", "AttentionMask").execute(recorder=rec, samples=out, images=images,
                                                             method="top_percent", value=30.0).args[0]
-    maps = token_maps(TakeSource(take), "pos000")[0]  # [4, h, w] over every latent frame the model saw
+    maps = token_maps(MemoryRecording(take), "pos000")[0]  # [4, h, w] over every latent frame the model saw
     per_latent = attention_masks(maps, "top_percent", 30.0)
     for i in range(9):
         want = per_latent[1 + latent_frame_of(i, 3)]

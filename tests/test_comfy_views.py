@@ -104,8 +104,8 @@ def test_bad_selections_are_clear(scene):
         scene["mod"]("source_node").LoadAttentionMaps.execute(attention_maps_path="../../etc")
     with pytest.raises(ValueError, match="no saved video 'x'"):
         scene["mod"]("source_node").LoadAttentionMaps.execute(attention_maps_path=scene["saved"], video_id="x")
-    with pytest.raises(TypeError, match="saved maps"):
-        scene["mod"]("save_node").SaveAttentionMaps.execute(recorder=scene["loaded"], samples=scene["latent"])
+    with pytest.raises(TypeError, match="share_recorder needs the live recorder"):  # saved maps cannot record
+        scene["mod"]("attach_node").AttachAttentionRecorder.execute(model=None, share_recorder=scene["loaded"])
 
 
 def test_mask_node_from_recording_and_saved_maps(scene):

@@ -49,10 +49,11 @@ def _bounded_gunzip(data: bytes, max_bytes: int, path: str) -> bytes:
     return out + d.flush()
 
 
-def load_array(path: str, max_bytes: Optional[int] = None) -> np.ndarray:
+def load_array(path: str, max_bytes: Optional[int] = None, keep_dtype: bool = False) -> np.ndarray:
     """One saved array as float32 numpy, from any of the stored formats (a damaged file raises DamagedFileError).
 
     ``max_bytes``: refuse (ArrayTooLarge) a file whose size, or decompressed size, is above it, before allocating.
+    ``keep_dtype``: the array in the dtype it was stored in (float16 or float32), e.g. to copy it.
     """
     if max_bytes is not None and os.path.getsize(path) > max_bytes:
         raise ArrayTooLarge(f"{os.path.basename(path)} is larger than {max_bytes} bytes")
@@ -63,8 +64,11 @@ def load_array(path: str, max_bytes: Optional[int] = None) -> np.ndarray:
             data = gzip.decompress(data) if max_bytes is None else _bounded_gunzip(data, max_bytes, path)
         if path.endswith((".pt", ".pt.gz")):
             import torch
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float().numpy()
-        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            array = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+        else:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        return array if keep_dtype else array.astype(np.float32)
     except (OSError, EOFError, ValueError, zlib.error, RuntimeError, KeyError, AttributeError, TypeError,
             pickle.UnpicklingError) as e:
         raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}") from None
@@ -100,8 +104,8 @@ class AttentionAnalyzer:
                 raise OutsideRoot("a file of this recording resolves outside the allowed folder")
         return path
 
-    def _array(self, path: str) -> np.ndarray:
-        return load_array(self._checked(path), self.max_bytes)
+    def _array(self, path: str, keep_dtype: bool = False) -> np.ndarray:
+        return load_array(self._checked(path), self.max_bytes, keep_dtype)
 
     def _json(self, path: str) -> dict:
         return _read_json(self._checked(path))

@@ -21,7 +21,8 @@ from .analyzer import AttentionAnalyzer
 from .plan import FrameWindow, RecordingPlan
 from .storage import SaveOptions, save_take
 from .tiny_causal import CausalWanModel, causal_generate
-from .views import SavedSource, frame_mass_images, sink_maps, token_maps, window_image
+from .recording import FolderRecording
+from .views import frame_mass_images, sink_maps, token_maps, window_image
 
 
 def _png(img: np.ndarray, path: str) -> str:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     videos = save_take(take, args.out, "causal_demo", SaveOptions(storage_dtype="float32", prompt_id="causal"))
     maps_dir = os.path.join(args.out, "causal_demo", "attention_maps")
     video = videos[0].video_id
-    an, src = AttentionAnalyzer(maps_dir), SavedSource(maps_dir, video)
+    an, src = AttentionAnalyzer(maps_dir), FolderRecording.open(maps_dir, video)
     pics = os.path.join(args.out, "pictures")
     os.makedirs(pics, exist_ok=True)
     last = max(s for s in src.steps if take.step_pass.get(s) == "denoise")

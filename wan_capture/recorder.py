@@ -485,9 +485,13 @@ class Take:
         last = max(c + self.chunks[c].grid.frames for c in order if self.chunks[c].grid is not None)
         self.grid = Grid(last - first, g0.height, g0.width)
         contiguous = all(a + self.chunks[a].grid.frames == b for a, b in zip(order, order[1:]))
-        keys = set.intersection(*[set(s.cross) for s in subs]) if contiguous else set()
+        # every step any chunk has: the frames of chunks without it (an initial_latent chunk has only the context
+        # pass) are NaN, absent rather than "no attention"
+        keys = set().union(*[set(s.cross) for s in subs]) if contiguous else set()
         for key in keys:
-            self.cross[key] = torch.cat([s.cross[key] for s in subs], dim=3)
+            ref = next(s.cross[key] for s in subs if key in s.cross)
+            self.cross[key] = torch.cat([s.cross[key] if key in s.cross else ref.new_full(
+                (*ref.shape[:3], s.map_grid.tokens, ref.shape[4]), float("nan")) for s in subs], dim=3)
 
     def experts(self) -> List[dict]:
         """The experts of a take whose passes ran different weights (Wan 2.2 A14B: high noise, then low noise):

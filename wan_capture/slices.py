@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .analyzer import AttentionAnalyzer
+from .recording import FolderRecording
+from .selection import axis_positions, parse_selection
 
 MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
 
@@ -34,14 +36,12 @@ def resolve(root: str, rel: str) -> str:
     return real
 
 
-def _axis(values: list, choice: str, name: str) -> Optional[int]:
-    """Position along a saved blocks/heads axis for a model index, or None for the mean."""
-    if choice in ("", "mean", "all") or values == [-1]:
-        return None
-    try:
-        return values.index(int(choice))
-    except ValueError:
-        raise FileNotFoundError(f"{name} {choice} was not saved; saved: {values}") from None
+def _pick(data: np.ndarray, summary: dict, block: str, head: str) -> np.ndarray:
+    """``[blocks, heads, ...]`` -> ``[...]``: one block/head (a model index) or ``mean``; a head or block the
+    recording kept only as a mean is a SelectionError, as in the view nodes."""
+    bi = axis_positions(summary["blocks"], parse_selection(block, "blocks"), "blocks")
+    hi = axis_positions(summary["heads"], parse_selection(head, "heads"), "heads")
+    return data[bi][:, hi].mean(axis=(0, 1))
 
 
 def self_attention_bound(summary: dict) -> int:
@@ -57,12 +57,8 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
                 head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
     an = reader(maps_dir, root)
-    b = "" if branch == "cond" else branch
-    meta = _bounded_by_metadata(an, video, token, step, b)
-    data = an.load_step(video, token, step, b)  # [blocks, heads, spatial, pieces]
-    bi, hi = _axis(meta["blocks"], block, "block"), _axis(meta["heads"], head, "head")
-    data = data.mean(axis=0) if bi is None else data[bi]
-    data = data.mean(axis=0) if hi is None else data[hi]
+    meta = _bounded_by_metadata(an, video, token, step, "" if branch == "cond" else branch)
+    data = _pick(FolderRecording(an, video).cross(token, step, branch), meta, block, head)  # [spatial, pieces]
     f, h, w = meta["map_grid"]
     return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
 
@@ -77,43 +73,31 @@ def _bounded_by_metadata(an: AttentionAnalyzer, video: str, token: str, step: in
     return meta
 
 
+def _self_attention(maps_dir: str, video: str, step: int, name: str, branch: str, root: Optional[str]):
+    """A sink statistic of one step, whole video (causal Wan: assembled over the chunks in absolute frames)."""
+    an = reader(maps_dir, root)
+    rec = FolderRecording(an, video)
+    an.max_bytes = self_attention_bound(rec.summary)
+    return rec.sink(step, name, branch), rec
+
+
 def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
                head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, H, W]`` attention received per key at one step, on the latent grid (causal Wan: assembled over the
-    chunks, see :mod:`wan_capture.causal_stats`)."""
-    an = reader(maps_dir, root)
-    summary = an.summary(video)
-    an.max_bytes = self_attention_bound(summary)
-    br = "" if branch == "cond" else branch
-    if "causal" in summary:  # causal Wan: per-chunk statistics assembled over the video in absolute frames
-        data = np.nan_to_num(an.get_causal_self_attention(video, step, "received", br))
-    else:
-        data = an.load_self_attention(video, step, "received", br)
-    bi, hi = _axis(summary["blocks"], block, "block"), _axis(summary["heads"], head, "head")
-    data = data.mean(axis=0) if bi is None else data[bi]
-    data = data.mean(axis=0) if hi is None else data[hi]
-    f, h, w = summary["latent_grid"]
-    return np.ascontiguousarray(data.reshape(f, h, w), dtype=np.float32), summary
+    chunks, see :mod:`wan_capture.causal_stats`; a key no chunk attended to is 0)."""
+    data, rec = _self_attention(maps_dir, video, step, "received", branch, root)
+    f, h, w = rec.summary["latent_grid"]
+    data = _pick(np.nan_to_num(data), rec.summary, block, head)
+    return np.ascontiguousarray(data.reshape(f, h, w), dtype=np.float32), rec.summary
 
 
 def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
                      head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, F]`` query-frame x key-frame probability mass at one step; causal Wan: the assembled causal matrix,
     with the sink frames in the returned summary's ``sink_frames``."""
-    an = reader(maps_dir, root)
-    summary = dict(an.summary(video))
-    an.max_bytes = self_attention_bound(summary)
-    br = "" if branch == "cond" else branch
-    if "causal" in summary:
-        data = an.get_causal_self_attention(video, step, "frame_mass", br)
-        summary["sink_frames"] = an.sink_frames(video)
-    else:
-        data = an.load_self_attention(video, step, "frame_mass", br)
-        summary["sink_frames"] = []
-    bi, hi = _axis(summary["blocks"], block, "block"), _axis(summary["heads"], head, "head")
-    data = data.mean(axis=0) if bi is None else data[bi]
-    data = data.mean(axis=0) if hi is None else data[hi]
-    return np.ascontiguousarray(data, dtype=np.float32), summary
+    data, rec = _self_attention(maps_dir, video, step, "frame_mass", branch, root)
+    summary = dict(rec.summary, sink_frames=rec.sink_frames)
+    return np.ascontiguousarray(_pick(data, summary, block, head), dtype=np.float32), summary
 
 
 def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: str = "cond",
@@ -121,19 +105,19 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     """Every tracked word's value at one map cell (latent frame, row, column) over the saved steps, per block and
     as the mean over blocks (mean over heads and the word's pieces), read from the saved arrays."""
     an = reader(maps_dir, root)
-    summary = an.summary(video)
-    f, h, w = summary["map_grid"]
+    rec = FolderRecording(an, video)
+    f, h, w = rec.summary["map_grid"]
     if not (0 <= frame < f and 0 <= y < h and 0 <= x < w):
         raise ValueError("cell outside the map grid")
     b = "" if branch == "cond" else branch
     cell = (frame * h + y) * w + x
-    out = {"steps": list(summary["steps"]), "blocks": list(summary["blocks"]), "cell": [frame, y, x], "words": {}}
-    for label in an.list_tokens(video, b):
+    steps = sorted({k.step for k in rec.keys_of("cross", branch)})
+    out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
+    for label in rec.labels_of(branch):
         rows = []
-        for step in out["steps"]:
+        for step in steps:
             _bounded_by_metadata(an, video, label, step, b)
-            data = an.load_step(video, label, step, b)  # [blocks, heads, spatial, pieces]
-            rows.append(data[:, :, cell, :].mean(axis=(1, 2)))
+            rows.append(rec.cross(label, step, branch)[:, :, cell, :].mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
         out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
     return out

@@ -30,9 +30,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .grid import pool_spatial
-from .recorder import IMAGE_NAMES, SINK_NAMES, Take
-from .tokens import TokenTracking, TrackedWord
+from .grid import Grid, pool_spatial
+from .recorder import Take
+from .recording import ArrayKey, MemoryRecording, Recording, key_path, metadata_path
+from .recording.memory import expert_meta, expert_of, plain_prompt, readable, tracking_of, video_size  # noqa: F401
+from .recording.recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
 _UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
@@ -71,6 +73,7 @@ def atomic_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: saved files follow the umask like any other
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -80,12 +83,13 @@ def atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def encode_array(array: torch.Tensor, fmt: str, compress: bool) -> bytes:
+def encode_array(array: np.ndarray, fmt: str, compress: bool) -> bytes:
+    """The file bytes of one array: ``.npy`` or ``.pt``, gzip-compressed when asked (no timestamp: same bytes)."""
     buf = io.BytesIO()
     if fmt == "numpy":
-        np.save(buf, array.numpy())
+        np.save(buf, np.asarray(array))
     else:
-        torch.save(array.clone(), buf)
+        torch.save(torch.from_numpy(np.array(array)), buf)
     data = buf.getvalue()
     return gzip.compress(data, compresslevel=6, mtime=0) if compress else data
 
@@ -129,18 +133,6 @@ class SavedVideo:
     files: List[str]
 
 
-def tracking_of(take: Take, branch: str = "cond") -> TokenTracking:
-    """The words whose maps ``branch``'s rows hold: the prompt's tracking for cond, the negative prompt's for uncond
-    (each row attends to its own context); one pseudo-word per position when positions were given by hand."""
-    key = "tokens" if branch == "cond" else "negative_tokens"
-    data = take.plan.extra.get(key) if take.plan.extra else None
-    if data:
-        return TokenTracking.from_json(data)
-    words = tuple(TrackedWord(label=f"pos{p:03d}", word=f"pos{p:03d}", token_ids=(), token_texts=(), positions=(p,),
-                              weight=1.0) for p in take.plan.positions(branch))
-    return TokenTracking(prompt="", words=words, context_length=take.text_len or 0)
-
-
 class _Writer:
     def __init__(self, folder: str, opts: SaveOptions, progress: Optional[Callable[[str], None]]):
         self.folder, self.opts, self.progress = folder, opts, progress
@@ -150,7 +142,7 @@ class _Writer:
     def write(self, rel: str, data: bytes) -> str:
         path = inside(self.folder, *rel.split("/"))
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o777, exist_ok=True)
             atomic_write(path, data)
         except OSError as e:
             raise StorageError(f"could not write {path}: {e.strerror or e}. Files written before it are intact; "
@@ -160,20 +152,27 @@ class _Writer:
             self.progress(path)
         return path
 
-    def array(self, rel: str, t: torch.Tensor) -> str:
-        return self.write(rel + self.ext, encode_array(t, self.opts.storage_format, self.opts.compress))
+    def array(self, rel: str, array: np.ndarray) -> str:
+        return self.write(rel + self.ext, encode_array(array, self.opts.storage_format, self.opts.compress))
+
+
+def saved_keys(rec: Recording, opts: SaveOptions) -> List[ArrayKey]:
+    """The keys of ``rec`` a save with ``opts`` writes (every ``storage_interval``-th step), in writing order."""
+    order = {"cross": 0, "image": 1, "sink": 2, "window": 3}
+    keys = [k for k in rec.keys() if k.step % opts.storage_interval == 0]
+    return sorted(keys, key=lambda k: (k.branch != "cond", order[k.stat], k.name if k.stat == "cross" else "",
+                                       -1 if k.chunk is None else k.chunk, k.step, k.block or 0, k.name))
 
 
 def plan_file_count(take: Take, opts: SaveOptions) -> int:
     """Files one video of ``take`` will take (for progress bars)."""
-    steps = [s for s in take.steps if s % opts.storage_interval == 0]
-    branches = take.plan.branch_names()
-    per_step = sum(len(tracking_of(take, b).words) * 2 for b in branches) if take.cross else 0
-    per_step += (len(IMAGE_NAMES) + 1) * len(branches) if take.image else 0
-    for part in (list(take.chunks.values()) or [take]):
-        per_step += (len(SINK_NAMES) + 1) * len(branches) if part.sink else 0
-        per_step += 3 * len(take.blocks) * len(branches) if part.windows else 0
-    return len(steps) * per_step + 2 + (1 if take.causal else 0)
+    return file_count(MemoryRecording(take, 0), opts)
+
+
+def file_count(rec: Recording, opts: SaveOptions) -> int:
+    """Files a save of ``rec`` writes: arrays, their metadata files, the summary (twice), the KV log, the frames."""
+    keys = saved_keys(rec, opts)
+    return len(keys) + len({k.group() for k in keys}) + 2 + (1 if rec.causal else 0)
 
 
 def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
@@ -187,15 +186,27 @@ def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions =
     if take.grid is None:
         raise ValueError("this recording holds no attention data (nothing was recorded: check the plan's steps, "
                          "blocks and branch)")
-    root = inside(output_root, safe_name(batch_name, "attention_batch"), "attention_maps")
-    tracking = tracking_of(take)
-    prompt_id = safe_name(opts.prompt_id or tracking.prompt_id, "prompt_000")
     batch = take.batch or 1
     if frames is not None and len(frames) % batch:
         raise ValueError(f"{len(frames)} decoded frames do not split into the recording's {batch} videos")
     per = None if frames is None else len(frames) // batch
-    return [_save_video(take, tracking, root, prompt_id, b, opts, progress, version,
-                        None if frames is None else frames[b * per:(b + 1) * per]) for b in range(batch)]
+    return [save_recording(MemoryRecording(take, b), output_root, batch_name, opts, progress, version,
+                           None if frames is None else frames[b * per:(b + 1) * per], batch_index=b)
+            for b in range(batch)]
+
+
+def save_recording(rec: Recording, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
+                   progress: Optional[Callable[[str], None]] = None, version: str = "",
+                   frames: Optional[np.ndarray] = None, prompt_id: Optional[str] = None,
+                   batch_index: int = 0) -> SavedVideo:
+    """Write one video's recording, live or saved (a saved one is copied: the arrays byte for byte when the options
+    keep its format, dtype and pooling), as ``<output_root>/<batch_name>/attention_maps/<prompt_id>_vid<NNN>``.
+
+    ``frames``: decoded frames ``[T, H, W, 3]`` in [0, 1]; without them, the frames kept with ``rec``.
+    """
+    root = inside(output_root, safe_name(batch_name, "attention_batch"), "attention_maps")
+    prompt_id = safe_name(opts.prompt_id or prompt_id or str(rec.summary.get("prompt_id") or ""), "prompt_000")
+    return _save_video(rec, root, prompt_id, batch_index, opts, progress, version, frames)
 
 
 def _png(frame: np.ndarray) -> bytes:
@@ -234,82 +245,59 @@ def _swap_in(work: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, frames=None) -> SavedVideo:
-    """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
-    old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
-    video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+def _claim_name(root: str, video_id: str, opts: SaveOptions) -> str:
     if opts.if_exists == "new_name" and os.path.lexists(os.path.join(root, video_id)):
         n = 2
         while os.path.lexists(os.path.join(root, f"{video_id}_{n}")):
             n += 1
         video_id = f"{video_id}_{n}"  # the earlier recording stays as it is; the report names the new one
+    return video_id
+
+
+def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, frames=None) -> SavedVideo:
+    """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
+    old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
+    video_id = _claim_name(root, f"{prompt_id}_vid{opts.video_number + b:03d}", opts)
     final = inside(root, video_id)
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(root, mode=0o777, exist_ok=True)
     sweep_leftovers(root, video_id)
     folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-", dir=root)
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it 0700: the saved folder follows the umask like any other
     w = _Writer(folder, opts, progress)
-    dtype = torch.float16 if opts.storage_dtype == "float16" else torch.float32
-    steps = [s for s in take.steps if s % opts.storage_interval == 0]
-    recorded = [br for br in ("cond", "uncond") if br in take.plan.branch_names()]
-    map_grid = take.map_grid.pooled(opts.spatial_downsample_factor) if take.map_grid else None
-    prompt = opts.prompt if opts.prompt is not None else tracking.prompt
-    video = video_size(take)
-    base = {
-        "video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b, "batch_index": b,
-        "prompt": plain_prompt(prompt), "prompt_weighted": prompt,
-        "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video,
-        "total_steps": take.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
-        **expert_meta(take),
-        "map_grid": map_grid.as_list() if map_grid else None, "model": take.model,
-        "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(dtype),
-        "storage_format": opts.storage_format, "compressed": opts.compress, "pack_version": version, **opts.extra,
-    }
-    chunks = [take.chunks[c] for c in sorted(take.chunks)]
-    has_sink = bool(take.sink) or any(c.sink for c in chunks)
-    has_windows = bool(take.windows) or any(c.windows for c in chunks)
-    summary = {**base, "status": "partial", "partial_reason": "writing", "steps": steps,
-               "branches": recorded, "tokens": [], "self_attention": has_sink, "windows": has_windows}
-    if take.causal:
-        summary["causal"] = {
-            "chunks": sorted(take.chunks), "chunk_frames": {str(c): take.chunks[c].grid.frames for c in sorted(take.chunks)
-                                                            if take.chunks[c].grid is not None},
-            "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
-            "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json"}
+    dtype = np.float16 if opts.storage_dtype == "float16" else np.float32
+    keys = saved_keys(rec, opts)
+    pool = opts.spatial_downsample_factor
+    map_grid = Grid(*rec.summary["map_grid"]) if rec.summary.get("map_grid") else None
+    if map_grid is not None and pool > 1:
+        map_grid = map_grid.pooled(pool)
+    provenance = {"video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b,
+                  "batch_index": b, "storage_format": opts.storage_format, "compressed": opts.compress,
+                  "pack_version": version}
+    # what this save decides, over what the recording says
+    overrides = {**provenance, "map_grid": None if map_grid is None else map_grid.as_list(),
+                 "dtype": f"torch.{opts.storage_dtype}", **opts.extra}
+    if opts.prompt is not None:
+        overrides.update(prompt=plain_prompt(opts.prompt), prompt_weighted=opts.prompt)
+    base = {**{k: v for k, v in rec.summary.items() if k not in PROVENANCE}, **overrides}
+    folders = {br: token_folders([w_["label"] for w_ in rec.words(br)]) for br in ("cond", "uncond")}
+    summary = {**base, "status": "partial", "partial_reason": "writing",
+               "steps": sorted({k.step for k in keys}), "branches": rec.summary.get("branches") or ["cond"],
+               "tokens": [{**t, "folder": folders["cond"][t["label"]]} for t in rec.words("cond")],
+               "self_attention": any(k.stat == "sink" for k in keys),
+               "windows": any(k.stat == "window" for k in keys), "arrays": [k.as_list() for k in keys]}
+    if rec.words("uncond") and any(k.stat == "cross" and k.branch == "uncond" for k in keys):
+        summary["negative_tokens"] = [{**t, "folder": folders["uncond"][t["label"]]} for t in rec.words("uncond")]
     w.write("summary.json", _json(summary))
-    if take.status != "complete":
-        summary["partial_reason"] = f"recording {take.status}: {take.error}"
+    if rec.summary.get("status", "complete") != "complete":
+        summary["partial_reason"] = rec.summary.get("partial_reason") or f"recording {rec.summary.get('status')}"
     try:
-        for i, branch in enumerate(recorded):
-            prefix = "" if branch == "cond" else f"{branch}/"
-            if take.cross:
-                words = tracking if branch == "cond" else tracking_of(take, branch)
-                folders = token_folders(words)
-                listed = summary.setdefault("tokens" if branch == "cond" else "negative_tokens", [])
-                branch_base = base if branch == "cond" else {**base, "prompt": plain_prompt(words.prompt),
-                                                               "prompt_weighted": words.prompt}
-                for word in words.words:
-                    folder_name = folders[word.label]
-                    listed.append({**_word_json(word), "folder": folder_name})
-                    for step in steps:
-                        _save_token_step(w, take, words, word, step, branch, b, prefix + folder_name, dtype, opts,
-                                         branch_base)
-            for chunk in ([None] if not take.causal else sorted(take.chunks)):
-                part = take if chunk is None else take.chunks[chunk]
-                for step in steps:
-                    _save_image_step(w, part, step, branch, b, prefix, dtype, base)
-            for chunk in ([None] if not take.causal else sorted(take.chunks)):
-                part = take if chunk is None else take.chunks[chunk]
-                if part.sink:
-                    for step in steps:
-                        _save_sink_step(w, part, step, branch, b, prefix, dtype, base, chunk)
-                for (step, block, br), win in sorted(part.windows.items()):
-                    if br == branch and step in steps:
-                        _save_window(w, step, block, branch, b, prefix, win, base, chunk)
-        if take.causal:
-            w.write("kv_cache_events.json", _json({"events": take.kv_events}))
-        for t, frame in enumerate(frames if frames is not None else []):
-            w.write(f"frames/frame_{t:04d}.png", _png(frame))
-        summary["frames"] = 0 if frames is None else len(frames)
+        _write_arrays(w, rec, keys, folders, overrides, dtype, pool)
+        if rec.causal:
+            w.write("kv_cache_events.json", _json({"events": rec.kv_events()}))
+        pngs = [_png(frame) for frame in frames] if frames is not None else rec.frame_pngs()
+        for t, data in enumerate(pngs):
+            w.write(f"frames/frame_{t:04d}.png", data)
+        summary["frames"] = len(pngs)
     except BaseException as e:
         summary["partial_reason"] = f"writing failed: {type(e).__name__}: {e}"
         summary["files_written"] = len(set(w.files))
@@ -322,7 +310,7 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    if take.status == "complete":
+    if rec.summary.get("status", "complete") == "complete":
         summary["status"] = "complete"
         summary.pop("partial_reason")
     summary["files_written"] = len(set(w.files))  # summary.json is among them already
@@ -333,169 +321,66 @@ def _save_video(take, tracking, root, prompt_id, b, opts, progress, version, fra
     return SavedVideo(video_id, final, summary["status"], files)
 
 
-_WEIGHT = re.compile(r"(?<!\\):\s*-?\d+(?:\.\d*)?\s*(?=\))")
+def _write_arrays(w: _Writer, rec: Recording, keys: List[ArrayKey], folders: dict, overrides: dict, dtype,
+                  pool: int) -> None:
+    """Each key's array, then its group's metadata once the group is written (provenance and shapes of this save)."""
+    groups: Dict[ArrayKey, List[ArrayKey]] = {}
+    for key in keys:
+        groups.setdefault(key.group(), []).append(key)
+    for group, members in groups.items():
+        folder = folders[group.branch].get(group.name) if group.stat == "cross" else None
+        shapes = {}
+        for key in members:
+            arr = rec.get(key)
+            if key.stat == "cross" and pool > 1:
+                source = Grid(*rec.summary["map_grid"])
+                arr = pool_spatial(torch.from_numpy(np.asarray(arr, np.float32)), source, pool).numpy()
+            if key.stat != "window":  # exact windows stay float32 whatever the storage dtype: they are for study
+                arr = np.asarray(arr, dtype=dtype)
+            arr = np.ascontiguousarray(arr)
+            shapes[key.name] = list(arr.shape)
+            w.array(key_path(key, folder), arr)
+        meta = {**rec.metadata(group), **overrides}
+        if group.branch != "cond" and group.stat == "cross":  # the uncond rows' words are the negative prompt's
+            meta.update({k: rec.metadata(group)[k] for k in ("prompt", "prompt_weighted")})
+        if group.stat == "cross":
+            nb, nh, spatial, ntok = shapes[group.name]
+            meta.update(token_folder=folder, attention_shape=[nb, nh, spatial, ntok], spatial_resolution=[spatial, ntok],
+                        num_blocks=nb, num_heads=nh)
+        elif group.stat == "window":
+            meta.update(shape=shapes["scores"], dtype="torch.float32")
+        else:
+            meta.update(shapes=shapes)
+        w.write(metadata_path(group, folder), _json(meta))
 
 
-def plain_prompt(prompt: str) -> str:
-    r"""The prompt as text, without ComfyUI's weight syntax: ``a (flower:2.5) near ((a tree))`` -> ``a flower near a
-    tree`` (escaped ``\(`` ``\)`` kept as parentheses). The written prompt is kept as ``prompt_weighted``."""
-    text = _WEIGHT.sub("", prompt or "")
-    text = re.sub(r"(?<!\\)[()]", "", text)
-    return re.sub(r"\\([()])", r"\1", text)
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-def readable(pieces) -> List[str]:
-    r"""Sentencepiece pieces as text: the word-start marker ``\u2581`` dropped (``\u2581flower`` -> ``flower``)."""
-    return [p.replace("\u2581", "") for p in pieces]
-
-
-def expert_meta(take: Take) -> dict:
-    """``experts`` (name and steps of each) where different weights made one recording; two experts of Wan 2.1's
-    architecture are Wan 2.2 A14B (``model_family``), which ComfyUI runs as WAN21 models."""
-    experts = take.experts()
-    if not experts:
-        return {}
-    meta = {"experts": experts}
-    if len(experts) == 2 and take.model.get("model_type") == "WAN21":
-        meta["model_family"] = "wan2.2_a14b"
-    return meta
-
-
-def expert_of(take: Take, step: int) -> Optional[str]:
-    for e in take.experts():
-        if e["steps"][0] <= step <= e["steps"][1]:
-            return e["expert"]
-    return None
-
-
-def video_size(take: Take) -> dict:
-    """Decoded video size the latent grid stands for: ``video_frames`` (latent frame 0 is frame 0, each further latent
-    frame covers 4), ``video_height``/``video_width`` (patch x VAE stride pixels per token)."""
-    if take.grid is None:
-        return {}
-    stride = take.model.get("vae_stride", [4, 8, 8])
-    patch = take.model.get("patch_size", [1, 2, 2])
-    layout = take.time_layout  # reference (VACE, trimmed before decoding) and context frames are not video frames
-    frames = (take.grid.frames - layout.reference - layout.lead - layout.trail) * patch[0]
-    return {"video_frames": stride[0] * (frames - 1) + 1 if frames else 0,
-            "video_height": take.grid.height * patch[1] * stride[1],
-            "video_width": take.grid.width * patch[2] * stride[2]}
-
-
-def token_folders(tracking: TokenTracking) -> Dict[str, str]:
+def token_folders(labels) -> Dict[str, str]:
     """``token_<label>`` folder of each tracked word, unique within the video: labels that sanitise (or cut at 80
     characters) to the same name get ``_2``, ``_3``... (the summary's ``tokens`` records each word's folder)."""
     out: Dict[str, str] = {}
     used = set()
-    for word in tracking.words:
-        base = f"token_{safe_name(word.label, 'token', limit=74)}"
+    for label in labels:
+        base = f"token_{safe_name(label, 'token', limit=74)}"
         name, n = base, 1
         while name.lower() in used:  # case-insensitive file systems would merge case-only differences too
             n += 1
             name = f"{base}_{n}"
         used.add(name.lower())
-        out[word.label] = name
+        out[label] = name
     return out
 
 
-def _word_json(word: TrackedWord) -> dict:
-    return {"label": word.label, "word": word.word, "token_ids": list(word.token_ids),
-            "token_texts": readable(word.token_texts), "token_pieces": list(word.token_texts),
-            "positions": list(word.positions), "weight": word.weight}
-
-
-def _axis_meta(take: Take) -> dict:
-    p = take.plan
-    return {
-        "block_aggregation": "per_block" if p.store_per_block else "mean",
-        "head_aggregation": "per_head" if p.store_per_head else "mean",
-        "block_idx": list(take.blocks) if p.store_per_block and p.blocks is not None else None,
-        "head_idx": list(take.heads) if p.store_per_head and p.heads is not None else None,
-    }
-
-
-def _save_token_step(w, take, tracking, word, step, branch, b, folder, dtype, opts, base) -> None:
-    maps = take.cross[(step, branch)][b]  # [blocks, heads, spatial, T]
-    maps = maps[..., tracking.columns(word)]
-    if opts.spatial_downsample_factor > 1:
-        maps = pool_spatial(maps.float(), take.map_grid, opts.spatial_downsample_factor)
-    maps = maps.to(dtype).contiguous()
-    nb, nh, spatial, ntok = maps.shape
-    w.array(f"{folder}/step_{step:03d}", maps)
-    meta = {
-        **base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
-        "token_word": word.word, "token_label": word.label, "token_folder": folder.rsplit("/", 1)[-1],
-        "token_ids": list(word.token_ids),
-        "token_texts": readable(word.token_texts), "token_pieces": list(word.token_texts),
-        "token_positions": list(word.positions), "token_weight": word.weight,
-        "aggregation_method": "per_step_full", "attention_shape": [nb, nh, spatial, ntok],
-        "spatial_resolution": [spatial, ntok], "num_blocks": nb, "num_heads": nh, "threshold_applied": None,
-        **_axis_meta(take), "branch": branch,
-    }
-    if take.causal:
-        meta["pass"] = take.step_pass.get(step, "denoise")
-    expert = expert_of(take, step)
-    if expert:
-        meta["expert"] = expert
-    w.write(f"{folder}/step_{step:03d}_metadata.json", _json(meta))
-
-
-def _chunk_suffix(chunk: Optional[int]) -> str:
-    return "" if chunk is None else f"_chunk_{chunk:03d}"
-
-
-def _save_statistics(w, take, stats: dict, names, stem: str, step: int, branch: str, b: int, dtype, base) -> dict:
-    """Write one step's named statistics (``<stem>_<name>``); the step metadata they share, for the caller to add to."""
-    shapes = {}
-    for name in names:
-        if name in stats:
-            arr = stats[name][b].to(dtype).contiguous()
-            shapes[name] = list(arr.shape)
-            w.array(f"{stem}_{name}", arr)
-    return {**base, "step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
-            "shapes": shapes, **_axis_meta(take), "branch": branch}
-
-
-def _save_sink_step(w, take, step, branch, b, prefix, dtype, base, chunk=None) -> None:
-    stats = take.sink.get((step, branch))
-    if not stats:
-        return
-    stem = f"{prefix}self_attention/step_{step:03d}{_chunk_suffix(chunk)}"
-    meta = {**_save_statistics(w, take, stats, SINK_NAMES, stem, step, branch, b, dtype, base),
-            "frame_tokens": take.grid.frame_tokens, "key_max_aggregation": "max"}
-    if chunk is not None:
-        parent = take.parent
-        key_frames = {tuple(v) for (s, _), v in take.key_frames.items() if s == step}
-        meta.update(chunk=chunk, query_frames=list(range(chunk, chunk + take.grid.frames)),
-                    key_frames=list(next(iter(key_frames))) if len(key_frames) == 1 else None,
-                    key_frames_per_block={str(blk): list(v) for (s, blk), v in sorted(take.key_frames.items())
-                                          if s == step} if len(key_frames) > 1 else None,
-                    chunk_grid=take.grid.as_list(), **{"pass": parent.step_pass.get(step, "denoise")})
-    w.write(f"{stem}_metadata.json", _json(meta))
-
-
-def _save_image_step(w, take, step, branch, b, prefix, dtype, base) -> None:
-    stats = take.image.get((step, branch))
-    if not stats:
-        return
-    stem = f"{prefix}image_context/step_{step:03d}"
-    meta = {**_save_statistics(w, take, stats, IMAGE_NAMES, stem, step, branch, b, dtype, base),
-            "share": "per query: sigmoid(lse_image - lse_text), the image tokens' share of its attention were image "
-                     "and text keys one softmax",
-            "received": "per image token: mean over queries of its probability in the image cross-attention"}
-    w.write(f"{stem}_metadata.json", _json(meta))
-
-
-def _save_window(w, step, block, branch, b, prefix, win, base, chunk=None) -> None:
-    ft = base["latent_grid"][1] * base["latent_grid"][2]
-    stem = f"{prefix}windows/step_{step:03d}_block_{block:02d}{_chunk_suffix(chunk)}"
-    # exact windows stay float32 whatever the storage dtype: they are for precise study
-    w.array(f"{stem}_scores", win["scores"][b].contiguous())
-    w.array(f"{stem}_probs", win["probs"][b].contiguous())
-    meta = {**base, "step": step, "block": block, "branch": branch, "dtype": "torch.float32",
-            "q_range": list(win["q_range"]), "k_range": list(win["k_range"]),
-            "q_frames": [win["q_range"][0] // ft, win["q_range"][1] // ft],
-            "k_frames": [win["k_range"][0] // ft, win["k_range"][1] // ft], "shape": list(win["scores"][b].shape)}
-    if chunk is not None:  # token ranges index this chunk's queries and the keys it attended to, in cache order
-        meta.update(chunk=chunk, q_frames=list(win["q_frames"]), k_frames=list(win["k_frames"]))
-    w.write(f"{stem}_metadata.json", _json(meta))

@@ -1,180 +1,68 @@
-"""What the heatmap shows: maps gathered from a recording (in memory or saved) and laid out as pictures.
-
-A *source* is a :class:`TakeSource` (a take just recorded) or a :class:`SavedSource` (a saved video folder); both
-give the same arrays, so every view works on either.
-"""
+"""What the heatmap shows: maps gathered from a :class:`~wan_capture.recording.Recording` (a take in memory or a
+saved folder: one read interface, so every view answers the same on either) and laid out as pictures."""
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .analyzer import AttentionAnalyzer, align_to_video
-from .causal_stats import assemble_chunks, sink_frames_of
 from .colormaps import apply_colormap
 from .recorder import Take
+from .recording import FolderRecording, MemoryRecording, Recording
 from .render import blend, fmt, labelled_grid, matrix_plot, normalize, value_ranges, with_legend
-from .storage import tracking_of
-from .time_layout import TimeLayout
+from .selection import axis_positions, chosen_steps
 
 
-class TakeSource:
-    """One video (batch item) of a take held by a recorder."""
-
-    def __init__(self, take: Take, batch_index: int = 0):
-        if take.grid is None:
-            raise ValueError("the recording holds no attention data")
-        if not 0 <= batch_index < (take.batch or 1):
-            raise ValueError(f"batch_index {batch_index} is outside the recording's {take.batch} videos")
-        self.take, self.b = take, batch_index
-        self.trackings = {b: tracking_of(take, b) for b in take.plan.branch_names()}
-        self.tracking = self.trackings.get("cond") or tracking_of(take)
-        self.labels = [w.label for w in self.tracking.words]
-        self.steps = take.steps
-        self.blocks, self.heads = list(take.blocks), list(take.heads)
-        self.meta = {"latent_grid": take.grid.as_list(), "map_grid": take.map_grid.as_list(), "model": take.model,
-                     **take.time_layout.as_meta()}
-        self.causal = take.causal
-        self.sink_frames = sink_frames_of(take.kv_events)
-
-    def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
-        if (step, branch) not in self.take.cross:
-            raise KeyError(f"no cross-attention maps for step {step} ({branch}); recorded steps: {self.steps}")
-        tracking = self.trackings[branch]
-        word = tracking.word(label)
-        return self.take.cross[(step, branch)][self.b][..., tracking.columns(word)].float().numpy()
-
-    def labels_of(self, branch: str = "cond") -> List[str]:
-        """Tracked words of ``branch``'s prompt (uncond: the negative prompt's)."""
-        return [w.label for w in self.trackings[branch].words] if branch in self.trackings else []
-
-    def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
-        if (step, branch) not in self.take.image:
-            raise KeyError(f"no image-context statistics for step {step} ({branch}): record an i2v model with "
-                           "image_context on")
-        return self.take.image[(step, branch)][name][self.b].float().numpy()
-
-    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
-        """A sink statistic of one step; causal takes give it assembled over the whole video."""
-        if self.take.causal:
-            parts = []
-            for c in sorted(self.take.chunks):
-                chunk = self.take.chunks[c]
-                if (step, branch) not in chunk.sink:
-                    raise KeyError(f"no self-attention statistics for step {step} ({branch}) in chunk {c}")
-                frames = [v for (s, _), v in sorted(chunk.key_frames.items()) if s == step][0]
-                parts.append({**{n: v[self.b].float().numpy() for n, v in chunk.sink[(step, branch)].items()},
-                              "query_frames": range(c, c + chunk.grid.frames), "key_frames": frames})
-            return assemble_chunks(parts, self.take.grid.frames, self.take.grid.frame_tokens)[name]
-        if (step, branch) not in self.take.sink:
-            raise KeyError(f"no self-attention statistics for step {step} ({branch})")
-        return self.take.sink[(step, branch)][name][self.b].float().numpy()
-
-    def window(self, step: int, block: int, branch: str = "cond") -> dict:
-        w = self.take.windows.get((step, block, branch))
-        for c in sorted(self.take.chunks):  # causal: the chunk whose queries hold the window
-            w = w or self.take.chunks[c].windows.get((step, block, branch))
-        if w is None:
-            raise KeyError(f"no exact window for step {step}, block {block} ({branch}); recorded: "
-                           f"{sorted((s, b) for s, b, br in self.take.windows if br == branch)}")
-        return {"scores": w["scores"][self.b].numpy(), "probs": w["probs"][self.b].numpy(),
-                "q_range": list(w["q_range"]), "k_range": list(w["k_range"]),
-                **({"q_frames": w["q_frames"], "k_frames": w["k_frames"]} if self.take.causal else {})}
-
-
-class SavedSource:
-    """A saved video folder read through :class:`AttentionAnalyzer`."""
-
-    def __init__(self, attention_maps: str, video_id: str):
-        self.an, self.video = AttentionAnalyzer(attention_maps), video_id
-        summary = self.an.summary(video_id)
-        self.labels = [t["label"] for t in summary.get("tokens", [])]
-        self.steps = summary["steps"]
-        self.blocks, self.heads = summary["blocks"], summary["heads"]
-        self.meta = {"latent_grid": summary["latent_grid"], "map_grid": summary["map_grid"], "model": summary["model"],
-                     **TimeLayout.from_meta(summary).as_meta()}
-        self.causal = "causal" in summary
-        self.sink_frames = self.an.sink_frames(video_id) if self.causal else []
-
-    def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
-        return self.an.load_step(self.video, label, step, "" if branch == "cond" else branch)
-
-    def labels_of(self, branch: str = "cond") -> List[str]:
-        return [t["label"] for t in self.an.tracked_words(self.video, "" if branch == "cond" else branch) or []]
-
-    def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
-        return self.an.load_image_context(self.video, step, name, "" if branch == "cond" else branch)
-
-    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
-        br = "" if branch == "cond" else branch
-        if self.causal:
-            return self.an.get_causal_self_attention(self.video, step, name, br)
-        return self.an.load_self_attention(self.video, step, name, br)
-
-    def window(self, step: int, block: int, branch: str = "cond") -> dict:
-        br = "" if branch == "cond" else branch
-        w = None
-        for chunk in (self.an.list_chunks(self.video) if self.causal else [None]):
-            try:
-                w = self.an.load_window(self.video, step, block, br, chunk)
-                break
-            except FileNotFoundError:
-                if not self.causal:
-                    raise
-        if w is None:
-            raise FileNotFoundError(f"no exact window saved for step {step}, block {block} in {self.video!r}")
-        meta = w["metadata"]
-        return {"scores": w["scores"], "probs": w["probs"], "q_range": meta["q_range"], "k_range": meta["k_range"],
-                **({"q_frames": meta["q_frames"], "k_frames": meta["k_frames"]} if "chunk" in meta else {})}
-
-
-def axis_index(recorded: Sequence[int], wanted: Optional[Sequence[int]], name: str) -> List[int]:
-    """Positions along a recorded axis for the wanted model indices (None: all)."""
-    if wanted is None:
-        return list(range(len(recorded)))
-    if list(recorded) == [-1]:
-        raise ValueError(f"{name} were recorded as their mean; record with store_per_{name[:-1]} on to select {name}")
-    missing = [w for w in wanted if w not in recorded]
-    if missing:
-        raise ValueError(f"{name} {missing} were not recorded; recorded {name}: {list(recorded)}")
-    return [list(recorded).index(w) for w in wanted]
-
-
-def _steps(source, steps: Optional[Sequence[int]]) -> List[int]:
-    chosen = list(source.steps) if steps is None else list(steps)
-    missing = [s for s in chosen if s not in source.steps]
-    if missing or not chosen:
-        raise ValueError(f"steps {missing or chosen} were not recorded/saved; available steps: {list(source.steps)}")
-    return chosen
+def recording_of(source) -> Recording:
+    """A :class:`Recording` for a view: a Recording as it is, a take's first video, or the first loaded video."""
+    if isinstance(source, Recording):
+        return source
+    if isinstance(source, Take):
+        return MemoryRecording(source)
+    if isinstance(source, SavedRecording):
+        return source.source(0)
+    raise TypeError(f"a view reads a Recording, a Take or saved maps, got {type(source).__name__}")
 
 
 def token_maps(source, label: str, steps: Optional[Sequence[int]] = None, blocks=None, heads=None,
                branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
     """``[N, F, h, w]`` maps of a word on the map grid: mean over the chosen blocks, heads and the word's pieces;
     N = 1 (mean over steps) or one per step."""
+    source = recording_of(source)
     labels = source.labels_of(branch)
     if label not in labels:
         whose = "" if branch == "cond" else " of the negative prompt (uncond rows)"
         raise ValueError(f"no tracked word {label!r}{whose}; tracked: {labels}")
-    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    bi, hi = axis_positions(source.blocks, blocks, "blocks"), axis_positions(source.heads, heads, "heads")
     f, h, w = source.meta["map_grid"]
     maps = np.stack([source.cross(label, s, branch)[bi][:, hi].mean(axis=(0, 1, 3)).reshape(f, h, w)
-                     for s in _steps(source, steps)])
-    return maps.mean(axis=0, keepdims=True) if mean_steps else maps
+                     for s in chosen_steps(source.steps, steps)])
+    # causal frames a step did not reach (NaN: absent) show as 0; a mean over steps uses the steps that have them
+    return _nan_mean(maps) if mean_steps else np.nan_to_num(maps)
+
+
+def _nan_mean(maps: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nan_to_num(np.nanmean(maps, axis=0, keepdims=True))
 
 
 def _latent_grid_maps(source, statistic, steps, blocks, heads, mean_steps: bool) -> np.ndarray:
     """``[N, F, H, W]``: a per-token statistic ``statistic(step) -> [blocks, heads, tokens]`` on the latent grid, mean
     over the chosen blocks and heads; N = 1 (mean over steps) or one per step."""
-    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
+    bi, hi = axis_positions(source.blocks, blocks, "blocks"), axis_positions(source.heads, heads, "heads")
     f, h, w = source.meta["latent_grid"]
-    maps = np.stack([statistic(s)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w) for s in _steps(source, steps)])
+    maps = np.stack([statistic(s)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
+                     for s in chosen_steps(source.steps, steps)])
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
 
 
 def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond", mean_steps: bool = True) -> np.ndarray:
     """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
     # nan: a causal key no chunk attended to (shown as 0, the attention it received)
+    source = recording_of(source)
     return np.nan_to_num(_latent_grid_maps(source, lambda s: source.sink(s, "received", branch), steps, blocks, heads,
                                            mean_steps))
 
@@ -182,6 +70,7 @@ def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
 def image_share_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
                      mean_steps: bool = True) -> np.ndarray:
     """``[N, F, H, W]`` i2v: the image tokens' share of each latent token's attention, on the latent grid."""
+    source = recording_of(source)
     return _latent_grid_maps(source, lambda s: source.image(s, "share", branch), steps, blocks, heads, mean_steps)
 
 
@@ -284,24 +173,25 @@ class SavedRecording:
     """Saved attention maps opened for viewing: the videos of one ``attention_maps`` folder, in order.
 
     It plays the part of a recorder for the view nodes (one type for live and saved recordings); ``batch_index``
-    picks a video as it picks a batch item of a live recording.
+    picks a video as it picks a batch item of a live recording. ``confine_to``: every read stays inside it.
     """
 
-    def __init__(self, attention_maps: str, videos: Sequence[str]):
+    def __init__(self, attention_maps: str, videos: Sequence[str], confine_to: Optional[str] = None):
         if not videos:
             raise ValueError(f"no saved videos in {attention_maps!r}")
-        self.path, self.videos = attention_maps, list(videos)
+        self.path, self.videos, self.root = attention_maps, list(videos), confine_to
 
-    def source(self, batch_index: int = 0) -> SavedSource:
+    def source(self, batch_index: int = 0) -> FolderRecording:
         if not 0 <= batch_index < len(self.videos):
             raise ValueError(f"batch_index {batch_index} is outside the {len(self.videos)} loaded videos "
                              f"({', '.join(self.videos[:5])}{'...' if len(self.videos) > 5 else ''})")
-        return SavedSource(self.path, self.videos[batch_index])
+        return FolderRecording(AttentionAnalyzer(self.path, confine_to=self.root), self.videos[batch_index])
 
 
 def mean_window(source, steps=None, blocks=None, branch: str = "cond") -> dict:
     """The exact window averaged over the chosen steps and blocks (each must have been recorded)."""
-    steps = _steps(source, steps)
+    source = recording_of(source)
+    steps = chosen_steps(source.steps, steps)
     blocks = list(blocks) if blocks is not None else [b for b in source.blocks if b >= 0] or [0]
     wins = [source.window(s, b, branch) for s in steps for b in blocks]
     first = wins[0]
@@ -315,6 +205,7 @@ def mean_window(source, steps=None, blocks=None, branch: str = "cond") -> dict:
 
 def frame_mass(source, steps=None, blocks=None, heads=None, branch: str = "cond") -> np.ndarray:
     """``[Fq, Fk]`` query-frame x key-frame probability mass, mean over the chosen steps, blocks and heads."""
-    bi, hi = axis_index(source.blocks, blocks, "blocks"), axis_index(source.heads, heads, "heads")
-    return np.mean([source.sink(s, "frame_mass", branch)[bi][:, hi].mean(axis=(0, 1)) for s in _steps(source, steps)],
-                   axis=0)
+    source = recording_of(source)
+    bi, hi = axis_positions(source.blocks, blocks, "blocks"), axis_positions(source.heads, heads, "heads")
+    return np.mean([source.sink(s, "frame_mass", branch)[bi][:, hi].mean(axis=(0, 1))
+                    for s in chosen_steps(source.steps, steps)], axis=0)

@@ -1,0 +1,234 @@
+"""The memory backend of :class:`~.recording.Recording`: one video (batch item) of a take held by a recorder.
+
+It answers with the keys, arrays and metadata a save of the take would write, so a live recording and the same
+recording saved and loaded read the same.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..tokens import TokenTracking, TrackedWord
+from .keys import ArrayKey
+from .recording import Recording
+
+_WEIGHT = re.compile(r"(?<!\\):\s*-?\d+(?:\.\d*)?\s*(?=\))")
+
+
+def plain_prompt(prompt: str) -> str:
+    r"""The prompt as text, without ComfyUI's weight syntax: ``a (flower:2.5) near ((a tree))`` -> ``a flower near a
+    tree`` (escaped ``\(`` ``\)`` kept as parentheses). The written prompt is kept as ``prompt_weighted``."""
+    text = _WEIGHT.sub("", prompt or "")
+    text = re.sub(r"(?<!\\)[()]", "", text)
+    return re.sub(r"\\([()])", r"\1", text)
+
+
+def readable(pieces) -> List[str]:
+    r"""Sentencepiece pieces as text: the word-start marker ``\u2581`` dropped (``\u2581flower`` -> ``flower``)."""
+    return [p.replace("\u2581", "") for p in pieces]
+
+
+def word_json(word: TrackedWord) -> dict:
+    return {"label": word.label, "word": word.word, "token_ids": list(word.token_ids),
+            "token_texts": readable(word.token_texts), "token_pieces": list(word.token_texts),
+            "positions": list(word.positions), "weight": word.weight}
+
+
+def tracking_of(take, branch: str = "cond") -> TokenTracking:
+    """The words whose maps ``branch``'s rows hold: the prompt's tracking for cond, the negative prompt's for uncond
+    (each row attends to its own context); one pseudo-word per position when positions were given by hand."""
+    key = "tokens" if branch == "cond" else "negative_tokens"
+    data = take.plan.extra.get(key) if take.plan.extra else None
+    if data:
+        return TokenTracking.from_json(data)
+    words = tuple(TrackedWord(label=f"pos{p:03d}", word=f"pos{p:03d}", token_ids=(), token_texts=(), positions=(p,),
+                              weight=1.0) for p in take.plan.positions(branch))
+    return TokenTracking(prompt="", words=words, context_length=take.text_len or 0)
+
+
+def expert_meta(take) -> dict:
+    """``experts`` (name and steps of each) where different weights made one recording; two experts of Wan 2.1's
+    architecture are Wan 2.2 A14B (``model_family``), which ComfyUI runs as WAN21 models."""
+    experts = take.experts()
+    if not experts:
+        return {}
+    meta = {"experts": experts}
+    if len(experts) == 2 and take.model.get("model_type") == "WAN21":
+        meta["model_family"] = "wan2.2_a14b"
+    return meta
+
+
+def expert_of(take, step: int) -> Optional[str]:
+    for e in take.experts():
+        if e["steps"][0] <= step <= e["steps"][1]:
+            return e["expert"]
+    return None
+
+
+def video_size(take) -> dict:
+    """Decoded video size the latent grid stands for: ``video_frames`` (latent frame 0 is frame 0, each further latent
+    frame covers 4), ``video_height``/``video_width`` (patch x VAE stride pixels per token)."""
+    if take.grid is None:
+        return {}
+    stride = take.model.get("vae_stride", [4, 8, 8])
+    patch = take.model.get("patch_size", [1, 2, 2])
+    layout = take.time_layout  # reference (VACE, trimmed before decoding) and context frames are not video frames
+    frames = (take.grid.frames - layout.reference - layout.lead - layout.trail) * patch[0]
+    return {"video_frames": stride[0] * (frames - 1) + 1 if frames else 0,
+            "video_height": take.grid.height * patch[1] * stride[1],
+            "video_width": take.grid.width * patch[2] * stride[2]}
+
+
+def axis_meta(take) -> dict:
+    p = take.plan
+    return {
+        "block_aggregation": "per_block" if p.store_per_block else "mean",
+        "head_aggregation": "per_head" if p.store_per_head else "mean",
+        "block_idx": list(take.blocks) if p.store_per_block and p.blocks is not None else None,
+        "head_idx": list(take.heads) if p.store_per_head and p.heads is not None else None,
+    }
+
+
+class MemoryRecording(Recording):
+    """Video ``batch_index`` of a take in memory."""
+
+    live = True
+
+    def __init__(self, take, batch_index: int = 0):
+        if take.grid is None:
+            raise ValueError("the recording holds no attention data (nothing was recorded: check the plan's steps, "
+                             "blocks and branch)")
+        if not 0 <= batch_index < (take.batch or 1):
+            raise ValueError(f"batch_index {batch_index} is outside the recording's {take.batch} videos")
+        self.take, self.b = take, batch_index
+        self.trackings: Dict[str, TokenTracking] = {b: tracking_of(take, b) for b in take.plan.branch_names()}
+        self.summary = self._summary()
+
+    # -- the summary ---------------------------------------------------------------------------------------
+    def _summary(self) -> dict:
+        take = self.take
+        tracking = self.trackings.get("cond") or tracking_of(take)
+        out = {
+            "prompt_id": tracking.prompt_id, "prompt": plain_prompt(tracking.prompt), "prompt_weighted": tracking.prompt,
+            "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video_size(take),
+            "total_steps": take.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
+            **expert_meta(take), "map_grid": take.map_grid.as_list(), "model": take.model,
+            "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(take.plan.torch_dtype),
+            "status": take.status, "branches": [b for b in ("cond", "uncond") if b in take.plan.branch_names()],
+        }
+        if take.status != "complete":
+            out["partial_reason"] = f"recording {take.status}: {take.error}"
+        if take.cross:
+            for branch, tracking in self.trackings.items():
+                out["tokens" if branch == "cond" else "negative_tokens"] = [word_json(w) for w in tracking.words]
+        else:
+            out["tokens"] = []
+        if take.causal:
+            out["causal"] = {
+                "chunks": sorted(take.chunks),
+                "chunk_frames": {str(c): take.chunks[c].grid.frames for c in sorted(take.chunks)
+                                 if take.chunks[c].grid is not None},
+                "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
+                "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json"}
+        return out
+
+    # -- keys and arrays -------------------------------------------------------------------------------------
+    def _parts(self):
+        """(chunk, take part) pairs: the take itself, or each causal chunk."""
+        if self.take.causal:
+            return [(c, self.take.chunks[c]) for c in sorted(self.take.chunks)]
+        return [(None, self.take)]
+
+    def keys(self) -> List[ArrayKey]:
+        take, out = self.take, []
+        for (step, branch), _ in take.cross.items():
+            out += [ArrayKey("cross", w.label, step, branch) for w in self.trackings[branch].words]
+        for chunk, part in self._parts():
+            for (step, branch), stats in part.sink.items():
+                out += [ArrayKey("sink", n, step, branch, chunk=chunk) for n in stats]
+            for (step, branch), stats in part.image.items():
+                out += [ArrayKey("image", n, step, branch, chunk=chunk) for n in stats]
+            for (step, block, branch) in part.windows:
+                out += [ArrayKey("window", n, step, branch, block, chunk) for n in ("scores", "probs")]
+        return out
+
+    def _part(self, chunk: Optional[int]):
+        return self.take if chunk is None else self.take.chunks[chunk]
+
+    def get(self, key: ArrayKey) -> np.ndarray:
+        b = self.b
+        if key.stat == "cross":
+            tracking = self.trackings[key.branch]
+            return self.take.cross[(key.step, key.branch)][b][..., tracking.columns(tracking.word(key.name))].numpy()
+        part = self._part(key.chunk)
+        if key.stat == "window":
+            return part.windows[(key.step, key.block, key.branch)][key.name][b].numpy()
+        table = part.sink if key.stat == "sink" else part.image
+        return table[(key.step, key.branch)][key.name][b].numpy()
+
+    def _step_meta(self, step: int, branch: str) -> dict:
+        take = self.take
+        meta = {"step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+                **axis_meta(take), "branch": branch}
+        if take.causal:
+            meta["pass"] = take.step_pass.get(step, "denoise")
+        expert = expert_of(take, step)
+        if expert:
+            meta["expert"] = expert
+        return meta
+
+    def metadata(self, key: ArrayKey) -> dict:
+        take, base = self.take, {k: v for k, v in self.summary.items()
+                                 if k not in ("status", "partial_reason", "tokens", "negative_tokens", "branches",
+                                              "causal", "arrays")}
+        meta = {**base, **self._step_meta(key.step, key.branch)}
+        if key.branch == "uncond" and key.stat == "cross":
+            prompt = self.trackings["uncond"].prompt
+            meta.update(prompt=plain_prompt(prompt), prompt_weighted=prompt)
+        if key.stat == "cross":
+            word = self.trackings[key.branch].word(key.name)
+            meta.update(token_word=word.word, token_label=word.label, token_ids=list(word.token_ids),
+                        token_texts=readable(word.token_texts), token_pieces=list(word.token_texts),
+                        token_positions=list(word.positions), token_weight=word.weight,
+                        aggregation_method="per_step_full", threshold_applied=None)
+            absent = self._absent_frames(key.step, key.branch)
+            if absent:
+                meta["absent_frames"] = absent  # causal: frames of chunks without this step (NaN in the maps)
+            return meta
+        part = self._part(key.chunk)
+        if key.stat == "sink":
+            meta.update(frame_tokens=part.grid.frame_tokens, key_max_aggregation="max")
+            if key.chunk is not None:
+                frames = {tuple(v) for (s, _), v in part.key_frames.items() if s == key.step}
+                meta.update(chunk=key.chunk, query_frames=list(range(key.chunk, key.chunk + part.grid.frames)),
+                            key_frames=list(next(iter(frames))) if len(frames) == 1 else None,
+                            key_frames_per_block={str(blk): list(v) for (s, blk), v in sorted(part.key_frames.items())
+                                                  if s == key.step} if len(frames) > 1 else None,
+                            chunk_grid=part.grid.as_list())
+        elif key.stat == "image":
+            meta.update(share="per query: sigmoid(lse_image - lse_text), the image tokens' share of its attention "
+                              "were image and text keys one softmax",
+                        received="per image token: mean over queries of its probability in the image "
+                                 "cross-attention")
+        else:
+            win = part.windows[(key.step, key.block, key.branch)]
+            ft = take.grid.frame_tokens
+            meta.update(block=key.block, dtype="torch.float32", q_range=list(win["q_range"]),
+                        k_range=list(win["k_range"]), q_frames=[win["q_range"][0] // ft, win["q_range"][1] // ft],
+                        k_frames=[win["k_range"][0] // ft, win["k_range"][1] // ft])
+            if key.chunk is not None:  # ranges index the chunk's queries and its cached keys, in cache order
+                meta.update(chunk=key.chunk, q_frames=list(win["q_frames"]), k_frames=list(win["k_frames"]))
+            for name in ("block_aggregation", "head_aggregation", "block_idx", "head_idx", "timestep", "sigma"):
+                meta.pop(name, None)
+        return meta
+
+    def _absent_frames(self, step: int, branch: str) -> List[int]:
+        if not self.take.causal:
+            return []
+        return [f for c, part in self._parts() if (step, branch) not in part.cross
+                for f in range(c, c + part.grid.frames)]
+
+    def kv_events(self) -> List[dict]:
+        return list(self.take.kv_events)

@@ -1,0 +1,269 @@
+"""One read interface for a video's recording, live or saved.
+
+A :class:`Recording` is one video (one batch item of one sampling): its ``summary`` (the fields ``summary.json``
+holds that do not depend on where or how it was saved), its :class:`~.keys.ArrayKey` s, ``get(key)`` (the array as
+stored: float16 or float32) and ``metadata(key)`` (the metadata file the key's group shares). Two backends answer:
+:class:`~.memory.MemoryRecording` (a take in a recorder) and :class:`FolderRecording` (a saved video folder). Views,
+masks, the viewer's routes and ``save`` read a ``Recording``, so live and saved recordings answer the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from ..causal_stats import assemble_chunks, sink_frames_of
+from ..time_layout import TimeLayout
+from .keys import SINK_NAMES, ArrayKey, key_path, metadata_path
+
+# summary fields that say where and how a copy was written, not what was recorded
+PROVENANCE = ("video_id", "prompt_id", "video_number", "batch_index", "storage_format", "compressed", "pack_version",
+              "saved_at", "files_written", "frames", "status", "partial_reason")
+
+
+class Recording:
+    """A video's recording. Backends implement ``keys``, ``get``, ``metadata``, ``kv_events`` and ``frame_pngs``;
+    everything else reads through them."""
+
+    summary: dict
+    live: bool = False
+
+    # -- what a backend answers ---------------------------------------------------------------------------
+    def keys(self) -> List[ArrayKey]:
+        """Every array of the recording."""
+        raise NotImplementedError
+
+    def get(self, key: ArrayKey) -> np.ndarray:
+        """The array of ``key`` as stored (float16 or float32); KeyError when the recording has none."""
+        raise NotImplementedError
+
+    def metadata(self, key: ArrayKey) -> dict:
+        """The metadata of ``key``'s group (what its ``*_metadata.json`` holds, provenance aside)."""
+        raise NotImplementedError
+
+    def kv_events(self) -> List[dict]:
+        """Causal Wan: the KV-cache log (empty otherwise)."""
+        return []
+
+    def frame_pngs(self) -> List[bytes]:
+        """The decoded frames kept with the recording, as PNG files (empty when none were)."""
+        return []
+
+    # -- derived readers ----------------------------------------------------------------------------------
+    @property
+    def steps(self) -> List[int]:
+        return sorted({k.step for k in self._keys()})
+
+    @property
+    def blocks(self) -> List[int]:
+        return list(self.summary["blocks"])
+
+    @property
+    def heads(self) -> List[int]:
+        return list(self.summary["heads"])
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.summary.get("causal"))
+
+    @property
+    def meta(self) -> dict:
+        """What drawing needs: the grids, the model and the time layout."""
+        s = self.summary
+        return {"latent_grid": s["latent_grid"], "map_grid": s["map_grid"], "model": s["model"],
+                **TimeLayout.from_meta(s).as_meta()}
+
+    @property
+    def sink_frames(self) -> List[int]:
+        return sink_frames_of(self.kv_events()) if self.causal else []
+
+    def _keys(self) -> List[ArrayKey]:
+        cached = getattr(self, "_key_cache", None)
+        if cached is None:
+            cached = self._key_cache = sorted(self.keys())
+        return cached
+
+    def keys_of(self, stat: str, branch: Optional[str] = None) -> List[ArrayKey]:
+        return [k for k in self._keys() if k.stat == stat and (branch is None or k.branch == branch)]
+
+    def words(self, branch: str = "cond") -> List[dict]:
+        """The tracked words of ``branch``'s prompt in prompt order (uncond: the negative prompt's)."""
+        return list(self.summary.get("tokens" if branch == "cond" else "negative_tokens") or [])
+
+    def labels_of(self, branch: str = "cond") -> List[str]:
+        return [w["label"] for w in self.words(branch)]
+
+    @property
+    def labels(self) -> List[str]:
+        return self.labels_of("cond")
+
+    def _float(self, key: ArrayKey, what: str) -> np.ndarray:
+        if key not in set(self._keys()):
+            steps = sorted({k.step for k in self.keys_of(key.stat, key.branch)})
+            raise KeyError(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
+        return np.asarray(self.get(key), dtype=np.float32)
+
+    def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
+        """``[blocks, heads, spatial, pieces]`` of a word at one step."""
+        return self._float(ArrayKey("cross", label, step, branch), f"cross-attention maps of {label!r}")
+
+    def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        """i2v image context: ``share`` ``[blocks, heads, tokens]`` or ``received`` ``[blocks, heads, 257]``."""
+        if not self.keys_of("image"):
+            raise KeyError(f"no image-context statistics for step {step} ({branch}): record an i2v model with "
+                           "image_context on")
+        return self._float(ArrayKey("image", name, step, branch), "image-context statistics")
+
+    def chunks(self) -> List[int]:
+        """Causal Wan: the first latent frame of each chunk."""
+        return sorted({k.chunk for k in self.keys_of("sink") + self.keys_of("window") if k.chunk is not None}
+                      | set((self.summary.get("causal") or {}).get("chunks") or []))
+
+    def chunk_steps(self, branch: str = "cond") -> Dict[int, List[int]]:
+        """Causal Wan: the steps each chunk's self-attention statistics hold (chunks need not share steps: an input
+        chunk of ``initial_latent`` only has the context pass)."""
+        out: Dict[int, set] = {c: set() for c in self.chunks()}
+        for k in self.keys_of("sink", branch):
+            if k.chunk is not None:
+                out.setdefault(k.chunk, set()).add(k.step)
+        return {c: sorted(s) for c, s in out.items()}
+
+    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+        """A sink statistic of one step (``[blocks, heads, ...]``); causal recordings give it over the whole video
+        in absolute frames, from the chunks that have the step (see :mod:`wan_capture.causal_stats`)."""
+        if not self.causal:
+            return self._float(ArrayKey("sink", name, step, branch), "self-attention statistics")
+        held = self.chunk_steps(branch)
+        parts = [self.chunk_part(c, step, branch) for c, steps in held.items() if step in steps]
+        if not parts:
+            raise KeyError(f"no self-attention statistics for step {step} ({branch}) in any chunk; steps per chunk: "
+                           f"{held}")
+        grid = self.summary["latent_grid"]
+        return assemble_chunks(parts, grid[0], grid[1] * grid[2])[name]
+
+    def chunk_part(self, chunk: int, step: int, branch: str = "cond") -> dict:
+        """One chunk's sink statistics of one step with its absolute ``query_frames`` and ``key_frames``."""
+        key = ArrayKey("sink", SINK_NAMES[0], step, branch, chunk=chunk)
+        meta = self.metadata(key)
+        arrays = {n: np.asarray(self.get(ArrayKey("sink", n, step, branch, chunk=chunk)), np.float32)
+                  for n in SINK_NAMES}
+        return {**arrays, "query_frames": meta["query_frames"], "key_frames": chunk_key_frames(meta)}
+
+    def window(self, step: int, block: int, branch: str = "cond") -> dict:
+        """An exact window: ``scores``/``probs`` ``[heads, queries, keys]`` and its token ranges (causal: the chunk
+        whose queries hold it, with the absolute ``q_frames``/``k_frames``)."""
+        found = [k for k in self.keys_of("window", branch) if k.step == step and k.block == block and k.name == "scores"]
+        if not found:
+            recorded = sorted({(k.step, k.block) for k in self.keys_of("window", branch)})
+            raise KeyError(f"no exact window for step {step}, block {block} ({branch}); recorded (step, block): "
+                           f"{recorded}")
+        key = found[0]
+        meta = self.metadata(key)
+        probs = ArrayKey("window", "probs", step, branch, block, key.chunk)
+        out = {"scores": np.asarray(self.get(key), np.float32), "probs": np.asarray(self.get(probs), np.float32),
+               "q_range": list(meta["q_range"]), "k_range": list(meta["k_range"])}
+        if key.chunk is not None:
+            out.update(q_frames=list(meta["q_frames"]), k_frames=list(meta["k_frames"]))
+        return out
+
+
+def chunk_key_frames(meta: dict) -> List[int]:
+    """The absolute frame of each group of keys a chunk attended to, from its metadata."""
+    if meta.get("key_frames") is not None:
+        return list(meta["key_frames"])
+    per_block = meta.get("key_frames_per_block") or {}
+    firsts = sorted(per_block.items(), key=lambda kv: int(kv[0]))
+    if not firsts:
+        raise ValueError(f"chunk metadata of step {meta.get('step')} names no key frames")
+    return list(firsts[0][1])
+
+
+class FolderRecording(Recording):
+    """A saved video folder (``<attention_maps>/<video_id>``), read through an :class:`AttentionAnalyzer` (which
+    confines every read and bounds every array)."""
+
+    def __init__(self, analyzer, video_id: str):
+        self.an, self.video = analyzer, video_id
+        self.summary = analyzer.summary(video_id)
+        self.folder = analyzer._video(video_id)
+        self._folders = {b: {w["label"]: w.get("folder") for w in self.words(b)} for b in ("cond", "uncond")}
+
+    @classmethod
+    def open(cls, attention_maps: str, video_id: str, confine_to: Optional[str] = None) -> "FolderRecording":
+        from ..analyzer import AttentionAnalyzer
+        return cls(AttentionAnalyzer(attention_maps, confine_to=confine_to), video_id)
+
+    def _folder_of(self, key: ArrayKey) -> Optional[str]:
+        return self._folders[key.branch].get(key.name) if key.stat == "cross" else None
+
+    def keys(self) -> List[ArrayKey]:
+        listed = self.summary.get("arrays")
+        if listed is not None:
+            if not isinstance(listed, list):
+                raise ValueError(f"summary.json of {self.video!r}: 'arrays' is not a list")
+            return [ArrayKey.from_list(v) for v in listed]
+        return list(self._keys_from_files())
+
+    def _keys_from_files(self) -> Iterable[ArrayKey]:
+        """Recordings saved before ``summary.json`` listed its arrays: the steps ``summary.json`` lists, the
+        statistics whose files are there (a stray file of another step never counts)."""
+        steps = [int(s) for s in self.summary.get("steps") or []]
+        branches = self.summary.get("branches") or ["cond"]
+        chunks = [None] + [int(c) for c in (self.summary.get("causal") or {}).get("chunks", [])]
+        for branch in branches:
+            for word in self.words(branch):
+                for step in steps:
+                    yield ArrayKey("cross", word["label"], step, branch)
+            for step in steps:
+                for chunk in chunks:
+                    for stat, names in (("sink", SINK_NAMES), ("image", ("share", "received"))):
+                        for name in names:
+                            key = ArrayKey(stat, name, step, branch, chunk=chunk)
+                            if self._exists(key):
+                                yield key
+            yield from self._listed_windows(branch, steps)
+
+    def _listed_windows(self, branch: str, steps: List[int]) -> Iterable[ArrayKey]:
+        import re
+        folder = os.path.join(self.folder, *(["uncond"] if branch == "uncond" else []), "windows")
+        pattern = re.compile(r"step_(\d+)_block_(\d+)(?:_chunk_(\d+))?_(scores|probs)\.(?:npy|pt)(?:\.gz)?")
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            m = pattern.fullmatch(name)
+            if m and int(m.group(1)) in steps:
+                yield ArrayKey("window", m.group(4), int(m.group(1)), branch, int(m.group(2)),
+                               None if m.group(3) is None else int(m.group(3)))
+
+    def _exists(self, key: ArrayKey) -> bool:
+        stem = os.path.join(self.folder, *key_path(key, self._folder_of(key)).split("/"))
+        return any(os.path.isfile(stem + ext) for ext in (".npy", ".npy.gz", ".pt", ".pt.gz"))
+
+    def _path(self, rel: str) -> str:
+        return os.path.join(self.folder, *rel.split("/"))
+
+    def get(self, key: ArrayKey) -> np.ndarray:
+        if key.stat == "cross" and not self._folder_of(key):
+            raise KeyError(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
+        stem = self._path(key_path(key, self._folder_of(key)))
+        return self.an._array(self.an._find(stem), keep_dtype=True)
+
+    def metadata(self, key: ArrayKey) -> dict:
+        return self.an._json(self._path(metadata_path(key, self._folder_of(key))))
+
+    def kv_events(self) -> List[dict]:
+        if not self.causal:
+            return []
+        events = self.an._json(self._path("kv_cache_events.json"))
+        if not isinstance(events, dict) or not isinstance(events.get("events"), list):
+            raise ValueError(f"kv_cache_events.json of {self.video!r} does not hold an 'events' list")
+        return events["events"]
+
+    def frame_pngs(self) -> List[bytes]:
+        folder = self._path("frames")
+        if not os.path.isdir(folder):
+            return []
+        out = []
+        for name in sorted(n for n in os.listdir(folder) if n.startswith("frame_") and n.endswith(".png")):
+            with open(self.an._checked(os.path.join(folder, name)), "rb") as f:
+                out.append(f.read())
+        return out
