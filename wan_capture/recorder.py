@@ -140,7 +140,8 @@ class Take:
         self.windows: Dict[Tuple[int, int, str], dict] = {}
         self.image: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
         self.time_layout = TimeLayout()  # latent frames that are references or context, not video frames
-        self._image_lse: Dict[Tuple[int, int, str], torch.Tensor] = {}  # image call's lse, until the text call
+        # the first of a block's image and text calls: (kind, lse), until the other one
+        self._context_lse: Dict[Tuple[int, int, str], Tuple[str, torch.Tensor]] = {}
         self.skipped: Counter = Counter()
         self.input_fingerprint: Optional[str] = None
         self.output_fingerprint: Optional[str] = None
@@ -401,23 +402,33 @@ class Take:
         return value if self.plan.store_per_head else value.mean(dim=1, keepdim=True)
 
     def _record_image(self, call, branch, qb, kb, scale, chunk) -> None:
-        """Image cross-attention (i2v): each image token's attention received; the queries' log-sum-exp is kept
-        until the block's text call, for the image share."""
+        """Image cross-attention (i2v): each image token's attention received, and the image share once the block's
+        text call is seen too (before or after this one)."""
         if qb.shape[2] != call.grid.tokens:
             self.skipped["image_tokens_differ_from_grid"] += 1
             return
         lse, received = _stats.context_statistics(qb, kb, scale, chunk)
-        self._image_lse[(call.step, call.block, branch)] = lse
+        self._pair_context(call, branch, CROSS_IMAGE, lse)
         self._slot(("image", call.step, branch, "received")).add(call.block, self._heads_reduced(received))
 
     def _record_image_share(self, call, branch, qb, kb, scale, chunk) -> None:
-        """The image tokens' share of each query's attention, were image and text keys one softmax:
-        ``sigmoid(lse_image - lse_text)`` (Wan attends to them in two softmaxes and adds the outputs)."""
-        lse_img = self._image_lse.pop((call.step, call.block, branch), None)
-        if lse_img is None:
+        """The text call's side of the image share (i2v models only: a t2v model has no image call to pair with)."""
+        if self.model.get("cross_attention") != "i2v":
             self.skipped["text_calls_without_image_context"] += 1
             return
         lse_txt, _ = _stats.context_statistics(qb, kb, scale, chunk)
+        self._pair_context(call, branch, CROSS_TEXT, lse_txt)
+
+    def _pair_context(self, call, branch: str, kind: str, lse: torch.Tensor) -> None:
+        """The image tokens' share of each query's attention, were image and text keys one softmax:
+        ``sigmoid(lse_image - lse_text)`` (Wan attends to them in two softmaxes and adds the outputs). A host may call
+        the image and the text attention of a block in either order: the first one's lse waits for the second."""
+        key = (call.step, call.block, branch)
+        other = self._context_lse.pop(key, None)
+        if other is None or other[0] == kind:
+            self._context_lse[key] = (kind, lse)
+            return
+        lse_img, lse_txt = (lse, other[1]) if kind == CROSS_IMAGE else (other[1], lse)
         share = torch.sigmoid(lse_img - lse_txt)
         self._slot(("image", call.step, branch, "share")).add(call.block, self._heads_reduced(share))
 
@@ -465,7 +476,9 @@ class Take:
             else:
                 self.sink.setdefault((key[1], key[2]), {})[key[3]] = slot.result()
         self._slots.clear()
-        self._image_lse.clear()
+        if self._context_lse:
+            self.skipped["context_calls_without_their_pair"] += len(self._context_lse)
+            self._context_lse.clear()
         self._open_step = None
         if not ok:
             self.status, self.error = "partial", error or "sampling did not finish"
@@ -675,7 +688,8 @@ class Recorder:
         else:
             out = attend()
         if wanted:
-            with torch.no_grad():
+            # statistics in their own precision whatever the host's autocast (the model's call above ran under it)
+            with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
                 self.active.record(call, q.detach(), k.detach(), lse)
         return out
 

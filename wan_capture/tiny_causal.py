@@ -178,25 +178,38 @@ def make_caches(model, batch: int, cache_frames: Optional[int], frame_tokens: in
 @torch.no_grad()
 def causal_generate(model, noise: torch.Tensor, context: torch.Tensor, chunk_frames: int,
                     timesteps: Sequence[float] = (1000.0, 750.0, 500.0, 250.0), context_timestep: float = 0.0,
-                    cache_frames: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+                    cache_frames: Optional[int] = None, seed: int = 0,
+                    initial_latent: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Self-Forcing's chunked inference: ``noise [B, C, F, H, W]`` -> the clean latent ``[B, C, F, H, W]``.
 
     Each chunk of ``chunk_frames`` latent frames is denoised at ``timesteps`` against the KV cache (flow matching:
     ``x0 = x_t - sigma * v``, re-noised to the next timestep), then the model runs once more on the clean chunk at
-    ``context_timestep`` to write clean keys into the cache, as Self-Forcing does.
+    ``context_timestep`` to write clean keys into the cache, as Self-Forcing does. ``initial_latent``
+    ``[B, C, Fi, H, W]`` (image-to-video, video extension): its chunks only get that context pass, as in
+    Self-Forcing's ``CausalInferencePipeline``, and lead the output (``[B, C, Fi + F, H, W]``).
     """
     b, _, f, hh, ww = noise.shape
     pt, ph, pw = model.patch_size
     ft = (hh // ph) * (ww // pw)
-    if f % chunk_frames:
-        raise ValueError(f"{f} latent frames do not split into chunks of {chunk_frames}")
+    given = 0 if initial_latent is None else initial_latent.shape[2]
+    if f % chunk_frames or given % chunk_frames:
+        raise ValueError(f"{f} latent frames (and {given} given) do not split into chunks of {chunk_frames}")
     kv, cross = make_caches(model, b, cache_frames, ft, dtype=noise.dtype, device=noise.device)
-    seq_len = f * ft
+    seq_len = (given + f) * ft
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out = torch.zeros_like(noise)
+    out = torch.zeros(b, noise.shape[1], given + f, hh, ww, dtype=noise.dtype, device=noise.device)
     ctx = context
-    for c0 in range(0, f, chunk_frames):
-        x = noise[:, :, c0:c0 + chunk_frames]
+
+    def refresh(x0, start):
+        tt = torch.full((b, chunk_frames), float(context_timestep), device=noise.device)
+        model(x0, t=tt, context=ctx, seq_len=seq_len, kv_cache=kv, crossattn_cache=cross, current_start=start)
+
+    for c0 in range(0, given, chunk_frames):
+        out[:, :, c0:c0 + chunk_frames] = initial_latent[:, :, c0:c0 + chunk_frames]
+        refresh(initial_latent[:, :, c0:c0 + chunk_frames], c0 * ft)
+    for n0 in range(0, f, chunk_frames):
+        c0 = given + n0
+        x = noise[:, :, n0:n0 + chunk_frames]
         start = c0 * ft
         x0 = x
         for i, t in enumerate(timesteps):
@@ -209,8 +222,7 @@ def causal_generate(model, noise: torch.Tensor, context: torch.Tensor, chunk_fra
                 s = float(timesteps[i + 1]) / 1000.0
                 x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g).to(x0)
         out[:, :, c0:c0 + chunk_frames] = x0
-        tt = torch.full((b, chunk_frames), float(context_timestep), device=noise.device)
-        model(x0, t=tt, context=ctx, seq_len=seq_len, kv_cache=kv, crossattn_cache=cross, current_start=start)
+        refresh(x0, start)
     return out
 
 

@@ -13,11 +13,17 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .call import CROSS_TEXT, SELF, AttentionCall
+from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
 from .grid import Grid
 from .model_info import ModelInfo
-from .recorder import Recorder
+from .recorder import IMAGE_TOKENS, Recorder
 from .stats import KeyLayout
+
+
+def cross_kind(keys: int) -> str:
+    """Which context a cross-attention call of an i2v block attends to, from its key count: the CLIP-vision tokens
+    come in whole images of 257 (one for i2v, two for FLF2V); the umt5 text context is 512 long, no such multiple."""
+    return CROSS_IMAGE if keys % IMAGE_TOKENS == 0 else CROSS_TEXT
 
 
 @dataclass
@@ -84,6 +90,8 @@ class CallTracker:
         position, self.calls = self.calls, self.calls + 1
         if kind is None:
             kind = self.block_kinds[position] if position < len(self.block_kinds) else None
+        if kind in (CROSS_IMAGE, CROSS_TEXT) and CROSS_IMAGE in self.block_kinds:
+            kind = cross_kind(k.shape[1])  # hosts may call a block's image and text attention in either order
         if kind == SELF and layout is None and k.shape[1] != q.shape[1]:
             kind = None  # not the self-attention this position should hold: never guess from lengths
         if kind is None or q.dim() != 3:

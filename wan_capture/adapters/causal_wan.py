@@ -59,7 +59,7 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
     flags = [getattr(attn_mod, n) for n in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE") if hasattr(attn_mod, n)]
     have_flash = any(flags) if flags else True
     original_attention, original_flash = self_mod.attention, cross_mod.flash_attention
-    state = {"cache": None, "start": 0, "sink": 0, "pass": "denoise"}
+    state = {"cache": None, "start": 0, "sink": 0, "pass": "denoise", "last": None}
 
     def tapped_attention(q, k, v, *args, **kwargs):
         attend = lambda: original_attention(q, k, v, *args, **kwargs)  # noqa: E731
@@ -103,6 +103,7 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
         state["cache"] = None
 
     def forward_pre(module, args, kwargs):
+        nonlocal tracker, observer
         if kwargs.get("kv_cache") is None:  # training-style full-sequence forward: not a KV-cache evaluation
             return
         x = kwargs.get("x", args[0] if args else None)
@@ -112,8 +113,16 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
         grid = Grid(f // pt, h // ph, w // pw)
         start = int(kwargs.get("current_start") or 0)
         timestep = timestep_of(t)
-        ev = tracker.begin_forward(timestep, len(x), grid, chunk=start // grid.frame_tokens)
-        state["pass"] = "context" if abs(timestep - context_timestep) < 1e-6 else "denoise"
+        chunk = start // grid.frame_tokens
+        kind = "context" if abs(timestep - context_timestep) < 1e-6 else "denoise"
+        if _new_generation(state["last"], (chunk, kind)) and recorder.active is not None:
+            # a second video inside one record() block: it gets a take of its own (recorder.takes), never merged
+            recorder.end_pass()
+            recorder.begin_pass(None, info)
+            tracker, observer = PipelineTracker(recorder, info, branch_order), KVCacheObserver()
+        state["last"] = (chunk, kind)
+        ev = tracker.begin_forward(timestep, len(x), grid, chunk=chunk)
+        state["pass"] = kind
         if recorder.active is not None and ev.step is not None:
             recorder.active.step_pass.setdefault(ev.step, state["pass"])
 
@@ -136,6 +145,14 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
     cross_mod.flash_attention = tapped_flash
     with recording_pass(recorder, info, undo) as rec:
         yield rec
+
+
+def _new_generation(last, now) -> bool:
+    """Whether an evaluation ``now = (chunk, pass)`` after ``last`` starts another video: within one generation
+    chunks only move forward, and a chunk's context pass is its last evaluation."""
+    if last is None:
+        return False
+    return now[0] < last[0] or (now[0] == last[0] and last[1] == "context" and now[1] == "denoise")
 
 
 @contextmanager
