@@ -331,3 +331,43 @@ def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(c
     assert {"WanAttachAttentionRecorder", "WanSaveAttentionMaps", "WanAttentionHeatmap"} <= set(result["types"])
     info = json.loads(fetch(f"{comfy_server.url}/object_info/WanAttentionHeatmap")[2])["WanAttentionHeatmap"]
     assert info["deprecated"] and "Attention Overlay" in info["description"]
+
+
+def test_recording_model_head_request_on_a_mean_only_recording_same_error_from_node_and_route(comfy_server):
+    """One meaning of "mean": a per-head request on a recording that kept only the heads' mean is the same clear
+    error from the viewer's route (400, its message) and from a view node in a real prompt; never the mean."""
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api["20"]["inputs"]["batch_name"] = "mean_only"
+    entry = run_prompt(comfy_server.url, to_tiny(api))
+    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    summary = json.loads(fetch(f"{comfy_server.url}/wan_capture/summary?path=mean_only/attention_maps&video={video}")[2])
+    assert summary["heads"] == [-1]
+    status, _, body = fetch(f"{comfy_server.url}/wan_capture/slice?path=mean_only/attention_maps&video={video}"
+                            f"&token=flower&step=0&head=1")
+    route_error = json.loads(body)["error"]
+    assert status == 400 and "heads were recorded as their mean" in route_error
+    view = {"1": {"class_type": "WanLoadAttentionMaps", "inputs": {"attention_maps_path": "mean_only/attention_maps"}},
+            "2": {"class_type": "WanAttentionOverlay", "inputs": {"recorder": ["1", 0], "token": "flower",
+                                                                   "heads": "1", "steps": "0"}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    entry = run_prompt(comfy_server.url, view)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["exception_message"].strip() == route_error
+
+
+def test_recording_model_save_node_copies_loaded_maps_in_a_real_prompt(comfy_server, recording):
+    """Load Attention Maps -> Save Attention Maps writes a copy into another batch: every array byte for byte."""
+    path, video = recording
+    prompt = {"1": {"class_type": "WanLoadAttentionMaps", "inputs": {"attention_maps_path": path, "video_id": video}},
+              "2": {"class_type": "WanSaveAttention", "inputs": {"recorder": ["1", 0], "batch_name": "copied"}}}
+    entry = run_prompt(comfy_server.url, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"]["2"]["attention_maps"][0]
+    assert report["status"] == "complete" and report["video_id"] == video
+    source = comfy_server.output / path / video
+    copied = comfy_server.output / "copied" / "attention_maps" / video
+    arrays = sorted(str(p.relative_to(source)) for p in source.rglob("*.npy"))
+    assert len(arrays) > 10 and arrays == sorted(str(p.relative_to(copied)) for p in copied.rglob("*.npy"))
+    for rel in arrays:
+        assert (source / rel).read_bytes() == (copied / rel).read_bytes(), rel
+    assert len(list((copied / "frames").glob("*.png"))) == 9
