@@ -193,13 +193,16 @@ def test_damaged_files_are_named_and_missing_ones_are_not_skipped(tmp_path):
         load_array(str(pt))
 
 
-def test_damaged_self_attention_step_names_and_partial_warning(tmp_path):
+def test_listed_steps_come_from_the_summary_and_partial_warning(tmp_path):
+    """A stray step file (another recording's, or planted) is never stacked in: steps are what summary.json lists."""
     save_take(recorded(steps=2, record_sink_stats=True), str(tmp_path), "b", SaveOptions())
     sa = tmp_path / "b" / "attention_maps" / "prompt_000_vid001" / "self_attention"
     (sa / "step_1000_metadata.json").write_text("{}")
+    (sa / "step_1000_received.npy").write_bytes((sa / "step_000_received.npy").read_bytes())
     (sa / "step_abc_metadata.json").write_text("{}")
     an = maps(tmp_path)
-    assert an.list_self_attention_steps("prompt_000_vid001") == [0, 1, 1000]
+    assert an.list_self_attention_steps("prompt_000_vid001") == [0, 1]
+    assert an.load_all_self_attention("prompt_000_vid001", "received").shape[0] == 2
     summary_path = sa.parent / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary.update(status="partial", partial_reason="recording partial: interrupted")

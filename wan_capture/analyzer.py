@@ -17,8 +17,9 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .causal_stats import assemble_chunks, sink_frames_of
+from .causal_stats import sink_frames_of
 from .grid import latent_frame_of, pixel_frame_count
+from .recording.keys import ArrayKey
 from .storage import safe_name
 from .time_layout import video_maps
 
@@ -26,7 +27,6 @@ _EXTS = (".npy", ".npy.gz", ".pt", ".pt.gz")
 _STEP = re.compile(r"^step_(\d+)(\.npy|\.npy\.gz|\.pt|\.pt\.gz)$")
 _NESTED_PROMPT = re.compile(r"[^.].*")  # a prompt folder of the nested layout (hidden folders are writes under way)
 _NESTED_VIDEO = re.compile(r"vid\d+")
-_SELF_META = re.compile(r"^step_(\d+)(?:_chunk_\d+)?_metadata\.json$")
 
 
 class DamagedFileError(ValueError):
@@ -241,21 +241,27 @@ class AttentionAnalyzer:
         """``[steps, spatial, tokens]``: the mean over blocks and heads at every saved step."""
         return self.aggregate_heads(self.aggregate_blocks(self.load_all_steps(video_id, token, branch)))
 
-    # -- self-attention statistics and windows (docs/FORMAT.md) -------------------------------------------
-    def _branch_dir(self, video_id: str, sub: str, branch: str) -> str:
-        return os.path.join(self._video(video_id), *(["uncond"] if branch == "uncond" else []), sub)
+    # -- self-attention statistics and windows (docs/FORMAT.md): read through the video's Recording -----------
+    def recording(self, video_id: str):
+        """The video as a :class:`~wan_capture.recording.FolderRecording`: the read interface views, the viewer and
+        ``save_recording`` use (the same answers as the live recording it was saved from)."""
+        from .recording import FolderRecording
+        return FolderRecording(self, video_id)
+
+    def _steps_of(self, video_id: str, stat: str, branch: str) -> List[int]:
+        """Saved steps of a statistic, as ``summary.json`` lists them (a stray file of another step never counts)."""
+        return sorted({k.step for k in self.recording(video_id).keys_of(stat, _branch(branch))})
+
+    def _get(self, video_id: str, key) -> np.ndarray:
+        return np.asarray(self.recording(video_id).get(key), dtype=np.float32)
 
     def list_self_attention_steps(self, video_id: str, branch: str = "") -> List[int]:
-        folder = self._branch_dir(video_id, "self_attention", branch)
-        if not os.path.isdir(folder):
-            return []
-        return sorted({int(m.group(1)) for m in map(_SELF_META.match, os.listdir(folder)) if m})
+        return self._steps_of(video_id, "sink", branch)
 
     def load_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
         """One sink statistic of one step: ``received``/``key_max`` ``[blocks, heads, keys]``, ``frame_mass``
         ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
-        return self._array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
-                                                  f"step_{step:03d}_{name}")))
+        return self._get(video_id, ArrayKey("sink", name, step, _branch(branch)))
 
     def load_all_self_attention(self, video_id: str, name: str, branch: str = "") -> np.ndarray:
         """``[steps, ...]`` of one sink statistic over every saved step."""
@@ -270,23 +276,18 @@ class AttentionAnalyzer:
         ``[blocks, heads, image tokens]`` (each CLIP-vision token's attention, mean over queries)."""
         if name not in ("share", "received"):
             raise ValueError(f"image-context statistic must be 'share' or 'received', got {name!r}")
-        return self._array(self._find(os.path.join(self._branch_dir(video_id, "image_context", branch),
-                                                   f"step_{step:03d}_{name}")))
+        return self._get(video_id, ArrayKey("image", name, step, _branch(branch)))
 
     def list_image_context_steps(self, video_id: str, branch: str = "") -> List[int]:
-        folder = self._branch_dir(video_id, "image_context", branch)
-        if not os.path.isdir(folder):
-            return []
-        return sorted({int(m.group(1)) for m in map(_SELF_META.match, os.listdir(folder)) if m})
+        return self._steps_of(video_id, "image", branch)
 
     def load_window(self, video_id: str, step: int, block: int, branch: str = "", chunk: Optional[int] = None) -> dict:
         """An exact window: ``scores`` and ``probs`` ``[heads, queries, keys]`` and its metadata (token ranges);
         causal recordings keep one per chunk (``chunk``: the chunk's first frame)."""
-        suffix = "" if chunk is None else f"_chunk_{chunk:03d}"
-        stem = os.path.join(self._branch_dir(video_id, "windows", branch), f"step_{step:03d}_block_{block:02d}{suffix}")
-        meta = self._json(stem + "_metadata.json")
-        return {"scores": self._array(self._find(stem + "_scores")), "probs": self._array(self._find(stem + "_probs")),
-                "metadata": meta}
+        rec = self.recording(video_id)
+        key = ArrayKey("window", "scores", step, _branch(branch), block, chunk)
+        return {"scores": self._get(video_id, key), "probs": self._get(video_id, ArrayKey(
+                "window", "probs", step, key.branch, block, chunk)), "metadata": rec.metadata(key)}
 
     # -- causal Wan: chunks, the KV-cache log, statistics in absolute frames (docs/FORMAT.md) -------------
     def is_causal(self, video_id: str) -> bool:
@@ -295,13 +296,18 @@ class AttentionAnalyzer:
 
     def list_chunks(self, video_id: str) -> List[int]:
         """First latent frame of each chunk of a causal recording."""
-        return list(self.summary(video_id).get("causal", {}).get("chunks", []))
+        return self.recording(video_id).chunks() if self.is_causal(video_id) else []
+
+    def chunk_steps(self, video_id: str, branch: str = "") -> dict:
+        """Causal Wan: the steps each chunk's statistics hold (an ``initial_latent`` chunk has only its context
+        pass)."""
+        return self.recording(video_id).chunk_steps(_branch(branch))
 
     def load_kv_cache_events(self, video_id: str) -> List[dict]:
         """The KV-cache log: per chunk, step and block the absolute ``key_frames`` attended to (cache order, the
         chunk last), what ``wrote`` each of them, the frames ``evicted`` since the block's previous call, the
         ``sink_frames``, and ``unknown_key_frames`` (cached keys the log could not place)."""
-        return self._json(os.path.join(self._video(video_id), "kv_cache_events.json"))["events"]
+        return self.recording(video_id).kv_events()
 
     def sink_frames(self, video_id: str) -> List[int]:
         """Frames the causal model kept at the front of its cache as attention sinks."""
@@ -311,13 +317,10 @@ class AttentionAnalyzer:
         """One chunk's sink statistic: ``received``/``key_max`` ``[blocks, heads, keys]`` over the keys the chunk
         attended to (cache order; their frames are the metadata's ``key_frames``), ``frame_mass``
         ``[blocks, heads, Fq, Fk]``, ``entropy`` ``[blocks, heads, Fq]``."""
-        return self._array(self._find(os.path.join(self._branch_dir(video_id, "self_attention", branch),
-                                                  f"step_{step:03d}_chunk_{chunk:03d}_{name}")))
+        return self._get(video_id, ArrayKey("sink", name, step, _branch(branch), chunk=chunk))
 
     def load_chunk_metadata(self, video_id: str, step: int, chunk: int, branch: str = "") -> dict:
-        path = os.path.join(self._branch_dir(video_id, "self_attention", branch),
-                            f"step_{step:03d}_chunk_{chunk:03d}_metadata.json")
-        return self._json(path)
+        return self.recording(video_id).metadata(ArrayKey("sink", "received", step, _branch(branch), chunk=chunk))
 
     def load_chunk_window(self, video_id: str, step: int, block: int, chunk: int, branch: str = "") -> dict:
         """A causal exact window: ``scores``/``probs`` ``[heads, queries, keys]``; ``q_frames``/``k_frames`` in the
@@ -325,21 +328,12 @@ class AttentionAnalyzer:
         return self.load_window(video_id, step, block, branch, chunk)
 
     def get_causal_self_attention(self, video_id: str, step: int, name: str, branch: str = "") -> np.ndarray:
-        """A sink statistic of one step over the whole video in absolute frames (see
-        :mod:`wan_capture.causal_stats`): ``frame_mass`` ``[blocks, heads, F, F]`` (the causal frame x frame
+        """A sink statistic of one step over the whole video in absolute frames, from the chunks that have the step
+        (see :mod:`wan_capture.causal_stats`): ``frame_mass`` ``[blocks, heads, F, F]`` (the causal frame x frame
         matrix), ``received``/``key_max`` ``[blocks, heads, F * frame_tokens]``, ``entropy`` ``[blocks, heads, F]``."""
-        summary = self.summary(video_id)
-        causal = summary.get("causal")
-        if not causal:
+        if not self.is_causal(video_id):
             raise ValueError(f"{video_id!r} is not a causal recording; use load_self_attention")
-        parts = []
-        for chunk in causal["chunks"]:
-            meta = self.load_chunk_metadata(video_id, step, chunk, branch)
-            arrays = {n: self.load_chunk_self_attention(video_id, step, chunk, n, branch)
-                      for n in ("received", "key_max", "frame_mass", "entropy")}
-            parts.append({**arrays, "query_frames": meta["query_frames"], "key_frames": _key_frames(meta)})
-        frames = summary["latent_grid"][0]
-        return assemble_chunks(parts, frames, causal["frame_tokens"])[name]
+        return self.recording(video_id).sink(step, name, _branch(branch))
 
     def get_spatial_attention_map(self, video_id: str, token: str, step: Union[int, Sequence[int], None] = None,
                                   height: Optional[int] = None, width: Optional[int] = None,
@@ -364,14 +358,11 @@ def _token_dirs(path: str) -> List[str]:
     return sorted(d for d in os.listdir(path) if d.startswith("token_") and os.path.isdir(os.path.join(path, d)))
 
 
-def _key_frames(meta: dict) -> List[int]:
-    if meta.get("key_frames") is not None:
-        return meta["key_frames"]
-    per_block = meta.get("key_frames_per_block") or {}
-    firsts = sorted(per_block.items(), key=lambda kv: int(kv[0]))
-    if not firsts:
-        raise ValueError(f"chunk metadata of step {meta.get('step')} names no key frames")
-    return firsts[0][1]
+def _branch(branch: str) -> str:
+    """The analyzer's branch argument (``""`` or ``"cond"`` for the cond rows, ``"uncond"``) as a key's."""
+    if branch not in ("", "cond", "uncond"):
+        raise ValueError(f"branch must be '' (cond) or 'uncond', got {branch!r}")
+    return "uncond" if branch == "uncond" else "cond"
 
 
 def align_to_video(maps: np.ndarray, meta: dict, height: Optional[int], width: Optional[int],

@@ -17,6 +17,11 @@ from ..causal_stats import assemble_chunks, sink_frames_of
 from ..time_layout import TimeLayout
 from .keys import SINK_NAMES, ArrayKey, key_path, metadata_path
 
+class NotRecorded(FileNotFoundError, KeyError):
+    """The recording holds no such array (a KeyError for mappings, FileNotFoundError for file readers); the message
+    says what it holds instead."""
+
+
 # summary fields that say where and how a copy was written, not what was recorded
 PROVENANCE = ("video_id", "prompt_id", "video_number", "batch_index", "storage_format", "compressed", "pack_version",
               "saved_at", "files_written", "frames", "status", "partial_reason")
@@ -101,7 +106,7 @@ class Recording:
     def _float(self, key: ArrayKey, what: str) -> np.ndarray:
         if key not in set(self._keys()):
             steps = sorted({k.step for k in self.keys_of(key.stat, key.branch)})
-            raise KeyError(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
+            raise NotRecorded(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
         return np.asarray(self.get(key), dtype=np.float32)
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
@@ -111,7 +116,7 @@ class Recording:
     def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
         """i2v image context: ``share`` ``[blocks, heads, tokens]`` or ``received`` ``[blocks, heads, 257]``."""
         if not self.keys_of("image"):
-            raise KeyError(f"no image-context statistics for step {step} ({branch}): record an i2v model with "
+            raise NotRecorded(f"no image-context statistics for step {step} ({branch}): record an i2v model with "
                            "image_context on")
         return self._float(ArrayKey("image", name, step, branch), "image-context statistics")
 
@@ -137,7 +142,7 @@ class Recording:
         held = self.chunk_steps(branch)
         parts = [self.chunk_part(c, step, branch) for c, steps in held.items() if step in steps]
         if not parts:
-            raise KeyError(f"no self-attention statistics for step {step} ({branch}) in any chunk; steps per chunk: "
+            raise NotRecorded(f"no self-attention statistics for step {step} ({branch}) in any chunk; steps per chunk: "
                            f"{held}")
         grid = self.summary["latent_grid"]
         return assemble_chunks(parts, grid[0], grid[1] * grid[2])[name]
@@ -156,7 +161,7 @@ class Recording:
         found = [k for k in self.keys_of("window", branch) if k.step == step and k.block == block and k.name == "scores"]
         if not found:
             recorded = sorted({(k.step, k.block) for k in self.keys_of("window", branch)})
-            raise KeyError(f"no exact window for step {step}, block {block} ({branch}); recorded (step, block): "
+            raise NotRecorded(f"no exact window for step {step}, block {block} ({branch}); recorded (step, block): "
                            f"{recorded}")
         key = found[0]
         meta = self.metadata(key)
@@ -243,7 +248,7 @@ class FolderRecording(Recording):
 
     def get(self, key: ArrayKey) -> np.ndarray:
         if key.stat == "cross" and not self._folder_of(key):
-            raise KeyError(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
+            raise NotRecorded(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
         stem = self._path(key_path(key, self._folder_of(key)))
         return self.an._array(self.an._find(stem), keep_dtype=True)
 
