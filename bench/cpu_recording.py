@@ -15,8 +15,8 @@ import tempfile
 import time
 from importlib import import_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import tiny_comfy as tc  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pack root: devtools/
+import devtools.tiny_comfy as tc  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wan_capture import KeyLayout  # noqa: E402
-from wan_capture import kernels  # noqa: E402
+from wan_capture.stats import kernels  # noqa: E402
 
 ROW = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2),
        (128, 64, 4, 2), (64, 64, 4, 3)]
@@ -37,7 +37,7 @@ def main(argv):
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
         ref = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=50,
                                       rep=300, return_mode="median")
-    from wan_capture.lse_attention import cudnn_attention
+    from wan_capture.capture.lse_attention import cudnn_attention
     lse = cudnn_attention(q, k, v)[1].reshape(heads, tokens)
     del v
     print(f"{size}: cuDNN attention, this row: {ref:.2f} ms; splits chosen for the sweep: "

@@ -17,10 +17,10 @@ from typing import Optional, Tuple
 import comfy.patcher_extension as patcher_extension
 
 from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, Grid, Recorder, branch_rows, fingerprint
-from ..wan_capture.lse_attention import LseAttention
+from ..wan_capture.capture.lse_attention import LseAttention
 from ..wan_capture.model_info import ModelInfo, describe_model
-from ..wan_capture.time_layout import TimeLayout, vace_reference_frames
-from ..wan_capture.tracker import CallTracker, Evaluation
+from ..wan_capture.capture.time_layout import TimeLayout, vace_reference_frames
+from ..wan_capture.capture.tracker import CallTracker, Evaluation
 
 KEY = "wan_attention_capture"
 

@@ -6,8 +6,8 @@ import torch
 from comfy_api.latest import io
 
 from ..wan_capture import parse_index_list
-from ..wan_capture.masks import METHODS, attention_masks, mask_scores, masks_on_video
-from ..wan_capture.views import token_maps
+from ..wan_capture.views.masks import METHODS, attention_masks, mask_scores, masks_on_video
+from ..wan_capture.views.maps import token_maps
 from .attach_node import AttentionRecorder
 from .recording import open_source
 from .view_nodes import steps_of

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..wan_capture import Recorder, Take, fingerprint
 from ..wan_capture.recording import MemoryRecording, Recording
-from ..wan_capture.views import SavedRecording
+from ..wan_capture.views.maps import SavedRecording
 
 
 def take_for_latent(recorder: Recorder, latent: dict) -> Take:

@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..wan_capture import SaveOptions, __version__
-from ..wan_capture.storage import file_count, save_recording
+from ..wan_capture.recording.save import file_count, save_recording
 from .attach_node import AttentionRecorder
 from .recording import recordings
 from .widgets import settings

@@ -7,8 +7,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..wan_capture import AttentionAnalyzer
-from ..wan_capture.storage import inside
-from ..wan_capture.views import SavedRecording
+from ..wan_capture.recording.save import inside
+from ..wan_capture.views.maps import SavedRecording
 from .attach_node import AttentionRecorder
 from .widgets import settings
 

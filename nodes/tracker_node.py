@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..wan_capture.templates import TemplateError, expand_template
-from ..wan_capture.tokens import MODES, TokenTracking, TrackingError, track
+from ..wan_capture.prompts.templates import TemplateError, expand_template
+from ..wan_capture.prompts.tokens import MODES, TokenTracking, TrackingError, track
 from .attach_node import TokenTracking as TokenTrackingType
 from .widgets import settings
 

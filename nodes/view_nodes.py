@@ -11,10 +11,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..wan_capture import parse_index_list
-from ..wan_capture.colormaps import COLORMAPS
+from ..wan_capture.views.colormaps import COLORMAPS
 from ..wan_capture.plan import parse_steps
-from ..wan_capture.render import HeatmapStyle, pad_to, value_ranges
-from ..wan_capture.views import (frame_mass, frame_mass_images, grid_image, image_share_maps, mean_window, sink_maps,
+from ..wan_capture.views.render import HeatmapStyle, pad_to, value_ranges
+from ..wan_capture.views.maps import (frame_mass, frame_mass_images, grid_image, image_share_maps, mean_window, sink_maps,
                                  token_maps, video_frames, window_image)
 from .attach_node import AttentionRecorder
 from .recording import open_source

@@ -9,9 +9,9 @@ import os
 import folder_paths
 from aiohttp import web
 
-from ..wan_capture.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
-from ..wan_capture.selection import SelectionError
-from ..wan_capture.slices import (Refused, frame_mass_slice, point_probe, reader, resolve, sink_slice,
+from ..wan_capture.recording.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
+from ..wan_capture.views.select import SelectionError
+from ..wan_capture.views.slices import (Refused, frame_mass_slice, point_probe, reader, resolve, sink_slice,
                                   token_slice)
 
 PREFIX = "/wan_capture"

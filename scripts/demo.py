@@ -22,12 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import comfy_server  # noqa: E402
-import tiny_comfy  # noqa: E402
-from tiny_workflow import to_tiny  # noqa: E402
+from devtools import comfy_server  # noqa: E402
+from devtools import tiny_comfy  # noqa: E402
+from devtools.tiny_workflow import to_tiny  # noqa: E402
 
 from wan_capture import AttentionAnalyzer  # noqa: E402
-from wan_capture.runner import plan_jobs, run_batch  # noqa: E402
+from wan_capture.batch.runner import plan_jobs, run_batch  # noqa: E402
 
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")
 

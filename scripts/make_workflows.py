@@ -13,9 +13,9 @@ import sys
 import tempfile
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import comfy_server  # noqa: E402
-import tiny_comfy  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pack root: devtools/
+from devtools import comfy_server  # noqa: E402
+from devtools import tiny_comfy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "example_workflows")

@@ -1,7 +1,7 @@
 """Test-side access to real ComfyUI: skips loudly when it is not found."""
 import pytest
 
-from tiny_comfy import *  # noqa: F401,F403
-from tiny_comfy import COMFYUI, NOT_FOUND
+from devtools.tiny_comfy import *  # noqa: F401,F403
+from devtools.tiny_comfy import COMFYUI, NOT_FOUND
 
 needs_comfy = pytest.mark.skipif(COMFYUI is None, reason=NOT_FOUND)

@@ -1,13 +1,10 @@
+"""The pack root and tests/ are on sys.path through pyproject.toml's pytest ``pythonpath``."""
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_comfy import COMFYUI, NOT_FOUND  # noqa: E402
-from self_forcing import SF_NOT_FOUND, self_forcing_path  # noqa: E402
+from devtools.tiny_comfy import COMFYUI, NOT_FOUND
+from self_forcing import SF_NOT_FOUND, self_forcing_path
 
 
 def pytest_report_header(config):
@@ -34,7 +31,7 @@ def comfy_server(tmp_path_factory):
     """A real headless ComfyUI with this pack and the tiny-model helper nodes, for API-level tests."""
     if COMFYUI is None:
         pytest.skip(NOT_FOUND)
-    import comfy_server as cs
+    import devtools.comfy_server as cs
     base = tmp_path_factory.mktemp("comfy_base")
     proc, url, log = cs.start(COMFYUI, str(base))
     yield types.SimpleNamespace(url=url, base=base, output=base / "output", log=log)

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import naive_probs, naive_scores, naive_sink  # noqa: E402
 from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics  # noqa: E402
-from wan_capture.stats import kernels_for  # noqa: E402
+from wan_capture.stats.statistics import kernels_for  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4}  # relative error vs float64 on the same inputs
 

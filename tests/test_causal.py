@@ -17,11 +17,11 @@ import torch
 from reference import naive_probs, naive_scores, naive_sink
 from self_forcing import SF_NOT_FOUND, self_forcing_modules, self_forcing_path
 from wan_capture import AttentionAnalyzer, FrameWindow, RecordingPlan, SaveOptions, record, save_take
-from wan_capture import tiny_causal
+from devtools import tiny_causal
 from wan_capture.adapters.official import sdpa_attention
-from wan_capture.tiny_causal import causal_generate
+from devtools.tiny_causal import causal_generate
 from wan_capture.recording import FolderRecording, MemoryRecording
-from wan_capture.views import frame_mass_images, sink_maps
+from wan_capture.views.maps import frame_mass_images, sink_maps
 
 FRAMES, CHUNK, CACHE, SINK = 10, 2, 5, 1  # latent frames, frames per chunk, cache frames, sink frames
 H = W = 4  # latent 4x4 -> 2x2 tokens per frame

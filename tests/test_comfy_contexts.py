@@ -223,9 +223,9 @@ def test_vace_reference_frame_is_left_out_of_the_overlay_after_trim(pack, tmp_pa
     from comfy_extras.nodes_wan import TrimVideoLatent, WanVaceToVideo
     from wan_capture import AttentionAnalyzer
     from wan_capture.grid import latent_frame_of
-    from wan_capture.masks import attention_masks
+    from wan_capture.views.masks import attention_masks
     from wan_capture.recording import MemoryRecording
-    from wan_capture.views import token_maps
+    from wan_capture.views.maps import token_maps
     folder_paths.set_output_directory(str(tmp_path / "output"))
     base = load_model(tiny_wan_checkpoint(str(tmp_path / "vace.safetensors"), "vace"))
     assert type(base.model.diffusion_model).__name__ == "VaceWanModel"

@@ -10,7 +10,7 @@ import torch
 from api_util import run_prompt
 from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, recording_options, tiny_clip,
                            tiny_spiece_model, tiny_wan_checkpoint)
-from tiny_workflow import to_tiny
+from devtools.tiny_workflow import to_tiny
 
 pytestmark = needs_comfy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def test_every_input_has_a_tooltip_no_node_over_12_and_one_home_per_setting(pack
 
 def test_node_defaults_are_the_cores(pack):
     from wan_capture import RecordingPlan
-    from wan_capture.render import HeatmapStyle
+    from wan_capture.views.render import HeatmapStyle
     opts = recording_options(pack)
     plan = RecordingPlan(record_cross=False, record_sink_stats=True)
     for name in ("store_per_block", "store_per_head", "storage_dtype", "spatial_downsample_factor", "branch",

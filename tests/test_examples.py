@@ -6,7 +6,7 @@ import os
 import pytest
 
 from api_util import get, run_prompt
-from tiny_workflow import to_tiny
+from devtools.tiny_workflow import to_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "example_workflows")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wan_capture.grid import latent_frame_of
-from wan_capture.masks import attention_masks, mask_scores, masks_on_video, otsu_threshold
+from wan_capture.views.masks import attention_masks, mask_scores, masks_on_video, otsu_threshold
 
 META = {"latent_grid": [3, 4, 6], "map_grid": [3, 4, 6], "model": {"vae_stride": [4, 8, 8], "patch_size": [1, 2, 2]}}
 

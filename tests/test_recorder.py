@@ -6,7 +6,7 @@ from reference import naive_probs, naive_scores
 from wan_capture import (AttentionCall, BudgetError, FrameWindow, Grid, PlanError, Recorder, RecordingPlan,
                          branch_rows, parse_index_list, pool_spatial)
 from fake_sampling import D, GRID, HEADS, MODEL, TEXT, heads_of, run
-from wan_capture.steps import continues, step_of
+from wan_capture.capture.steps import continues, step_of
 
 
 def test_per_block_per_head_against_naive():

@@ -13,15 +13,15 @@ from fake_sampling import GRID, HEADS, D, heads_of, run
 from reference import naive_probs, naive_scores, naive_sink
 from self_forcing import SF_NOT_FOUND, self_forcing_modules, self_forcing_path
 from wan_capture import AttentionCall, FrameWindow, Grid, Recorder, RecordingPlan, SaveOptions, record, save_take
-from wan_capture import tiny_causal
+from devtools import tiny_causal
 from wan_capture.adapters.official import sdpa_attention
-from wan_capture.masks import attention_masks
+from wan_capture.views.masks import attention_masks
 from wan_capture.recording import ArrayKey, FolderRecording, MemoryRecording, key_path
-from wan_capture.selection import SelectionError
-from wan_capture.storage import save_recording
-from wan_capture.tiny_causal import causal_generate
-from wan_capture.tokens import TokenTracking, TrackedWord
-from wan_capture.views import (frame_mass, frame_mass_images, grid_image, image_share_maps, mean_window, sink_maps,
+from wan_capture.views.select import SelectionError
+from wan_capture.recording.save import save_recording
+from devtools.tiny_causal import causal_generate
+from wan_capture.prompts.tokens import TokenTracking, TrackedWord
+from wan_capture.views.maps import (frame_mass, frame_mass_images, grid_image, image_share_maps, mean_window, sink_maps,
                                token_maps, video_frames, window_image)
 
 MODES = ("per_frame", "per_video", "shared", "fixed")
@@ -269,7 +269,7 @@ def test_recording_model_cpu_bf16_autocast_equals_float64():
 @pytest.mark.parametrize("order", [("image", "text"), ("text", "image")])
 def test_recording_model_image_context_independent_of_call_order(order):
     """An i2v block's image and text calls in either order: the same maps and image share, equal to float64."""
-    from wan_capture.tracker import CallTracker, Evaluation
+    from wan_capture.capture.tracker import CallTracker, Evaluation
     from wan_capture.model_info import ModelInfo
     info = ModelInfo("WAN21", "WanModel", 1, HEADS, D, HEADS * D, (1, 2, 2), (4, 8, 8), cross_attention="i2v")
     plan = RecordingPlan(text_positions=(3,), record_image_context=True, storage_dtype="float32",

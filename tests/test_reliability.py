@@ -15,9 +15,9 @@ import pytest
 
 from test_storage import TRACKING, recorded
 from wan_capture import AttentionAnalyzer, PlanError, Recorder, RecordingPlan, SaveOptions, parse_index_list, save_take
-from wan_capture.analyzer import DamagedFileError
+from wan_capture.recording.analyzer import DamagedFileError
 from wan_capture.model_info import ModelInfo
-from wan_capture.tokens import TokenTracking, TrackedWord
+from wan_capture.prompts.tokens import TokenTracking, TrackedWord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO = ModelInfo("WAN21", "WanModel", 2, 2, 128, 256, (1, 2, 2), (4, 8, 8))
@@ -47,7 +47,7 @@ SAVER = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_storage import recorded
     from wan_capture import SaveOptions, save_take
-    from wan_capture import storage
+    from wan_capture.recording import save as storage
     real = storage.atomic_write
     def slow(path, data):
         time.sleep(0.01)
@@ -86,7 +86,7 @@ def test_stale_previous_recording_moved_aside_by_a_killed_swap_is_restored(tmp_p
     root = tmp_path / "b" / "attention_maps"
     (root / "prompt_000_vid001").rename(root / ".prompt_000_vid001.old-abc")  # killed between the two renames
     (root / ".prompt_000_vid001.tmp-def").mkdir()
-    from wan_capture.storage import sweep_leftovers
+    from wan_capture.recording.save import sweep_leftovers
     sweep_leftovers(str(root), "prompt_000_vid001")
     assert sorted(p.name for p in root.iterdir()) == ["prompt_000_vid001"]
     assert maps(tmp_path).summary("prompt_000_vid001")["steps"] == [0, 1]
@@ -112,7 +112,7 @@ def test_collision_of_tracked_word_folders_keeps_every_word(tmp_path):
 
 
 def test_collision_windows_device_names_are_never_folder_names(tmp_path):
-    from wan_capture.storage import safe_name
+    from wan_capture.recording.save import safe_name
     assert [safe_name(n) for n in ("con", "NUL", "aux.txt", "com1", "lpt9", "console")] == \
         ["_con", "_NUL", "_aux.txt", "_com1", "_lpt9", "console"]
     save_take(recorded(), str(tmp_path), "con", SaveOptions())
@@ -239,14 +239,14 @@ def test_takes_released_memory_is_bounded_by_the_budget():
 
 
 def test_read_path_outside_the_output_folder_says_read(tmp_path):
-    from wan_capture.storage import StorageError, inside
+    from wan_capture.recording.save import StorageError, inside
     with pytest.raises(StorageError, match="refusing to read"):
         inside(str(tmp_path), "..", "elsewhere", purpose="read")
 
 
 # -- manifest: a restarted batch recognises its jobs, not just their video ids ------------------------------------
 def test_manifest_keys_on_the_job_so_changed_jobs_run_again(tmp_path):
-    from wan_capture.runner import Manifest, job_key, pending, plan_jobs
+    from wan_capture.batch.runner import Manifest, job_key, pending, plan_jobs
     workflow = {"1": {"class_type": "WanSaveAttentionMaps", "inputs": {}}}
     first = plan_jobs(["a [red|blue] car"], [1, 2])
     manifest = Manifest(str(tmp_path), "study")

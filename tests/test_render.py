@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from wan_capture.colormaps import COLORMAPS, apply_colormap
-from wan_capture.render import labelled_grid, legend, matrix_plot, normalize, value_ranges
-from wan_capture.views import video_frames
+from wan_capture.views.colormaps import COLORMAPS, apply_colormap
+from wan_capture.views.render import labelled_grid, legend, matrix_plot, normalize, value_ranges
+from wan_capture.views.maps import video_frames
 
 META = {"latent_grid": [3, 15, 26], "map_grid": [3, 15, 26], "model": {"vae_stride": [4, 8, 8], "patch_size": [1, 2, 2]}}
 

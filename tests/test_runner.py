@@ -9,8 +9,8 @@ import time
 import pytest
 
 from api_util import get, wait_idle
-from tiny_workflow import to_tiny
-from wan_capture.runner import Job, plan_jobs, prepare
+from devtools.tiny_workflow import to_tiny
+from wan_capture.batch.runner import Job, plan_jobs, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "a beautiful [(flower:2.5) near a tree|(tree:3) next to a flower]"

@@ -9,7 +9,7 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
-from wan_capture.runner import plan_jobs, run_batch  # noqa: E402
+from wan_capture.batch.runner import plan_jobs, run_batch  # noqa: E402
 
 WORKFLOW = {"1": {"class_type": "WanSaveAttention", "inputs": {}}, "2": {"class_type": "KSampler", "inputs": {"seed": 0}}}
 

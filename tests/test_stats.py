@@ -4,7 +4,7 @@ import torch
 
 from reference import naive_probs, naive_scores, naive_sink
 from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics, split_heads
-from wan_capture.stats import plan_chunks
+from wan_capture.stats.statistics import plan_chunks
 
 LAYOUTS = [
     dict(),

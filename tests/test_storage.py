@@ -13,8 +13,8 @@ import torch
 
 from fake_sampling import run
 from wan_capture import AttentionAnalyzer, FrameWindow, Grid, RecordingPlan, SaveOptions, StorageError, save_take
-from wan_capture import storage as storage_mod
-from wan_capture.tokens import TokenTracking, TrackedWord
+from wan_capture.recording import save as storage_mod
+from wan_capture.prompts.tokens import TokenTracking, TrackedWord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_FIELDS = ["video_id", "step", "timestep", "total_steps", "token_word", "token_ids", "token_texts",

@@ -1,6 +1,6 @@
 import pytest
 
-from wan_capture.templates import TemplateError, expand_template
+from wan_capture.prompts.templates import TemplateError, expand_template
 
 
 def prompts(t):

@@ -1,7 +1,7 @@
 """Word tracking from (token, weight, word_id) lists, with a hand-made piece table."""
 import pytest
 
-from wan_capture.tokens import TokenTracking, TrackingError, split_words, track
+from wan_capture.prompts.tokens import TokenTracking, TrackingError, split_words, track
 
 PIECES = {10: "\u2581a", 11: "\u2581beautiful", 12: "\u2581flow", 13: "er", 14: "\u2581near", 15: "\u2581tree",
           16: ",", 17: "\u2581", 18: "Tree", 19: "<unk>", 1: "</s>", 0: "<pad>"}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from api_util import run_prompt
-from tiny_workflow import to_tiny
+from devtools.tiny_workflow import to_tiny
 from wan_capture import AttentionAnalyzer
-from wan_capture.colormaps import apply_colormap
+from wan_capture.views.colormaps import apply_colormap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_DIR = os.path.join(ROOT, ".cache", "node")
@@ -138,7 +138,7 @@ def test_causal_recording_slices_frame_mass_and_sinks(comfy_server):
     matrix are the analyzer's assembled arrays, byte for byte, with the sink frames in X-Sinks."""
     import torch
     from wan_capture import RecordingPlan, SaveOptions, record, save_take
-    from wan_capture.tiny_causal import CausalWanModel, causal_generate
+    from devtools.tiny_causal import CausalWanModel, causal_generate
     torch.manual_seed(0)
     model = CausalWanModel(dim=256, num_heads=2, num_layers=2, local_attn_size=4, sink_size=1, frame_tokens=4).eval()
     with record(model, RecordingPlan(record_cross=False, record_sink_stats=True)) as rec:
@@ -269,7 +269,7 @@ def test_point_probe_playback_side_by_side_legend_and_png_export_in_chromium(com
     import io
 
     from PIL import Image
-    from wan_capture.colormaps import apply_colormap
+    from wan_capture.views.colormaps import apply_colormap
     path, video = recording
     shot = os.path.join(ROOT, ".cache", "viewer_probe_screenshot.png")
     page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"

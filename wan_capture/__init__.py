@@ -3,17 +3,17 @@
 This package never imports ComfyUI; ``nodes/`` holds the ComfyUI glue.
 """
 from .adapters import CausalRecorder, record
-from .analyzer import AttentionAnalyzer, load_array
-from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
+from .recording.analyzer import AttentionAnalyzer, load_array
+from .capture.call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall, branch_rows
 from .grid import Grid, pool_spatial
 from .model_info import ModelInfo, describe_model
 from .plan import FrameWindow, PlanError, RecordingPlan, parse_index_list
-from .recorder import BudgetError, Recorder, Take, fingerprint
-from .stats import KeyLayout, SinkStats, cross_attention_probs, score_window, sink_statistics, split_heads
-from .storage import SaveOptions, StorageError, save_take
-from .templates import TemplateError, expand_template
-from .tokens import TokenTracking, TrackedWord, TrackingError
-from .tracker import CallTracker
+from .capture.recorder import BudgetError, Recorder, Take, fingerprint
+from .stats.statistics import KeyLayout, SinkStats, cross_attention_probs, score_window, sink_statistics, split_heads
+from .recording.save import SaveOptions, StorageError, save_take
+from .prompts.templates import TemplateError, expand_template
+from .prompts.tokens import TokenTracking, TrackedWord, TrackingError
+from .capture.tracker import CallTracker
 
 __version__ = "0.2.0"
 

@@ -13,8 +13,8 @@ import asyncio
 import json
 import sys
 
-from .runner import plan_jobs, run_batch
-from .templates import TemplateError, expand_template
+from .batch.runner import plan_jobs, run_batch
+from .prompts.templates import TemplateError, expand_template
 
 
 def _templates(args) -> list:
@@ -30,7 +30,7 @@ def _templates(args) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["causal-demo"]:
-        from .causal_demo import main as causal_demo
+        from devtools.causal_demo import main as causal_demo
         return causal_demo(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m wan_capture", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     except (TemplateError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .runner import job_key
+    from .batch.runner import job_key
     return 0 if all(manifest.done(j.video_id, job_key(j, workflow)) for j in jobs) else 1
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Optional, Sequence, Union
 
 from ..plan import RecordingPlan
-from ..recorder import Recorder
+from ..capture.recorder import Recorder
 from .causal import CausalRecorder
 
 

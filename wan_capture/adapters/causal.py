@@ -16,13 +16,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..call import SELF
+from ..capture.call import SELF
 from ..grid import Grid
 from ..model_info import CAUSAL, ModelInfo
 from ..plan import RecordingPlan
-from ..recorder import Recorder, Take
-from ..stats import KeyLayout
-from ..tracker import CallTracker, Evaluation
+from ..capture.recorder import Recorder, Take
+from ..stats.statistics import KeyLayout
+from ..capture.tracker import CallTracker, Evaluation
 
 
 class CausalRecorder:

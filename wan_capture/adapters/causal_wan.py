@@ -18,11 +18,11 @@ from typing import Sequence
 
 import torch
 
-from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
+from ..capture.call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
-from ..kv_cache import KVCacheObserver, cache_anomaly
+from ..capture.kv_cache import KVCacheObserver, cache_anomaly
 from ..model_info import describe_model
-from ..stats import KeyLayout
+from ..stats.statistics import KeyLayout
 from .official import sdpa_attention
 from .session import PipelineTracker, recording_pass, timestep_of
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..call import CROSS_IMAGE, CROSS_TEXT, SELF
+from ..capture.call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
 from ..model_info import describe_model
 from .session import PipelineTracker, recording_pass, timestep_of

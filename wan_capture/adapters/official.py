@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..call import CROSS_TEXT, SELF
+from ..capture.call import CROSS_TEXT, SELF
 from ..grid import Grid
 from ..model_info import describe_model
 from .session import PipelineTracker, recording_pass, timestep_of

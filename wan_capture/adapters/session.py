@@ -6,11 +6,11 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..call import SELF, CROSS_TEXT
+from ..capture.call import SELF, CROSS_TEXT
 from ..grid import Grid
 from ..model_info import ModelInfo
-from ..recorder import Recorder
-from ..tracker import CallTracker, Evaluation
+from ..capture.recorder import Recorder
+from ..capture.tracker import CallTracker, Evaluation
 
 
 class PipelineTracker(CallTracker):

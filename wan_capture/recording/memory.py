@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..tokens import TokenTracking, TrackedWord
+from ..prompts.tokens import TokenTracking, TrackedWord
 from .keys import ArrayKey
 from .recording import Recording
 

@@ -13,8 +13,8 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
-from ..causal_stats import assemble_chunks, sink_frames_of
-from ..time_layout import TimeLayout
+from ..stats.causal import assemble_chunks, sink_frames_of
+from ..capture.time_layout import TimeLayout
 from .keys import SINK_NAMES, ArrayKey, key_path, metadata_path
 
 class NotRecorded(FileNotFoundError, KeyError):
@@ -196,7 +196,7 @@ class FolderRecording(Recording):
 
     @classmethod
     def open(cls, attention_maps: str, video_id: str, confine_to: Optional[str] = None) -> "FolderRecording":
-        from ..analyzer import AttentionAnalyzer
+        from .analyzer import AttentionAnalyzer
         return cls(AttentionAnalyzer(attention_maps, confine_to=confine_to), video_id)
 
     def _folder_of(self, key: ArrayKey) -> Optional[str]:

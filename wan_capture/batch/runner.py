@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .storage import atomic_write, inside, safe_name
-from .templates import expand_template
+from ..recording.save import atomic_write, inside, safe_name
+from ..prompts.templates import expand_template
 
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "RandomNoise": "noise_seed"}
 TRACKER, SAVE, ATTACH = "WanWeightedTokenTracker", "WanSaveAttention", "WanAttachRecorder"

@@ -7,12 +7,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .analyzer import AttentionAnalyzer, align_to_video
+from ..recording.analyzer import AttentionAnalyzer, align_to_video
 from .colormaps import apply_colormap
-from .recorder import Take
-from .recording import FolderRecording, MemoryRecording, Recording
+from ..capture.recorder import Take
+from ..recording import FolderRecording, MemoryRecording, Recording
 from .render import blend, fmt, labelled_grid, matrix_plot, normalize, value_ranges, with_legend
-from .selection import axis_positions, chosen_steps
+from .select import axis_positions, chosen_steps
 
 
 def recording_of(source) -> Recording:

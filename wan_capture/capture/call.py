@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .grid import Grid
-from .stats import KeyLayout
+from ..grid import Grid
+from ..stats.statistics import KeyLayout
 
 SELF, CROSS_TEXT, CROSS_IMAGE = "self", "cross_text", "cross_image"
 KINDS = (SELF, CROSS_TEXT, CROSS_IMAGE)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .grid import pixel_frame_count
+from ..grid import pixel_frame_count
 
 
 @dataclass(frozen=True)

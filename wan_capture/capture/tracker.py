@@ -14,10 +14,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
-from .grid import Grid
-from .model_info import ModelInfo
+from ..grid import Grid
+from ..model_info import ModelInfo
 from .recorder import IMAGE_TOKENS, Recorder
-from .stats import KeyLayout
+from ..stats.statistics import KeyLayout
 
 
 def cross_kind(keys: int) -> str:

@@ -7,9 +7,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .analyzer import AttentionAnalyzer
-from .recording import FolderRecording
-from .selection import axis_positions, parse_selection
+from ..recording.analyzer import AttentionAnalyzer
+from ..recording import FolderRecording
+from .select import axis_positions, parse_selection
 
 MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
-from .plan import parse_index_list
+from ..plan import parse_index_list
 
 MEAN = "mean"
 Selection = Optional[Tuple[int, ...]]

@@ -39,11 +39,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import stats as _stats
+from ..stats import statistics as _stats
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
-from .grid import Grid, pool_spatial
-from .model_info import ModelInfo
-from .plan import PlanError, RecordingPlan
+from ..grid import Grid, pool_spatial
+from ..model_info import ModelInfo
+from ..plan import PlanError, RecordingPlan
 from .steps import continues, step_of
 from .time_layout import TimeLayout
 

@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .grid import latent_frame_of, pixel_frame_count
-from .time_layout import video_maps
+from ..grid import latent_frame_of, pixel_frame_count
+from ..capture.time_layout import video_maps
 
 METHODS = ("threshold", "otsu", "top_percent")
 

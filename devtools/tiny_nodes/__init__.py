@@ -12,8 +12,9 @@ import types
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # scripts/, through the symlink
-import tiny_comfy as tc  # noqa: E402
+# loaded by ComfyUI as a custom node of its own (a symlink): the pack root holds devtools/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+import devtools.tiny_comfy as tc  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

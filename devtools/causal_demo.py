@@ -15,14 +15,14 @@ import time
 import numpy as np
 import torch
 
-from .adapters import record
-from .adapters.causal_wan import self_forcing_modules
-from .analyzer import AttentionAnalyzer
-from .plan import FrameWindow, RecordingPlan
-from .storage import SaveOptions, save_take
+from wan_capture.adapters import record
+from wan_capture.adapters.causal_wan import self_forcing_modules
+from wan_capture.recording.analyzer import AttentionAnalyzer
+from wan_capture.plan import FrameWindow, RecordingPlan
+from wan_capture.recording.save import SaveOptions, save_take
 from .tiny_causal import CausalWanModel, causal_generate
-from .recording import FolderRecording
-from .views import frame_mass_images, sink_maps, token_maps, window_image
+from wan_capture.recording import FolderRecording
+from wan_capture.views.maps import frame_mass_images, sink_maps, token_maps, window_image
 
 
 def _png(img: np.ndarray, path: str) -> str:
@@ -33,7 +33,7 @@ def _png(img: np.ndarray, path: str) -> str:
 
 def _strip(maps: np.ndarray, cell: int = 48) -> np.ndarray:
     """``[F, h, w]`` latent-frame maps side by side, each scaled to ``cell`` pixels high, shared colour range."""
-    from .colormaps import apply_colormap
+    from wan_capture.views.colormaps import apply_colormap
     lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
     heat = apply_colormap((maps - lo) / (hi - lo if hi > lo else 1.0), "inferno")
     f, h, w = maps.shape

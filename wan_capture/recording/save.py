@@ -30,11 +30,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .grid import Grid, pool_spatial
-from .recorder import Take
-from .recording import ArrayKey, MemoryRecording, Recording, key_path, metadata_path
-from .recording.memory import expert_meta, expert_of, plain_prompt, readable, tracking_of, video_size  # noqa: F401
-from .recording.recording import PROVENANCE
+from ..grid import Grid, pool_spatial
+from ..capture.recorder import Take
+from . import ArrayKey, MemoryRecording, Recording, key_path, metadata_path
+from .memory import expert_meta, expert_of, plain_prompt, readable, tracking_of, video_size  # noqa: F401
+from .recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
 _UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)

@@ -17,11 +17,11 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .causal_stats import sink_frames_of
-from .grid import latent_frame_of, pixel_frame_count
-from .recording.keys import ArrayKey
-from .storage import safe_name
-from .time_layout import video_maps
+from ..stats.causal import sink_frames_of
+from ..grid import latent_frame_of, pixel_frame_count
+from .keys import ArrayKey
+from .save import safe_name
+from ..capture.time_layout import video_maps
 
 _EXTS = (".npy", ".npy.gz", ".pt", ".pt.gz")
 _STEP = re.compile(r"^step_(\d+)(\.npy|\.npy\.gz|\.pt|\.pt\.gz)$")
@@ -245,7 +245,7 @@ class AttentionAnalyzer:
     def recording(self, video_id: str):
         """The video as a :class:`~wan_capture.recording.FolderRecording`: the read interface views, the viewer and
         ``save_recording`` use (the same answers as the live recording it was saved from)."""
-        from .recording import FolderRecording
+        from . import FolderRecording
         return FolderRecording(self, video_id)
 
     def _steps_of(self, video_id: str, stat: str, branch: str) -> List[int]:
