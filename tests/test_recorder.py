@@ -69,7 +69,7 @@ def test_budget_refused_before_any_allocation():
     call = AttentionCall(0, "self", 0, 1.0, ("cond",), GRID, HEADS)
     with pytest.raises(BudgetError, match=r"recording 2 steps on a \[2, 3, 4\] latent grid .* needs"):
         rec.tap(call, x, x, lambda: x)
-    assert not rec.active._slots and not rec.active.windows
+    assert not rec.active.collector.slots and not rec.active.store.arrays
 
 
 def test_window_beyond_latent_frames_is_a_plan_error():

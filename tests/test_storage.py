@@ -94,9 +94,8 @@ def test_seed_usage_examples_run_unchanged(tmp_path):
 
 def test_spatial_map_alignment_hot_spot(tmp_path):
     take = recorded(grid=Grid(3, 15, 26), steps=1, blocks=1)
-    hot = torch.zeros_like(take.cross[(0, "cond")])
+    hot = take.cross[(0, "cond")].zero_()  # the take's own array, in place
     hot.view(1, 1, 3, 3, 15, 26, 4)[:, :, :, 2, 7, 20, TRACKING.columns(TRACKING.word("flower"))[0]] = 1.0
-    take.cross[(0, "cond")] = hot
     save_take(take, str(tmp_path), "b", SaveOptions(storage_dtype="float32"))
     an = AttentionAnalyzer(str(tmp_path / "b" / "attention_maps"))
     maps = an.get_spatial_attention_map("prompt_000_vid001", "flower", step=0, height=240, width=416, frames=9)

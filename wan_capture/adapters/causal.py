@@ -77,7 +77,7 @@ class CausalRecorder:
             raise ValueError(f"block {block} with {h} heads of {d}: recording() was told {t.info.num_blocks} blocks "
                              f"of {t.info.num_heads} heads of {t.info.head_dim}")
         grid = Grid(lq // ft, ft // self.frame_width, self.frame_width)
-        self.recorder.active._dynamic_steps.setdefault(float(step), int(step))
+        self.recorder.active.log.dynamic_steps.setdefault(float(step), int(step))
         t.begin_evaluation(Evaluation(int(step), True, float("nan"), None, (branch,) * b, grid, query_start // ft))
         t.enter_block(block, (SELF,))
         layout = KeyLayout(lk - lq, mask, ft, tuple(key_frames))

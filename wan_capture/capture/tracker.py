@@ -16,7 +16,8 @@ import torch
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
 from ..grid import Grid
 from ..model_info import ModelInfo
-from .recorder import IMAGE_TOKENS, Recorder
+from .budget import IMAGE_TOKENS
+from .recorder import Recorder
 from ..stats.statistics import KeyLayout
 
 

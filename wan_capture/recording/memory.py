@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..prompts.tokens import TokenTracking, TrackedWord
+from ..capture.store import ALL_COLUMNS
 from .keys import ArrayKey
 from .recording import Recording
 
@@ -112,65 +113,48 @@ class MemoryRecording(Recording):
         tracking = self.trackings.get("cond") or tracking_of(take)
         out = {
             "prompt_id": tracking.prompt_id, "prompt": plain_prompt(tracking.prompt), "prompt_weighted": tracking.prompt,
-            "seed": take.sampling.get("seed"), "cfg_scale": take.sampling.get("cfg"), **video_size(take),
-            "total_steps": take.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
+            "seed": take.log.sampling.get("seed"), "cfg_scale": take.log.sampling.get("cfg"), **video_size(take),
+            "total_steps": take.log.total_steps, "latent_grid": take.grid.as_list(), **take.time_layout.as_meta(),
             **expert_meta(take), "map_grid": take.map_grid.as_list(), "model": take.model,
             "blocks": list(take.blocks), "heads": list(take.heads), "dtype": str(take.plan.torch_dtype),
             "status": take.status, "branches": [b for b in ("cond", "uncond") if b in take.plan.branch_names()],
         }
         if take.status != "complete":
             out["partial_reason"] = f"recording {take.status}: {take.error}"
-        if take.cross:
+        if take.store.keys("cross"):
             for branch, tracking in self.trackings.items():
                 out["tokens" if branch == "cond" else "negative_tokens"] = [word_json(w) for w in tracking.words]
         else:
             out["tokens"] = []
         if take.causal:
+            grids = take.store.chunk_grids
             out["causal"] = {
-                "chunks": sorted(take.chunks),
-                "chunk_frames": {str(c): take.chunks[c].grid.frames for c in sorted(take.chunks)
-                                 if take.chunks[c].grid is not None},
+                "chunks": sorted(grids), "chunk_frames": {str(c): grids[c].frames for c in sorted(grids)},
                 "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
                 "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json"}
         return out
 
-    # -- keys and arrays -------------------------------------------------------------------------------------
-    def _parts(self):
-        """(chunk, take part) pairs: the take itself, or each causal chunk."""
-        if self.take.causal:
-            return [(c, self.take.chunks[c]) for c in sorted(self.take.chunks)]
-        return [(None, self.take)]
-
+    # -- keys and arrays: the take's store, its cross-attention columns named by word ----------------------
     def keys(self) -> List[ArrayKey]:
-        take, out = self.take, []
-        for (step, branch), _ in take.cross.items():
-            out += [ArrayKey("cross", w.label, step, branch) for w in self.trackings[branch].words]
-        for chunk, part in self._parts():
-            for (step, branch), stats in part.sink.items():
-                out += [ArrayKey("sink", n, step, branch, chunk=chunk) for n in stats]
-            for (step, branch), stats in part.image.items():
-                out += [ArrayKey("image", n, step, branch, chunk=chunk) for n in stats]
-            for (step, block, branch) in part.windows:
-                out += [ArrayKey("window", n, step, branch, block, chunk) for n in ("scores", "probs")]
+        out = []
+        for k in self.take.store.keys():
+            if k.stat != "cross":
+                out.append(k)
+            elif k.chunk is None:  # the whole video's token maps; a causal chunk's own are not saved apart
+                out += [ArrayKey("cross", w.label, k.step, k.branch) for w in self.trackings[k.branch].words]
         return out
 
-    def _part(self, chunk: Optional[int]):
-        return self.take if chunk is None else self.take.chunks[chunk]
-
     def get(self, key: ArrayKey) -> np.ndarray:
-        b = self.b
+        arrays = self.take.store.arrays
         if key.stat == "cross":
             tracking = self.trackings[key.branch]
-            return self.take.cross[(key.step, key.branch)][b][..., tracking.columns(tracking.word(key.name))].numpy()
-        part = self._part(key.chunk)
-        if key.stat == "window":
-            return part.windows[(key.step, key.block, key.branch)][key.name][b].numpy()
-        table = part.sink if key.stat == "sink" else part.image
-        return table[(key.step, key.branch)][key.name][b].numpy()
+            maps = arrays[ArrayKey("cross", ALL_COLUMNS, key.step, key.branch)]
+            return maps[self.b][..., tracking.columns(tracking.word(key.name))].numpy()
+        return arrays[key][self.b].numpy()
 
     def _step_meta(self, step: int, branch: str) -> dict:
         take = self.take
-        meta = {"step": step, "timestep": take.step_timesteps.get(step), "sigma": take.step_sigmas.get(step),
+        meta = {"step": step, "timestep": take.log.step_timesteps.get(step), "sigma": take.log.step_sigmas.get(step),
                 **axis_meta(take), "branch": branch}
         if take.causal:
             meta["pass"] = take.step_pass.get(step, "denoise")
@@ -197,23 +181,25 @@ class MemoryRecording(Recording):
             if absent:
                 meta["absent_frames"] = absent  # causal: frames of chunks without this step (NaN in the maps)
             return meta
-        part = self._part(key.chunk)
+        store = take.store
         if key.stat == "sink":
-            meta.update(frame_tokens=part.grid.frame_tokens, key_max_aggregation="max")
+            meta.update(frame_tokens=take.grid.frame_tokens, key_max_aggregation="max")
             if key.chunk is not None:
-                frames = {tuple(v) for (s, _), v in part.key_frames.items() if s == key.step}
-                meta.update(chunk=key.chunk, query_frames=list(range(key.chunk, key.chunk + part.grid.frames)),
-                            key_frames=list(next(iter(frames))) if len(frames) == 1 else None,
-                            key_frames_per_block={str(blk): list(v) for (s, blk), v in sorted(part.key_frames.items())
-                                                  if s == key.step} if len(frames) > 1 else None,
-                            chunk_grid=part.grid.as_list())
+                grid = store.chunk_grids[key.chunk]
+                per_block = {blk: v for (c, s, blk), v in sorted(store.key_frames.items())
+                             if c == key.chunk and s == key.step}
+                same = len(set(per_block.values())) == 1
+                meta.update(chunk=key.chunk, query_frames=list(range(key.chunk, key.chunk + grid.frames)),
+                            key_frames=list(next(iter(per_block.values()))) if same else None,
+                            key_frames_per_block=None if same else {str(b): list(v) for b, v in per_block.items()},
+                            chunk_grid=grid.as_list())
         elif key.stat == "image":
             meta.update(share="per query: sigmoid(lse_image - lse_text), the image tokens' share of its attention "
                               "were image and text keys one softmax",
                         received="per image token: mean over queries of its probability in the image "
                                  "cross-attention")
         else:
-            win = part.windows[(key.step, key.block, key.branch)]
+            win = store.window_meta[key.group()]
             ft = take.grid.frame_tokens
             meta.update(block=key.block, dtype="torch.float32", q_range=list(win["q_range"]),
                         k_range=list(win["k_range"]), q_frames=[win["q_range"][0] // ft, win["q_range"][1] // ft],
@@ -225,10 +211,11 @@ class MemoryRecording(Recording):
         return meta
 
     def _absent_frames(self, step: int, branch: str) -> List[int]:
-        if not self.take.causal:
-            return []
-        return [f for c, part in self._parts() if (step, branch) not in part.cross
-                for f in range(c, c + part.grid.frames)]
+        """Causal Wan: the frames of the chunks that have no token maps at ``step`` (NaN in the whole video's)."""
+        store = self.take.store
+        return [f for c, grid in sorted(store.chunk_grids.items())
+                if ArrayKey("cross", ALL_COLUMNS, step, branch, chunk=c) not in store.arrays
+                for f in range(c, c + grid.frames)]
 
     def kv_events(self) -> List[dict]:
         return list(self.take.kv_events)

@@ -1,0 +1,79 @@
+"""A take's sampling passes: where each starts, its schedule and weights, what it produced, and which step a model
+evaluation is."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .steps import step_of
+
+
+@dataclass
+class PassLog:
+    """The passes of one take, in order.
+
+    Args:
+        passes: ``(first global step, the pass's sigmas)`` of each pass (``[0.0]`` for a pass without a schedule).
+        weights: an identity of each pass's model weights (passes of different weights are experts, Wan 2.2 A14B).
+        outputs: the fingerprint of the latent each finished pass produced (None when it failed).
+        sampling: seed, cfg... of the first pass, as the sampler reported them.
+        step_sigmas: the sigma of each recorded step; ``step_timesteps`` the model's timestep.
+        dynamic: steps are numbered by the order their sigmas first appear (a pipeline without a known schedule).
+        input_fingerprint: the latent the first pass started from; ``output_fingerprint`` the last one's output.
+    """
+
+    passes: List[Tuple[int, List[float]]] = field(default_factory=list)
+    weights: List[Optional[int]] = field(default_factory=list)
+    outputs: List[Optional[str]] = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)
+    step_sigmas: Dict[int, float] = field(default_factory=dict)
+    step_timesteps: Dict[int, Optional[float]] = field(default_factory=dict)
+    dynamic: bool = False
+    dynamic_steps: Dict[float, int] = field(default_factory=dict)
+    input_fingerprint: Optional[str] = None
+    output_fingerprint: Optional[str] = None
+
+    @property
+    def total_steps(self) -> int:
+        return sum(len(s) - 1 for _, s in self.passes) + len(self.dynamic_steps)
+
+    def begin(self, sigmas: Optional[List[float]], weights: Optional[int]) -> None:
+        """A pass starts where the take stands (``sigmas`` None: steps numbered as they come)."""
+        self.passes.append((self.total_steps, [0.0] if sigmas is None else list(sigmas)))
+        self.weights.append(weights)
+
+    def locate(self, sigma: float) -> Tuple[Optional[int], bool]:
+        """Global step of an evaluation at ``sigma`` in the last pass, and whether it is the step's own sigma."""
+        offset, sigmas = self.passes[-1]
+        if self.dynamic:
+            return self.dynamic_steps.setdefault(float(sigma), len(self.dynamic_steps)), True
+        step, exact = step_of(sigma, sigmas)
+        return (None, False) if step is None else (offset + step, exact)
+
+    def boundary(self, passes: int) -> int:
+        """The first step after the first ``passes`` passes."""
+        return self.passes[passes][0] if passes < len(self.passes) else self.total_steps
+
+    def truncated(self, passes: int) -> "PassLog":
+        """The first ``passes`` passes (a later pass sampled again from a cached earlier one's output)."""
+        end = self.boundary(passes)
+        return PassLog([(o, list(s)) for o, s in self.passes[:passes]], list(self.weights[:passes]),
+                       list(self.outputs[:passes]), dict(self.sampling),
+                       {k: v for k, v in self.step_sigmas.items() if k < end},
+                       {k: v for k, v in self.step_timesteps.items() if k < end},
+                       input_fingerprint=self.input_fingerprint, output_fingerprint=self.outputs[passes - 1])
+
+    def experts(self, model_type: Optional[str] = None) -> List[dict]:
+        """The experts of passes that ran different weights (Wan 2.2 A14B: high noise, then low noise), each with
+        its steps; empty for one model."""
+        groups: List[dict] = []
+        for (first, sigmas), weights in zip(self.passes, self.weights):
+            last = first + max(1, len(sigmas) - 1) - 1
+            if groups and groups[-1]["weights"] == weights:
+                groups[-1]["steps"][1] = last
+            else:
+                groups.append({"weights": weights, "steps": [first, last]})
+        if len({g["weights"] for g in groups}) < 2:
+            return []
+        names = ["high_noise", "low_noise"] if len(groups) == 2 else [f"expert_{i}" for i in range(len(groups))]
+        return [{"expert": name, "steps": g["steps"]} for name, g in zip(names, groups)]
