@@ -118,7 +118,3 @@ class ComfyClient:
             if r.status != 200:
                 raise ComfyError(f"could not download {subfolder}/{filename}: HTTP {r.status}")
             return await r.read()
-
-    async def object_info(self, session) -> dict:
-        async with session.get(self.url + "/object_info") as r:
-            return await r.json(content_type=None)

@@ -84,12 +84,6 @@ class KVCacheObserver:
         }
         return key_frames, event
 
-    def reset(self) -> None:
-        """Forget everything (a new generation with fresh caches)."""
-        self.frames.clear()
-        self.signature_of.clear()
-        self.previous.clear()
-
 
 def cache_anomaly(key_frames: Tuple[int, ...], chunk: int) -> Optional[str]:
     """None when the cache is in the order causal Wan keeps it (ascending, all older than the chunk), else why not."""

@@ -23,7 +23,10 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# which keys a query sees (the kernels' CAUSAL argument): all, those up to its own token, or up to its own frame
+MASK_NONE = tl.constexpr(0)
+MASK_TOKEN = tl.constexpr(1)
+MASK_FRAME = tl.constexpr(2)
 MAX_FRAMES = 128  # key frames the kernels keep per-query sums for (row pass: in registers; sweep: in memory)
 
 
@@ -39,9 +42,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _visible(offs_q_abs, offs_k, Lk, frame_tokens, CAUSAL: tl.constexpr):
     valid = offs_k[None, :] < Lk
-    if CAUSAL == 1:
+    if CAUSAL == MASK_TOKEN:
         valid = valid & (offs_k[None, :] <= offs_q_abs[:, None])
-    if CAUSAL == 2:
+    if CAUSAL == MASK_FRAME:
         valid = valid & ((offs_k[None, :] // frame_tokens) <= (offs_q_abs[:, None] // frame_tokens))
     return valid
 
@@ -103,7 +106,7 @@ def _row_kernel(Q, K, LSE, ENT, MASS, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, 
     u = tl.zeros([BLOCK_M], tl.float32)
     fm = tl.zeros([BLOCK_M, FKP], tl.float32)
     cols = tl.arange(0, FKP)
-    if CAUSAL == 0:
+    if CAUSAL == MASK_NONE:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             m, l, u, fm = _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, Lk,
@@ -113,7 +116,7 @@ def _row_kernel(Q, K, LSE, ENT, MASS, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, 
                                     frame_tokens, c, CAUSAL, True, WANT_MASS, IEEE, BLOCK_N)
     else:
         last_q = tl.minimum((pid_m + 1) * BLOCK_M, Lq) - 1 + q_offset
-        if CAUSAL == 1:
+        if CAUSAL == MASK_TOKEN:
             hi = tl.minimum(Lk, last_q + 1)
         else:
             hi = tl.minimum(Lk, (last_q // frame_tokens + 1) * frame_tokens)
@@ -145,9 +148,9 @@ def _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pi
     if MASKED:
         q_abs = offs_m + q_offset
         valid = (offs_m[None, :] < Lq) & (offs_n[:, None] < Lk)
-        if CAUSAL == 1:
+        if CAUSAL == MASK_TOKEN:
             valid = valid & (offs_n[:, None] <= q_abs[None, :])
-        if CAUSAL == 2:
+        if CAUSAL == MASK_FRAME:
             valid = valid & ((offs_n[:, None] // frame_tokens) <= (q_abs[None, :] // frame_tokens))
         s = tl.where(valid, s, float("-inf"))
     recv += tl.sum(tl.exp2(s * c - lse2[None, :]), 1)
@@ -170,7 +173,7 @@ def _col_kernel(Q, K, LSE, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l,
     qbase = Q + r * sq_r + h * sq_h
     recv = tl.zeros([BLOCK_N], tl.float32)
     kmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    if CAUSAL == 0:
+    if CAUSAL == MASK_NONE:
         m_full = (Lq // BLOCK_M) * BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
             recv, kmax = _col_tile(k, qbase, sq_l, sq_d, offs_d, start_m, offs_n, recv, kmax, LSE, pid_bh, Lq, Lk,
@@ -180,7 +183,7 @@ def _col_kernel(Q, K, LSE, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l,
                                    q_offset, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_M)
     else:
         first_key = pid_n * BLOCK_N
-        if CAUSAL == 1:
+        if CAUSAL == MASK_TOKEN:
             lo = tl.maximum(first_key - q_offset, 0)
         else:
             lo = tl.maximum((first_key // frame_tokens) * frame_tokens - q_offset, 0)
@@ -243,9 +246,9 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2,
     s = _dot(k, tl.trans(q), IEEE)  # [keys, queries], raw q.k
     if MASKED:
         valid = kmask[:, None] & qmask[None, :]
-        if CAUSAL == 1:
+        if CAUSAL == MASK_TOKEN:
             valid = valid & (offs_n[:, None] <= q_abs[None, :])
-        if CAUSAL == 2:
+        if CAUSAL == MASK_FRAME:
             valid = valid & ((offs_n[:, None] // frame_tokens) <= (q_abs[None, :] // frame_tokens))
         s = tl.where(valid, s, float("-inf"))
         p = tl.exp2(s * c - lse2[None, :])
@@ -275,7 +278,7 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
     q_lo = split * q_per_split
     q_hi = tl.minimum(q_lo + q_per_split, Lq)
-    if CAUSAL != 0:  # queries before this frame's first key see none of it
+    if CAUSAL != MASK_NONE:  # queries before this frame's first key see none of it
         q_lo = tl.maximum(q_lo, ((tl.maximum(k_lo - q_offset, 0) - q_lo) // BLOCK_M) * BLOCK_M + q_lo)
     offs_d = tl.arange(0, D)
     kbase = K + r * sk_r + h * sk_h
@@ -287,8 +290,8 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
     # the hot loop has no masks: full query tiles against the frame's full key tiles (bidirectional attention);
     # the frame's last, partial key tile and a partial query tile follow in masked loops of their own
-    q_full = q_lo if CAUSAL != 0 else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
-    n_hot = n_full if CAUSAL == 0 else k_lo
+    q_full = q_lo if CAUSAL != MASK_NONE else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
+    n_hot = n_full if CAUSAL == MASK_NONE else k_lo
     for start_m in range(q_lo, q_full, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
@@ -332,7 +335,7 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
         tl.debug_barrier()
 
 
-_CAUSAL = {None: 0, "token": 1, "frame": 2}
+_CAUSAL = {None: MASK_NONE, "token": MASK_TOKEN, "frame": MASK_FRAME}
 
 
 def _strides(x: torch.Tensor):
@@ -388,7 +391,9 @@ def _ieee(q: torch.Tensor) -> bool:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, picked on an H100 by bench/tune_kernels.py for head_dim 128
 ROW_CONFIG = (128, 64, 8, 3)
 COL_CONFIG = (64, 128, 4, 3)
+CROSS_CONFIG = (128, 64, 8, 2)  # the cross-attention maps' kernel
 SMALL_CONFIG = (64, 64, 4, 2)  # head_dim > 128, and Triton's CPU interpreter
+MIN_DOT = 16  # tl.dot needs every dimension of at least 16
 
 
 def _config(default, d):
@@ -402,7 +407,7 @@ def row_pass(q, k, scale, layout, frame_tokens, want_mass: bool, config=None):
     fk = -(-lk // frame_tokens) if frame_tokens else 1
     want_mass = want_mass and fk <= MAX_FRAMES
     # without mass the frame accumulator is unused: size it minimally (sizing it by Lk cannot compile)
-    fkp = max(16, triton.next_power_of_2(fk)) if want_mass else 16
+    fkp = max(MIN_DOT, triton.next_power_of_2(fk)) if want_mass else MIN_DOT
     dev = q.device
     lse = torch.empty(r * h, lq, device=dev, dtype=torch.float32)
     ent = torch.empty_like(lse)
@@ -435,16 +440,19 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
     r, h, lq, d = q.shape
     lk, t = k.shape[2], positions.numel()
     out = torch.empty(r * h, lq, t, device=q.device, dtype=torch.float32)
-    tp = max(16, triton.next_power_of_2(t))
-    bm = 64 if d > 128 or _interpreting() else 128
+    tp = max(MIN_DOT, triton.next_power_of_2(t))
+    bm, bn, warps, stages = _config(CROSS_CONFIG, d)
     grid = (triton.cdiv(lq, bm), r * h)
     _cross_kernel[grid](q, k, positions.to(torch.int32).contiguous(), out, *_strides(q), *_strides(k), h, lq, lk, t,
-                        scale * LOG2E, IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=64, D=d, TP=tp,
-                        num_warps=8 if bm == 128 else 4, num_stages=2)
+                        scale * LOG2E, IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, TP=tp,
+                        num_warps=warps, num_stages=stages)
     return out
 
 
 SWEEP_CONFIG = (128, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
+H100_SMS, H100_L2 = 132, 50 << 20  # what the interpreter assumes (and the L2 where the driver does not say)
+RESIDENT_PER_SM = 3  # sweep programs one multiprocessor holds at once (registers allow 2 to 3)
+WAVES = 8  # programs per multiprocessor the sweep launches at least, to fill the GPU
 
 
 def _sweep_config(d: int):
@@ -456,12 +464,12 @@ def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, dev
     key frames of the programs running at once fit in half the L2 cache (each program re-reads its frame's keys for
     every query tile)."""
     if _interpreting():
-        sms, l2 = 132, 50 << 20
+        sms, l2 = H100_SMS, H100_L2
     else:
         props = torch.cuda.get_device_properties(device)
-        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
-    running = 3 * sms  # an estimate of the programs resident at once (registers allow 2 to 3 per multiprocessor)
-    fill = triton.cdiv(8 * sms, frames * rows)
+        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", H100_L2)
+    running = RESIDENT_PER_SM * sms  # an estimate of the programs resident at once
+    fill = triton.cdiv(WAVES * sms, frames * rows)
     fit = triton.cdiv(running * frame_tokens * d * 2, l2 // 2)
     return max(1, min(triton.cdiv(lq, _sweep_config(d)[0]), max(fill, fit)))
 

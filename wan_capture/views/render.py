@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 from .colormaps import COLORMAPS, apply_colormap
 
 NORMALIZE = ("per_frame", "per_video", "shared", "fixed", "percentile")
-BACKGROUND = (1.0, 1.0, 1.0)
 INK = (0, 0, 0)
 
 
