@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..wan_capture import AttentionAnalyzer
-from ..wan_capture.recording.save import inside
+from ..wan_capture.recording.confine import confined
 from ..wan_capture.views.maps import SavedRecording
 from .attach_node import AttentionRecorder
 from .widgets import settings
@@ -47,7 +47,7 @@ class LoadAttentionMaps(io.ComfyNode):
     def execute(cls, attention_maps_path: str, **kw) -> io.NodeOutput:
         video_id = settings(cls, kw)["video_id"].strip()
         out = folder_paths.get_output_directory()
-        path = inside(out, *attention_maps_path.replace("\\", "/").strip("/").split("/"), purpose="read")
+        path = confined(out, attention_maps_path.replace("\\", "/").strip("/"))
         an = AttentionAnalyzer(path, confine_to=out)
         videos = an.list_videos()
         if video_id and video_id not in videos:

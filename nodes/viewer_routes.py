@@ -9,9 +9,10 @@ import os
 import folder_paths
 from aiohttp import web
 
-from ..wan_capture.recording.analyzer import ArrayTooLarge, DamagedFileError, OutsideRoot
+from ..wan_capture.recording.analyzer import ArrayTooLarge, DamagedFileError
+from ..wan_capture.recording.confine import OutsideRoot, confined
 from ..wan_capture.views.select import SelectionError
-from ..wan_capture.views.slices import (Refused, frame_mass_slice, point_probe, reader, resolve, sink_slice,
+from ..wan_capture.views.slices import (frame_mass_slice, point_probe, reader, sink_slice,
                                   token_slice)
 
 PREFIX = "/wan_capture"
@@ -34,7 +35,7 @@ def _guard(handler):
         # short messages only: no path of the request or of a file reaches the reply or the log
         try:
             return await handler(request)
-        except (Refused, OutsideRoot):
+        except OutsideRoot:
             return web.json_response({"error": "forbidden"}, status=403)
         except (FileNotFoundError, KeyError, IndexError):
             return web.json_response({"error": "not found"}, status=404)
@@ -59,12 +60,12 @@ async def _off_loop(fn, *args, **kwargs):
 
 
 def _maps_dir(request) -> str:
-    return resolve(folder_paths.get_output_directory(), request.query.get("path", ""))
+    return confined(folder_paths.get_output_directory(), request.query.get("path", ""), must_exist=True)
 
 
 def _video(request, maps_dir: str) -> str:
     video = request.query.get("video", "")
-    resolve(maps_dir, video)
+    confined(maps_dir, video, must_exist=True)
     return video
 
 
@@ -126,12 +127,12 @@ def register(routes) -> None:
         maps_dir = _maps_dir(request)
         video = _video(request, maps_dir)
         index = int(request.query.get("index", "0"))
-        path = resolve(maps_dir, f"{video}/frames/frame_{index:04d}.png")
+        path = confined(maps_dir, f"{video}/frames/frame_{index:04d}.png", must_exist=True)
         return web.FileResponse(path)
 
 
 def _list(maps_dir: str, video: str, sub: str):
     try:
-        return os.listdir(resolve(maps_dir, f"{video}/{sub}"))
-    except (FileNotFoundError, Refused):
+        return os.listdir(confined(maps_dir, f"{video}/{sub}", must_exist=True))
+    except (FileNotFoundError, OutsideRoot):
         return []

@@ -239,9 +239,9 @@ def test_takes_released_memory_is_bounded_by_the_budget():
 
 
 def test_read_path_outside_the_output_folder_says_read(tmp_path):
-    from wan_capture.recording.save import StorageError, inside
-    with pytest.raises(StorageError, match="refusing to read"):
-        inside(str(tmp_path), "..", "elsewhere", purpose="read")
+    from wan_capture.recording.confine import OutsideRoot, confined
+    with pytest.raises(OutsideRoot, match="refusing to read"):
+        confined(str(tmp_path), "..", "elsewhere", purpose="read")
 
 
 # -- manifest: a restarted batch recognises its jobs, not just their video ids ------------------------------------

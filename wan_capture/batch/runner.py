@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from ..recording.save import atomic_write, inside, safe_name
+from ..recording.confine import confined
+from ..recording.save import atomic_write, safe_name
 from ..prompts.templates import expand_template
 
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "RandomNoise": "noise_seed"}
@@ -80,7 +81,7 @@ class Manifest:
 
     def __init__(self, state_dir: str, batch_name: str):
         os.makedirs(state_dir, exist_ok=True)
-        self.path = inside(state_dir, f"{safe_name(batch_name)}.manifest.json")
+        self.path = confined(state_dir, f"{safe_name(batch_name)}.manifest.json", purpose="write")
         self.videos: Dict[str, dict] = {}
         if os.path.isfile(self.path):
             with open(self.path) as f:
@@ -170,7 +171,7 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
                 for rel in files:
                     sub, name = os.path.dirname(rel), os.path.basename(rel)
                     data = await client.download(session, sub, name)
-                    dest = inside(download, *rel.split("/"))
+                    dest = confined(download, rel, purpose="write")
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
                     atomic_write(dest, data)
             status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"

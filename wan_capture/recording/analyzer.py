@@ -19,6 +19,7 @@ import numpy as np
 
 from ..stats.causal import sink_frames_of
 from ..grid import latent_frame_of, pixel_frame_count
+from .confine import OutsideRoot, confined  # noqa: F401  (OutsideRoot: raised here)
 from .keys import ArrayKey
 from .save import safe_name
 from ..capture.time_layout import video_maps
@@ -35,10 +36,6 @@ class DamagedFileError(ValueError):
 
 class ArrayTooLarge(ValueError):
     """A saved array is larger than the reader allows; refused before it is decompressed or loaded."""
-
-
-class OutsideRoot(PermissionError):
-    """A file resolves (symlinks included) outside the folder the reader is confined to."""
 
 
 def _bounded_gunzip(data: bytes, max_bytes: int, path: str) -> bytes:
@@ -99,9 +96,7 @@ class AttentionAnalyzer:
 
     def _checked(self, path: str) -> str:
         if self._root is not None:
-            real = os.path.realpath(path)
-            if os.path.commonpath([self._root, real]) != self._root:
-                raise OutsideRoot("a file of this recording resolves outside the allowed folder")
+            confined(self._root, os.path.relpath(os.path.realpath(path), self._root))
         return path
 
     def _array(self, path: str, keep_dtype: bool = False) -> np.ndarray:

@@ -34,6 +34,7 @@ from ..grid import Grid, pool_spatial
 from ..capture.recorder import Take
 from . import ArrayKey, MemoryRecording, Recording, key_path, metadata_path
 from .memory import expert_meta, expert_of, plain_prompt, readable, tracking_of, video_size  # noqa: F401
+from .confine import OutsideRoot, StorageError, confined  # noqa: F401  (StorageError: a public name)
 from .recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
@@ -42,26 +43,12 @@ _UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
 _RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 
-class StorageError(OSError):
-    """Writing failed; the message names the file and what was kept."""
-
-
 def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
     """One path component made of letters, digits, ``_ . -`` only: no separators, no leading dots, never empty."""
     cleaned = _UNSAFE.sub("_", str(name)).strip("._ ")[:limit]
     if _RESERVED.match(cleaned):
         cleaned = "_" + cleaned
     return cleaned or fallback
-
-
-def inside(root: str, *parts: str, purpose: str = "write") -> str:
-    """``root/parts...`` after checking (symlinks resolved) that it stays inside ``root`` (``purpose``: what the
-    caller is about to do there, for the message: ``write`` or ``read``)."""
-    path = os.path.join(root, *parts)
-    real_root, real = os.path.realpath(root), os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise StorageError(f"refusing to {purpose} {path!r}: it resolves outside the output folder {root!r}")
-    return path
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -140,7 +127,7 @@ class _Writer:
         self.files: List[str] = []
 
     def write(self, rel: str, data: bytes) -> str:
-        path = inside(self.folder, *rel.split("/"))
+        path = confined(self.folder, rel, purpose="write")
         try:
             os.makedirs(os.path.dirname(path), mode=0o777, exist_ok=True)
             atomic_write(path, data)
@@ -204,7 +191,7 @@ def save_recording(rec: Recording, output_root: str, batch_name: str, opts: Save
 
     ``frames``: decoded frames ``[T, H, W, 3]`` in [0, 1]; without them, the frames kept with ``rec``.
     """
-    root = inside(output_root, safe_name(batch_name, "attention_batch"), "attention_maps")
+    root = confined(output_root, safe_name(batch_name, "attention_batch"), "attention_maps", purpose="write")
     prompt_id = safe_name(opts.prompt_id or prompt_id or str(rec.summary.get("prompt_id") or ""), "prompt_000")
     return _save_video(rec, root, prompt_id, batch_index, opts, progress, version, frames)
 
@@ -258,7 +245,7 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
     old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
     video_id = _claim_name(root, f"{prompt_id}_vid{opts.video_number + b:03d}", opts)
-    final = inside(root, video_id)
+    final = confined(root, video_id, purpose="write")
     os.makedirs(root, mode=0o777, exist_ok=True)
     sweep_leftovers(root, video_id)
     folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-", dir=root)

@@ -19,23 +19,6 @@ def reader(maps_dir: str, root: Optional[str] = None, max_bytes: Optional[int] =
     return AttentionAnalyzer(maps_dir, confine_to=root, max_bytes=max_bytes)
 
 
-class Refused(PermissionError):
-    """The request points outside the allowed root (``..``, an absolute path, a symlink out)."""
-
-
-def resolve(root: str, rel: str) -> str:
-    """``root/rel`` if it exists and resolves (symlinks included) inside ``root``; else Refused/FileNotFoundError."""
-    if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.strip("/").split("/")):
-        raise Refused("path refused")
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise Refused("path refused")
-    if not os.path.exists(real):
-        raise FileNotFoundError("not found")
-    return real
-
-
 def _pick(data: np.ndarray, summary: dict, block: str, head: str) -> np.ndarray:
     """``[blocks, heads, ...]`` -> ``[...]``: one block/head (a model index) or ``mean``; a head or block the
     recording kept only as a mean is a SelectionError, as in the view nodes."""
