@@ -53,8 +53,7 @@ def model_info(model_patcher) -> Tuple[ModelInfo, Tuple[str, ...]]:
     """Facts about the Wan model the recording depends on, and the kinds of its per-block attention calls."""
     dm = wan_diffusion_model(model_patcher)
     info = describe_model(dm, model_type=type(model_patcher.model).__name__)
-    kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (SELF, CROSS_TEXT)
-    return info, kinds
+    return info, info.call_kinds
 
 
 def _transformer_options(args, kwargs) -> dict:
@@ -166,8 +165,7 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
         info, kinds = model_info(target)
     if info is None:
         raise ValueError("install_recorder on a transformer_options dict needs the model's ModelInfo")
-    if kinds is None:
-        kinds = (SELF, CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (SELF, CROSS_TEXT)
+    kinds = info.call_kinds if kinds is None else kinds
     recorder.plan.check_model(info.num_blocks, info.num_heads)  # at the Attach node, before any sampling
     to = target.model_options.setdefault("transformer_options", {}) if patcher else target
     if patcher and model_sampling is None:

@@ -33,6 +33,18 @@ class ModelInfo:
     def causal(self) -> bool:
         return self.variant == CAUSAL
 
+    @property
+    def cross_kinds(self) -> Tuple[str, ...]:
+        """The kinds of a block's cross-attention calls, in Wan's order: the image context (i2v), then the text."""
+        from .capture.call import CROSS_IMAGE, CROSS_TEXT
+        return (CROSS_IMAGE, CROSS_TEXT) if self.cross_attention == "i2v" else (CROSS_TEXT,)
+
+    @property
+    def call_kinds(self) -> Tuple[str, ...]:
+        """The kinds of a block's attention calls, in Wan's order: self-attention, then the cross-attention."""
+        from .capture.call import SELF
+        return (SELF,) + self.cross_kinds
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"], d["vae_stride"] = list(self.patch_size), list(self.vae_stride)

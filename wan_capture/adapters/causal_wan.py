@@ -18,13 +18,13 @@ from typing import Sequence
 
 import torch
 
-from ..capture.call import CROSS_IMAGE, CROSS_TEXT, SELF
+from ..capture.call import SELF
 from ..grid import Grid
 from ..capture.kv_cache import KVCacheObserver, cache_anomaly
 from ..model_info import describe_model
 from ..stats.statistics import KeyLayout
 from .official import sdpa_attention
-from .session import PipelineTracker, recording_pass, timestep_of
+from .session import Patches, PipelineTracker, recording_pass, timestep_of
 
 
 def is_causal_wan(model) -> bool:
@@ -39,6 +39,99 @@ def _half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)
 
 
+class _CausalSession:
+    """The taps and hooks of one recording of a causal Wan model (see the module docstring)."""
+
+    def __init__(self, model, recorder, branch_order: Sequence[str], context_timestep: float):
+        self.recorder, self.branch_order, self.context_timestep = recorder, tuple(branch_order), context_timestep
+        self.info = describe_model(model, model_type="causal-wan")
+        self.tracker = PipelineTracker(recorder, self.info, self.branch_order)
+        self.observer = KVCacheObserver()
+        self.cache, self.start, self.sink, self.kind, self.last = None, 0, 0, "denoise", None
+        self.self_mod = sys.modules[type(model.blocks[0].self_attn).__module__]
+        self.cross_mod = sys.modules[type(model.blocks[0].cross_attn).__module__]
+        attn_mod = sys.modules.get(getattr(self.cross_mod.flash_attention, "__module__", ""), self.cross_mod)
+        # Wan's own attention module says whether flash-attn is there (its flash_attention asserts otherwise); a
+        # module without those flags has a flash_attention that runs as it is
+        flags = [getattr(attn_mod, n) for n in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE")
+                 if hasattr(attn_mod, n)]
+        self.have_flash = any(flags) if flags else True
+        self.attention, self.flash = self.self_mod.attention, self.cross_mod.flash_attention
+        self.self_signature = inspect.signature(type(model.blocks[0].self_attn).forward)
+
+    def install(self, model, patches: Patches) -> None:
+        patches.hook(model.register_forward_pre_hook(self.forward_pre, with_kwargs=True))
+        patches.hook(model.register_forward_hook(lambda *a: self.tracker.end_evaluation()))
+        for i, block in enumerate(model.blocks):
+            patches.hook(block.self_attn.register_forward_pre_hook(
+                lambda m, a, kw, i=i: self.self_pre(i, m, a, kw), with_kwargs=True))
+            patches.hook(block.self_attn.register_forward_hook(self.self_post))
+            patches.hook(block.cross_attn.register_forward_pre_hook(
+                lambda m, a, i=i: self.tracker.enter_block(i, self.info.cross_kinds)))
+            patches.hook(block.cross_attn.register_forward_hook(lambda *a: self.tracker.leave_block()))
+        patches.replace(self.self_mod, "attention", self.tapped_attention)
+        patches.replace(self.cross_mod, "flash_attention", self.tapped_flash)
+
+    def tapped_attention(self, q, k, v, *args, **kwargs):
+        attend = lambda: self.attention(q, k, v, *args, **kwargs)  # noqa: E731
+        ev, tracker, active = self.tracker.evaluation, self.tracker, self.recorder.active
+        if ev is None or tracker.block is None or self.cache is None or active is None:
+            return attend()
+        ft = ev.grid.frame_tokens
+        dtype = kwargs.get("dtype", torch.bfloat16)
+        writer = "context" if self.kind == "context" else f"step {ev.step}"
+        key_frames, event = self.observer.observe(tracker.block, k, q.shape[1], self.start, ft, writer, self.sink)
+        event.update(step=ev.step, **{"pass": self.kind})
+        anomaly = cache_anomaly(key_frames, event["chunk"])
+        if anomaly:
+            event["anomaly"] = anomaly
+        active.log_kv(event)
+        layout = KeyLayout(q_offset=k.shape[1] - q.shape[1], frame_tokens=ft, key_frames=key_frames)
+        return tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend, layout=layout, kind=SELF)
+
+    def tapped_flash(self, q, k, v, *args, **kwargs):
+        def attend():
+            if self.have_flash:
+                return self.flash(q, k, v, *args, **kwargs)
+            return sdpa_attention(q, k, v, *args, **kwargs)
+        dtype = kwargs.get("dtype", torch.bfloat16)
+        return self.tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend)
+
+    def self_pre(self, i, module, args, kwargs):
+        bound = self.self_signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        self.cache, self.start = a.get("kv_cache"), int(a.get("current_start") or 0)
+        self.sink = int(getattr(module, "sink_size", 0) or 0)
+        self.tracker.enter_block(i, (SELF,))
+
+    def self_post(self, module, args, output):
+        self.tracker.leave_block()
+        self.cache = None
+
+    def forward_pre(self, module, args, kwargs):
+        if kwargs.get("kv_cache") is None:  # training-style full-sequence forward: not a KV-cache evaluation
+            return
+        x = kwargs.get("x", args[0] if args else None)
+        t = kwargs.get("t", args[1] if len(args) > 1 else None)
+        pt, ph, pw = self.info.patch_size
+        f, h, w = (x[0] if isinstance(x, (list, tuple)) else x).shape[-3:]
+        grid = Grid(f // pt, h // ph, w // pw)
+        timestep = timestep_of(t)
+        chunk = int(kwargs.get("current_start") or 0) // grid.frame_tokens
+        kind = "context" if abs(timestep - self.context_timestep) < 1e-6 else "denoise"
+        if _new_generation(self.last, (chunk, kind)) and self.recorder.active is not None:
+            # a second video inside one record() block: it gets a take of its own (recorder.takes), never merged
+            self.recorder.end_pass()
+            self.recorder.begin_pass(None, self.info)
+            self.tracker = PipelineTracker(self.recorder, self.info, self.branch_order)
+            self.observer = KVCacheObserver()
+        self.last, self.kind = (chunk, kind), kind
+        ev = self.tracker.begin_forward(timestep, len(x), grid, chunk=chunk)
+        if self.recorder.active is not None and ev.step is not None:
+            self.recorder.active.step_pass.setdefault(ev.step, kind)
+
+
 @contextmanager
 def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_timestep: float = 0.0):
     """Record ``model`` while the block runs (see the module docstring); yields the recorder.
@@ -47,103 +140,10 @@ def attach(model, recorder, branch_order: Sequence[str] = ("cond",), context_tim
     ``context_timestep``: the timestep of the pass that refills the cache with the clean chunk (Self-Forcing's
     ``context_noise``, 0 by default); evaluations at it are labelled ``"context"`` in ``take.step_pass``.
     """
-    info = describe_model(model, model_type="causal-wan")
-    kinds_cross = (CROSS_IMAGE, CROSS_TEXT) if info.cross_attention == "i2v" else (CROSS_TEXT,)
-    tracker = PipelineTracker(recorder, info, branch_order)
-    observer = KVCacheObserver()
-    self_mod = sys.modules[type(model.blocks[0].self_attn).__module__]
-    cross_mod = sys.modules[type(model.blocks[0].cross_attn).__module__]
-    attn_mod = sys.modules.get(getattr(cross_mod.flash_attention, "__module__", ""), cross_mod)
-    # Wan's own attention module says whether flash-attn is there (its flash_attention asserts otherwise); a module
-    # without those flags has a flash_attention that runs as it is
-    flags = [getattr(attn_mod, n) for n in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE") if hasattr(attn_mod, n)]
-    have_flash = any(flags) if flags else True
-    original_attention, original_flash = self_mod.attention, cross_mod.flash_attention
-    state = {"cache": None, "start": 0, "sink": 0, "pass": "denoise", "last": None}
-
-    def tapped_attention(q, k, v, *args, **kwargs):
-        attend = lambda: original_attention(q, k, v, *args, **kwargs)  # noqa: E731
-        ev = tracker.evaluation
-        if ev is None or tracker.block is None or state["cache"] is None or recorder.active is None:
-            return attend()
-        ft = ev.grid.frame_tokens
-        dtype = kwargs.get("dtype", torch.bfloat16)
-        writer = "context" if state["pass"] == "context" else f"step {ev.step}"
-        key_frames, event = observer.observe(tracker.block, k, q.shape[1], state["start"], ft, writer, state["sink"])
-        event.update(step=ev.step, **{"pass": state["pass"]})
-        anomaly = cache_anomaly(key_frames, event["chunk"])
-        if anomaly:
-            event["anomaly"] = anomaly
-        recorder.active.log_kv(event)
-        layout = KeyLayout(q_offset=k.shape[1] - q.shape[1], frame_tokens=ft, key_frames=key_frames)
-        return tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend, layout=layout, kind=SELF)
-
-    def tapped_flash(q, k, v, *args, **kwargs):
-        def attend():
-            if have_flash:
-                return original_flash(q, k, v, *args, **kwargs)
-            return sdpa_attention(q, k, v, *args, **kwargs)
-        dtype = kwargs.get("dtype", torch.bfloat16)
-        return tracker.tap_bsnd(_half(q, dtype), _half(k, dtype), attend)
-
-    self_sig = inspect.signature(type(model.blocks[0].self_attn).forward)
-
-    def self_pre(i):
-        def hook(module, args, kwargs):
-            bound = self_sig.bind(module, *args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            state.update(cache=a.get("kv_cache"), start=int(a.get("current_start") or 0),
-                         sink=int(getattr(module, "sink_size", 0) or 0))
-            tracker.enter_block(i, (SELF,))
-        return hook
-
-    def self_post(module, args, output):
-        tracker.leave_block()
-        state["cache"] = None
-
-    def forward_pre(module, args, kwargs):
-        nonlocal tracker, observer
-        if kwargs.get("kv_cache") is None:  # training-style full-sequence forward: not a KV-cache evaluation
-            return
-        x = kwargs.get("x", args[0] if args else None)
-        t = kwargs.get("t", args[1] if len(args) > 1 else None)
-        pt, ph, pw = info.patch_size
-        f, h, w = (x[0] if isinstance(x, (list, tuple)) else x).shape[-3:]
-        grid = Grid(f // pt, h // ph, w // pw)
-        start = int(kwargs.get("current_start") or 0)
-        timestep = timestep_of(t)
-        chunk = start // grid.frame_tokens
-        kind = "context" if abs(timestep - context_timestep) < 1e-6 else "denoise"
-        if _new_generation(state["last"], (chunk, kind)) and recorder.active is not None:
-            # a second video inside one record() block: it gets a take of its own (recorder.takes), never merged
-            recorder.end_pass()
-            recorder.begin_pass(None, info)
-            tracker, observer = PipelineTracker(recorder, info, branch_order), KVCacheObserver()
-        state["last"] = (chunk, kind)
-        ev = tracker.begin_forward(timestep, len(x), grid, chunk=chunk)
-        state["pass"] = kind
-        if recorder.active is not None and ev.step is not None:
-            recorder.active.step_pass.setdefault(ev.step, state["pass"])
-
-    hooks = [model.register_forward_pre_hook(forward_pre, with_kwargs=True),
-             model.register_forward_hook(lambda *a: tracker.end_evaluation())]
-    for i, block in enumerate(model.blocks):
-        hooks.append(block.self_attn.register_forward_pre_hook(self_pre(i), with_kwargs=True))
-        hooks.append(block.self_attn.register_forward_hook(self_post))
-        hooks.append(block.cross_attn.register_forward_pre_hook(
-            lambda m, a, i=i: tracker.enter_block(i, kinds_cross)))
-        hooks.append(block.cross_attn.register_forward_hook(lambda *a: tracker.leave_block()))
-
-    def undo():
-        self_mod.attention = original_attention
-        cross_mod.flash_attention = original_flash
-        for h in hooks:
-            h.remove()
-
-    self_mod.attention = tapped_attention
-    cross_mod.flash_attention = tapped_flash
-    with recording_pass(recorder, info, undo) as rec:
+    session = _CausalSession(model, recorder, branch_order, context_timestep)
+    patches = Patches()
+    session.install(model, patches)
+    with recording_pass(recorder, session.info, patches.undo) as rec:
         yield rec
 
 

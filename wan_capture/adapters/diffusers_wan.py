@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from ..capture.call import CROSS_IMAGE, CROSS_TEXT, SELF
 from ..grid import Grid
 from ..model_info import describe_model
-from .session import PipelineTracker, recording_pass, timestep_of
+from .session import Patches, PipelineTracker, recording_pass, timestep_of
 
 
 def is_diffusers_wan(model) -> bool:
@@ -57,15 +57,11 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
         f, h, w = x.shape[-3:]
         session.begin_forward(timestep_of(t), x.shape[0], Grid(f // pt, h // ph, w // pw))
 
-    hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-             model.register_forward_hook(lambda *a: session.end_evaluation())]
-    def undo():
-        tw.dispatch_attention_fn = original_dispatch
-        model.set_attn_processor(originals)
-        for h in hooks:
-            h.remove()
-
+    patches = Patches()
+    patches.hook(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    patches.hook(model.register_forward_hook(lambda *a: session.end_evaluation()))
     model.set_attn_processor(wrapped)
-    tw.dispatch_attention_fn = tapped
-    with recording_pass(recorder, info, undo) as rec:
+    patches.on_undo(lambda: model.set_attn_processor(originals))
+    patches.replace(tw, "dispatch_attention_fn", tapped)
+    with recording_pass(recorder, info, patches.undo) as rec:
         yield rec

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ..capture.call import CROSS_TEXT, SELF
+from ..capture.call import SELF
 from ..grid import Grid
 from ..model_info import describe_model
-from .session import PipelineTracker, recording_pass, timestep_of
+from .session import Patches, PipelineTracker, recording_pass, timestep_of
 
 
 def is_official(model) -> bool:
@@ -68,18 +68,13 @@ def attach(model, recorder, branch_order=("cond", "uncond")):
         f, h, w = x[0].shape[-3:]
         session.begin_forward(timestep_of(t), len(x), Grid(f // pt, h // ph, w // pw))
 
-    hooks = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-             model.register_forward_hook(lambda *a: session.end_evaluation())]
+    patches = Patches()
+    patches.hook(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    patches.hook(model.register_forward_hook(lambda *a: session.end_evaluation()))
     for i, block in enumerate(model.blocks):
-        for module, kinds in ((block.self_attn, (SELF,)), (block.cross_attn, (CROSS_TEXT,))):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, a, i=i, kinds=kinds: session.enter_block(i, kinds)))
-            hooks.append(module.register_forward_hook(lambda *a: session.leave_block()))
-    def undo():
-        wm.flash_attention = original
-        for h in hooks:
-            h.remove()
-
-    wm.flash_attention = tapped
-    with recording_pass(recorder, info, undo) as rec:
+        for module, kinds in ((block.self_attn, (SELF,)), (block.cross_attn, info.cross_kinds)):
+            patches.hook(module.register_forward_pre_hook(lambda m, a, i=i, kinds=kinds: session.enter_block(i, kinds)))
+            patches.hook(module.register_forward_hook(lambda *a: session.leave_block()))
+    patches.replace(wm, "flash_attention", tapped)
+    with recording_pass(recorder, info, patches.undo) as rec:
         yield rec

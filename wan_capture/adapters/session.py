@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -57,6 +57,31 @@ def timestep_of(t) -> float:
     if isinstance(t, torch.Tensor):
         return float(t.detach().float().max())
     return float(t)
+
+
+class Patches:
+    """What an adapter changes for the duration of a recording (module attributes, hooks, processors), undone in
+    reverse order by :meth:`undo`, also after an exception."""
+
+    def __init__(self):
+        self._undo: List[Callable[[], None]] = []
+
+    def replace(self, owner, name: str, value) -> None:
+        """Set ``owner.name`` to ``value``; undo puts the original back."""
+        original = getattr(owner, name)
+        setattr(owner, name, value)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def hook(self, handle) -> None:
+        """A torch hook handle, removed on undo."""
+        self._undo.append(handle.remove)
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
 
 
 @contextmanager

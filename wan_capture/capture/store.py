@@ -55,7 +55,7 @@ class ArrayStore:
 
     def stats(self, stat: str, chunk: Optional[int] = None) -> Dict[Tuple[int, str], Dict[str, torch.Tensor]]:
         out: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
-        for k in sorted(self.keys(stat, chunk)):
+        for k in sorted(self.keys(stat, chunk), key=ArrayKey.order):
             out.setdefault((k.step, k.branch), {})[k.name] = self.arrays[k]
         return out
 

@@ -17,8 +17,7 @@ in ``name``; :func:`metadata_path` gives that file.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 STATS = ("cross", "sink", "image", "window")
 SINK_NAMES = ("received", "key_max", "frame_mass", "entropy")
@@ -29,9 +28,18 @@ BRANCHES = ("cond", "uncond")
 _FOLDERS = {"sink": "self_attention", "image": "image_context", "window": "windows"}
 
 
-@dataclass(frozen=True, order=True)
-class ArrayKey:
-    """Where one recorded array of one video sits.
+class _Fields(NamedTuple):
+    stat: str
+    name: str
+    step: int
+    branch: str = "cond"
+    block: Optional[int] = None
+    chunk: Optional[int] = None
+
+
+class ArrayKey(_Fields):
+    """Where one recorded array of one video sits (a tuple: keys from two loaded copies of the package compare equal,
+    as ComfyUI's copy of the pack and a script's may be).
 
     Args:
         stat: ``cross`` (a word's token maps), ``sink`` (self-attention statistics), ``image`` (i2v image context),
@@ -43,22 +51,24 @@ class ArrayKey:
         chunk: causal Wan: the first latent frame of the chunk whose queries made the array; None otherwise.
     """
 
-    stat: str
-    name: str
-    step: int
-    branch: str = "cond"
-    block: Optional[int] = None
-    chunk: Optional[int] = None
+    __slots__ = ()
 
-    def __post_init__(self):
-        if self.stat not in STATS:
-            raise ValueError(f"ArrayKey.stat must be one of {STATS}, got {self.stat!r}")
-        if self.branch not in BRANCHES:
-            raise ValueError(f"ArrayKey.branch must be one of {BRANCHES}, got {self.branch!r}")
-        if self.stat in NAMES and self.name not in NAMES[self.stat]:
-            raise ValueError(f"{self.stat} statistics are {NAMES[self.stat]}, got {self.name!r}")
-        if (self.block is None) == (self.stat == "window"):
+    def __new__(cls, stat: str, name: str, step: int, branch: str = "cond", block: Optional[int] = None,
+                chunk: Optional[int] = None):
+        if stat not in STATS:
+            raise ValueError(f"ArrayKey.stat must be one of {STATS}, got {stat!r}")
+        if branch not in BRANCHES:
+            raise ValueError(f"ArrayKey.branch must be one of {BRANCHES}, got {branch!r}")
+        if stat in NAMES and name not in NAMES[stat]:
+            raise ValueError(f"{stat} statistics are {NAMES[stat]}, got {name!r}")
+        if (block is None) == (stat == "window"):
             raise ValueError("a window key names its block; no other key does")
+        return super().__new__(cls, stat, name, step, branch, block, chunk)
+
+    def order(self) -> tuple:
+        """A sort key (None before any index)."""
+        return (self.stat, self.name, self.step, self.branch, -1 if self.block is None else self.block,
+                -1 if self.chunk is None else self.chunk)
 
     def group(self) -> "ArrayKey":
         """The key standing for the arrays that share this one's metadata file (its first name)."""

@@ -86,7 +86,7 @@ class Recording:
     def _keys(self) -> List[ArrayKey]:
         cached = getattr(self, "_key_cache", None)
         if cached is None:
-            cached = self._key_cache = sorted(self.keys())
+            cached = self._key_cache = sorted(self.keys(), key=ArrayKey.order)
         return cached
 
     def keys_of(self, stat: str, branch: Optional[str] = None) -> List[ArrayKey]:
