@@ -66,18 +66,43 @@ class RecordingPlan:
 
     Steps are global sampling steps (0 = first model evaluation at the highest sigma); blocks and heads are
     model indices. ``None`` for blocks/heads/steps means all of them.
+
+    Args:
+        text_positions: umt5 context positions whose cross-attention maps the cond rows keep (a tracker's words).
+        negative_positions: the negative prompt's positions, kept for the uncond rows (they attend to the negative
+            context); needed to record uncond cross maps.
+        text_sums: groups of positions kept as one column of summed attention each, after the positions' columns
+            (the ``<padding>`` entry: the mass the padding receives).
+        negative_sums: the same for the uncond rows.
+        record_cross: keep the text cross-attention maps of the tracked positions.
+        record_sink_stats: keep self-attention sink statistics (attention received and max score per key,
+            query-frame x key-frame mass, entropy per query frame).
+        window: an exact window of pre-softmax scores and probabilities (:class:`FrameWindow`), or None.
+        record_image_context: i2v/FLF2V/camera models: the image tokens' share of each query's attention and each
+            CLIP-vision token's attention received.
+        blocks: the blocks to record (None: all).
+        heads: the heads to record (None: all).
+        steps: the steps to record (None: every ``storage_interval``-th).
+        storage_interval: with ``steps`` None, record every n-th step.
+        branch: the CFG rows to record: ``cond``, ``uncond`` or ``both``.
+        store_per_block: keep each block's arrays (off: their mean; the max for ``key_max``).
+        store_per_head: keep each head's arrays (off: their mean; the max for ``key_max``).
+        storage_dtype: ``float16`` or ``float32`` for the kept arrays (exact windows stay float32).
+        spatial_downsample_factor: average-pool the token maps' latent cells by this factor in height and width.
+        memory_budget_mb: host memory every recording the recorder keeps may take; checked before recording starts
+            and refused with the size it needs.
+        chunk_budget_mb: transient scores held at once on the attention's device (the statistics' working set).
+        extra: free-form labels carried into metadata (the trackers' words under ``tokens``/``negative_tokens``).
     """
 
-    text_positions: Tuple[int, ...] = ()  # context positions whose cross-attention maps are kept (cond rows)
-    # the negative prompt's positions, kept for the uncond rows (they attend to the negative context)
+    text_positions: Tuple[int, ...] = ()
     negative_positions: Optional[Tuple[int, ...]] = None
-    # position groups kept as one column of summed attention each, after the positions' columns (the padding entry)
     text_sums: Tuple[Tuple[int, ...], ...] = ()
     negative_sums: Tuple[Tuple[int, ...], ...] = ()
     record_cross: bool = True
     record_sink_stats: bool = False
     window: Optional[FrameWindow] = None
-    record_image_context: bool = False  # i2v/FLF2V/camera: statistics of the CLIP-vision image cross-attention
+    record_image_context: bool = False
     blocks: Optional[Tuple[int, ...]] = None
     heads: Optional[Tuple[int, ...]] = None
     steps: Optional[Tuple[int, ...]] = None
@@ -87,9 +112,9 @@ class RecordingPlan:
     store_per_head: bool = False
     storage_dtype: str = "float16"
     spatial_downsample_factor: int = 1
-    memory_budget_mb: float = 4096.0  # host memory for the whole recording
-    chunk_budget_mb: float = 256.0  # transient scores held at once on the attention's device
-    extra: dict = field(default_factory=dict, compare=False)  # free-form labels carried into metadata
+    memory_budget_mb: float = 4096.0
+    chunk_budget_mb: float = 256.0
+    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         set_ = object.__setattr__

@@ -87,7 +87,21 @@ def _json(obj) -> bytes:
 
 @dataclass
 class SaveOptions:
-    """How to write; the seed's configuration options, applied on top of what was recorded."""
+    """How to write; the seed's configuration options, applied on top of what was recorded.
+
+    Args:
+        storage_format: ``numpy`` (``.npy``) or ``torch`` (``.pt``).
+        compress: gzip each array (``.npy.gz`` / ``.pt.gz``).
+        storage_interval: write every n-th recorded step.
+        storage_dtype: ``float16`` or ``float32`` for every array but the exact windows (float32 always).
+        spatial_downsample_factor: average-pool the token maps' cells further by this factor.
+        prompt_id: the video folders' ``<prompt_id>``; None: the recording's (the tracker's ``prompt_000``...).
+        video_number: the number of the first video (``vid<NNN>``); batch items count up from it.
+        prompt: the prompt the metadata names; None: the recording's.
+        extra: more fields for every metadata file.
+        if_exists: an existing video folder is ``replace``-d as a whole, or kept while this one is written to a
+            ``new_name`` (``<video>_2``, ``_3``, ...).
+    """
 
     storage_format: str = "numpy"
     compress: bool = False
@@ -98,7 +112,6 @@ class SaveOptions:
     video_number: int = 1
     prompt: Optional[str] = None
     extra: dict = field(default_factory=dict)
-    # an existing video folder: "replace" it as a whole, or keep it and write to "new_name" (<video>_2, _3, ...)
     if_exists: str = "replace"
 
     def __post_init__(self):
@@ -251,34 +264,16 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-", dir=root)
     os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it 0700: the saved folder follows the umask like any other
     w = _Writer(folder, opts, progress)
-    dtype = np.float16 if opts.storage_dtype == "float16" else np.float32
     keys = saved_keys(rec, opts)
-    pool = opts.spatial_downsample_factor
-    map_grid = Grid(*rec.summary["map_grid"]) if rec.summary.get("map_grid") else None
-    if map_grid is not None and pool > 1:
-        map_grid = map_grid.pooled(pool)
     provenance = {"video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b,
                   "batch_index": b, "storage_format": opts.storage_format, "compressed": opts.compress,
                   "pack_version": version}
-    # what this save decides, over what the recording says
-    overrides = {**provenance, "map_grid": None if map_grid is None else map_grid.as_list(),
-                 "dtype": f"torch.{opts.storage_dtype}", **opts.extra}
-    if opts.prompt is not None:
-        overrides.update(prompt=plain_prompt(opts.prompt), prompt_weighted=opts.prompt)
-    base = {**{k: v for k, v in rec.summary.items() if k not in PROVENANCE}, **overrides}
-    folders = {br: token_folders([w_["label"] for w_ in rec.words(br)]) for br in ("cond", "uncond")}
-    summary = {**base, "status": "partial", "partial_reason": "writing",
-               "steps": sorted({k.step for k in keys}), "branches": rec.summary.get("branches") or ["cond"],
-               "tokens": [{**t, "folder": folders["cond"][t["label"]]} for t in rec.words("cond")],
-               "self_attention": any(k.stat == "sink" for k in keys),
-               "windows": any(k.stat == "window" for k in keys), "arrays": [k.as_list() for k in keys]}
-    if rec.words("uncond") and any(k.stat == "cross" and k.branch == "uncond" for k in keys):
-        summary["negative_tokens"] = [{**t, "folder": folders["uncond"][t["label"]]} for t in rec.words("uncond")]
+    overrides, folders, summary = _video_summary(rec, keys, provenance, opts)
     w.write("summary.json", _json(summary))
     if rec.summary.get("status", "complete") != "complete":
         summary["partial_reason"] = rec.summary.get("partial_reason") or f"recording {rec.summary.get('status')}"
     try:
-        _write_arrays(w, rec, keys, folders, overrides, dtype, pool)
+        _write_arrays(w, rec, keys, folders, overrides, opts)
         if rec.causal:
             w.write("kv_cache_events.json", _json({"events": rec.kv_events()}))
         pngs = [_png(frame) for frame in frames] if frames is not None else rec.frame_pngs()
@@ -308,9 +303,32 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     return SavedVideo(video_id, final, summary["status"], files)
 
 
-def _write_arrays(w: _Writer, rec: Recording, keys: List[ArrayKey], folders: dict, overrides: dict, dtype,
-                  pool: int) -> None:
+def _video_summary(rec: Recording, keys: List[ArrayKey], provenance: dict, opts: SaveOptions):
+    """What this save decides over what the recording says (``overrides``: provenance, pooled grid, dtype), each
+    word's folder, and the summary written first (marked partial until the last file is in place)."""
+    map_grid = Grid(*rec.summary["map_grid"]) if rec.summary.get("map_grid") else None
+    if map_grid is not None and opts.spatial_downsample_factor > 1:
+        map_grid = map_grid.pooled(opts.spatial_downsample_factor)
+    overrides = {**provenance, "map_grid": None if map_grid is None else map_grid.as_list(),
+                 "dtype": f"torch.{opts.storage_dtype}", **opts.extra}
+    if opts.prompt is not None:
+        overrides.update(prompt=plain_prompt(opts.prompt), prompt_weighted=opts.prompt)
+    folders = {br: token_folders([word["label"] for word in rec.words(br)]) for br in ("cond", "uncond")}
+    summary = {**{k: v for k, v in rec.summary.items() if k not in PROVENANCE}, **overrides,
+               "status": "partial", "partial_reason": "writing",
+               "steps": sorted({k.step for k in keys}), "branches": rec.summary.get("branches") or ["cond"],
+               "tokens": [{**t, "folder": folders["cond"][t["label"]]} for t in rec.words("cond")],
+               "self_attention": any(k.stat == "sink" for k in keys),
+               "windows": any(k.stat == "window" for k in keys), "arrays": [k.as_list() for k in keys]}
+    if rec.words("uncond") and any(k.stat == "cross" and k.branch == "uncond" for k in keys):
+        summary["negative_tokens"] = [{**t, "folder": folders["uncond"][t["label"]]} for t in rec.words("uncond")]
+    return overrides, folders, summary
+
+
+def _write_arrays(w: _Writer, rec: Recording, keys: List[ArrayKey], folders: dict, overrides: dict,
+                  opts: SaveOptions) -> None:
     """Each key's array, then its group's metadata once the group is written (provenance and shapes of this save)."""
+    dtype, pool = (np.float16 if opts.storage_dtype == "float16" else np.float32), opts.spatial_downsample_factor
     groups: Dict[ArrayKey, List[ArrayKey]] = {}
     for key in keys:
         groups.setdefault(key.group(), []).append(key)
