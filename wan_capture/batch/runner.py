@@ -143,88 +143,96 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
     fails, or a malformed reply, fails that video only. ``timeout``: seconds one video may take.
     """
     import aiohttp
-    from .client import ComfyClient, ComfyError, Unreachable
     manifest = Manifest(state_dir, batch_name)
     todo = pending(jobs, workflow, manifest, batch_name, output_dir)
-    skipped = len(jobs) - len(todo)
-    log(f"batch {batch_name}: {len(jobs)} videos, {skipped} already done, {len(todo)} to run on {len(servers)} server(s)")
-    queue: asyncio.Queue = asyncio.Queue()
-    for j in todo:
-        queue.put_nowait(j)
-    counter = {"n": skipped}
+    log(f"batch {batch_name}: {len(jobs)} videos, {len(jobs) - len(todo)} already done, {len(todo)} to run on "
+        f"{len(servers)} server(s)")
+    batch = _Batch(workflow, len(jobs), todo, servers, batch_name, manifest, download, log, timeout, retries, backoff)
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(batch.worker(url, session) for url in servers))
+    failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
+    log(f"batch {batch_name}: {len(jobs) - len(failed)} done, {len(failed)} failed" +
+        (f" ({', '.join(failed)})" if failed else ""))
+    return manifest
 
-    alive = {url: True for url in servers}
-    busy = {"n": 0}  # jobs in flight: an idle worker waits for them, since a failing server may hand one back
 
-    async def attempt(url: str, client, session, job: Job) -> bool:
-        """Run one job; False when the server could not be reached and the job went back to the queue."""
+class _Batch:
+    """The shared queue of a batch and its servers' workers (see :func:`run_batch`)."""
+
+    def __init__(self, workflow, total, todo, servers, batch_name, manifest, download, log, timeout, retries,
+                 backoff):
+        self.workflow, self.total, self.servers, self.batch_name = workflow, total, list(servers), batch_name
+        self.manifest, self.download, self.log = manifest, download, log
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.queue: asyncio.Queue = asyncio.Queue()
+        for j in todo:
+            self.queue.put_nowait(j)
+        self.finished = total - len(todo)
+        self.alive = {url: True for url in servers}
+        self.busy = 0  # jobs in flight: an idle worker waits for them, since a failing server may hand one back
+
+    def _record(self, job: Job, **entry) -> None:
+        self.manifest.record(job.video_id, job=asdict(job), key=job_key(job, self.workflow), **entry)
+
+    async def attempt(self, url: str, client, session, job: Job) -> None:
+        """Run one job; raises Unreachable when the server could not be reached (the job goes back to the queue)."""
+        import aiohttp
+        from .client import ComfyError, Unreachable
         t0 = time.monotonic()
 
         def progress(p):
             if p.max:
                 print(f"\r  {job.video_id} on {url}: step {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
         try:
-            entry = await client.run(session, prepare(workflow, job, batch_name), progress)
+            entry = await client.run(session, prepare(self.workflow, job, self.batch_name), progress)
             reports = saved_files(entry)
             files = [f for r in reports for f in r.get("files", [])]
-            if download:
-                for rel in files:
-                    sub, name = os.path.dirname(rel), os.path.basename(rel)
-                    data = await client.download(session, sub, name)
-                    dest = confined(download, rel, purpose="write")
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    atomic_write(dest, data)
+            for rel in files if self.download else []:
+                data = await client.download(session, os.path.dirname(rel), os.path.basename(rel))
+                dest = confined(self.download, rel, purpose="write")
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                atomic_write(dest, data)
             status = "done" if reports and all(r.get("status") == "complete" for r in reports) else "failed"
-            manifest.record(job.video_id, status=status, server=url, seconds=round(time.monotonic() - t0, 2),
-                            files=files, job=asdict(job), key=job_key(job, workflow),
-                            **({} if status == "done" else {"error": "the save node reported partial data"}))
+            self._record(job, status=status, server=url, seconds=round(time.monotonic() - t0, 2), files=files,
+                         **({} if status == "done" else {"error": "the save node reported partial data"}))
         except Unreachable:
-            if any(alive[u] for u in servers if u != url) or alive[url]:
+            if any(self.alive[u] for u in self.servers if u != url) or self.alive[url]:
                 raise
-            manifest.record(job.video_id, status="failed", server=url, job=asdict(job), key=job_key(job, workflow),
-                            error="no server could be reached")
+            self._record(job, status="failed", server=url, error="no server could be reached")
         except (ComfyError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError,
                 TypeError) as e:  # this video failed; the batch goes on
-            manifest.record(job.video_id, status="failed", server=url, error=f"{type(e).__name__}: {e}",
-                            job=asdict(job), key=job_key(job, workflow))
-        counter["n"] += 1
-        entry = manifest.videos[job.video_id]
+            self._record(job, status="failed", server=url, error=f"{type(e).__name__}: {e}")
+        self.finished += 1
+        done = self.manifest.videos[job.video_id]
         print("", file=sys.stderr)
-        log(f"[{counter['n']}/{len(jobs)}] {job.video_id} {entry['status']} on {url}"
-            + (f": {entry['error']}" if entry["status"] != "done" else f" ({entry['seconds']} s)"))
-        return True
+        self.log(f"[{self.finished}/{self.total}] {job.video_id} {done['status']} on {url}"
+                 + (f": {done['error']}" if done["status"] != "done" else f" ({done['seconds']} s)"))
 
-    async def worker(url: str, session) -> None:
-        client = ComfyClient(url, timeout=timeout)
+    async def worker(self, url: str, session) -> None:
+        from .client import ComfyClient, Unreachable
+        client = ComfyClient(url, timeout=self.timeout)
         misses = 0
         while True:
             try:
-                job = queue.get_nowait()
+                job = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                if busy["n"] == 0:
+                if self.busy == 0:
                     return
                 await asyncio.sleep(0.05)
                 continue
-            busy["n"] += 1
+            self.busy += 1
             try:
-                await attempt(url, client, session, job)
+                await self.attempt(url, client, session, job)
                 misses = 0
             except Unreachable as e:
                 misses += 1
-                queue.put_nowait(job)  # another server (or this one, after a pause) takes it
-                if misses >= retries:
-                    alive[url] = False
-                    log(f"server {url} left the batch after {misses} failed attempts: {e}")
-                    if any(alive.values()):
+                self.queue.put_nowait(job)  # another server (or this one, after a pause) takes it
+                if misses >= self.retries:
+                    self.alive[url] = False
+                    self.log(f"server {url} left the batch after {misses} failed attempts: {e}")
+                    if any(self.alive.values()):
                         return
                 else:
-                    await asyncio.sleep(backoff * 2 ** (misses - 1))
+                    await asyncio.sleep(self.backoff * 2 ** (misses - 1))
             finally:
-                busy["n"] -= 1
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(worker(url, session) for url in servers))
-    failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
-    log(f"batch {batch_name}: {len(jobs) - len(failed)} done, {len(failed)} failed" +
-        (f" ({', '.join(failed)})" if failed else ""))
-    return manifest
+                self.busy -= 1
