@@ -154,39 +154,67 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
     if mode not in MODES:
         raise TrackingError(f"mode must be one of {MODES}, got {mode!r}")
     words = split_words(tokens, piece)
-    given = [x for x in listed if x and x.strip()]
-    specials = [SPECIAL_ENTRIES[x.strip().lower()] for x in given if x.strip().lower() in SPECIAL_ENTRIES]
-    given = [x for x in given if x.strip().lower() not in SPECIAL_ENTRIES]
-    unreadable = [x for x in given if not clean_phrase(x)]
-    if unreadable and mode in ("listed", "both"):
-        shown = ", ".join(repr(x[:20]) for x in unreadable[:5])
-        raise TrackingError(f"the listed entr{'y' if len(unreadable) == 1 else 'ies'} {shown} {'has' if len(unreadable) == 1 else 'have'} "
-                            "no letters or digits: emoji and punctuation are not words the text encoder keeps; list "
-                            "words that appear in the prompt")
-    listed = [e for e in (clean_phrase(x) for x in given) if e]
-    if mode == "listed" and not listed and not specials:
-        raise TrackingError("mode 'listed' needs at least one word in the word list")
+    entries, specials = _listed_entries(listed, mode)
     chosen: List[Tuple[int, int]] = []  # (first word index, word count)
     inside: List[Tuple[str, Tuple[int, ...]]] = []  # listed text found inside words (scripts without spaces)
     if mode in ("weighted", "both"):
         chosen += [(i, 1) for i, w in enumerate(words) if abs(w.weight - 1.0) > 1e-6]
     if mode in ("listed", "both"):
-        texts = [w.text for w in words]
-        for entry in listed:
-            parts = entry.split(" ")
-            hits = [i for i in range(len(texts) - len(parts) + 1) if texts[i:i + len(parts)] == parts]
-            found = substring_hits(tokens, piece, entry) if not hits and SPACELESS.search(entry) else []
-            if not hits and not found:
-                present = sorted(set(texts))
-                raise TrackingError(f"the word {entry!r} is not in the prompt {prompt!r}; its words are: "
-                                    f"{', '.join(present) if present else '(none)'}")
-            chosen += [(i, len(parts)) for i in hits]
+        for entry in entries:
+            hits, found = _find_listed(words, tokens, piece, entry, prompt)
+            chosen += hits
             inside += [(entry, f) for f in found]
-    seen, counts, out = set(), {}, []
+    out = _labelled(words, chosen, inside, tokens, piece)
+    out += [special_entry(tokens, piece, kind) for kind in dict.fromkeys(specials)]
+    if mode in ("weighted", "both"):
+        _warn_unread_weights(tokens, out, prompt)
+    if not out:
+        hint = ""
+        if re.search(r"[（(][^()（）]*[:：]\s*[\d.]+\s*[）)]", prompt) and re.search("[（）：]", prompt):
+            hint = (" (full-width brackets or colon such as （红花：1.5） are plain text to ComfyUI: write the weight "
+                    "with ASCII ( : ) as (红花:1.5))")
+        raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0{hint}; weight a "
+                            "word like (flower:1.5) or list words to track")
+    return TokenTracking(prompt, tuple(out), len(tokens), prompt_id)
+
+
+def _listed_entries(listed: Iterable[str], mode: str) -> Tuple[List[str], List[str]]:
+    """The listed words (cleaned) and the special entries (``<end>``, ``<padding>``) among them."""
+    given = [x for x in listed if x and x.strip()]
+    specials = [SPECIAL_ENTRIES[x.strip().lower()] for x in given if x.strip().lower() in SPECIAL_ENTRIES]
+    given = [x for x in given if x.strip().lower() not in SPECIAL_ENTRIES]
+    unreadable = [x for x in given if not clean_phrase(x)]
+    if unreadable and mode in ("listed", "both"):
+        one = len(unreadable) == 1
+        shown = ", ".join(repr(x[:20]) for x in unreadable[:5])
+        raise TrackingError(f"the listed entr{'y' if one else 'ies'} {shown} {'has' if one else 'have'} "
+                            "no letters or digits: emoji and punctuation are not words the text encoder keeps; list "
+                            "words that appear in the prompt")
+    entries = [e for e in (clean_phrase(x) for x in given) if e]
+    if mode == "listed" and not entries and not specials:
+        raise TrackingError("mode 'listed' needs at least one word in the word list")
+    return entries, specials
+
+
+def _find_listed(words, tokens, piece, entry: str, prompt: str):
+    """``(first word, word count)`` of each occurrence of a listed entry, or the positions it covers inside words
+    (scripts without spaces); an entry that is nowhere is an error listing the prompt's words."""
+    texts = [w.text for w in words]
+    parts = entry.split(" ")
+    hits = [i for i in range(len(texts) - len(parts) + 1) if texts[i:i + len(parts)] == parts]
+    found = substring_hits(tokens, piece, entry) if not hits and SPACELESS.search(entry) else []
+    if not hits and not found:
+        present = sorted(set(texts))
+        raise TrackingError(f"the word {entry!r} is not in the prompt {prompt!r}; its words are: "
+                            f"{', '.join(present) if present else '(none)'}")
+    return [(i, len(parts)) for i in hits], found
+
+
+def _labelled(words, chosen, inside, tokens, piece) -> List[TrackedWord]:
+    """The tracked words in prompt order, each occurrence labelled (``flower``, ``flower_2``...)."""
+    counts: dict = {}
+    out = []
     for i, n in sorted(set(chosen)):
-        if (i, n) in seen:
-            continue
-        seen.add((i, n))
         group = words[i:i + n]
         name = " ".join(w.text for w in group)
         counts[name] = counts.get(name, 0) + 1
@@ -202,22 +230,17 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
             token_ids=tuple(tokens[p][0] for p in positions), token_texts=tuple(piece(tokens[p][0]) for p in positions),
             positions=positions, weight=max((float(tokens[p][1]) for p in positions), key=lambda x: abs(x - 1.0)),
             occurrence=counts[entry]))
-    out += [special_entry(tokens, piece, kind) for kind in dict.fromkeys(specials)]
-    if mode in ("weighted", "both"):  # weighted text the tokenizer could not read as any word is said, not dropped
-        seg_of = {pos: seg for pos, (tok, w, seg) in enumerate(tokens)}
-        covered = {seg_of[p] for t in out for p in t.positions}
-        lost = sorted({seg for tok, w, seg in tokens if seg and abs(float(w) - 1.0) > 1e-6} - covered)
-        if lost:
-            warnings.warn(f"weighted text in {len(lost)} place(s) of {prompt[:60]!r} has no word the tokenizer can read "
-                          "(emoji or symbols become <unk>): it is not tracked", stacklevel=2)
-    if not out:
-        hint = ""
-        if re.search(r"[（(][^()（）]*[:：]\s*[\d.]+\s*[）)]", prompt) and re.search("[（）：]", prompt):
-            hint = (" (full-width brackets or colon such as （红花：1.5） are plain text to ComfyUI: write the weight "
-                    "with ASCII ( : ) as (红花:1.5))")
-        raise TrackingError(f"nothing to track in {prompt!r}: no word has a weight other than 1.0{hint}; weight a "
-                            "word like (flower:1.5) or list words to track")
-    return TokenTracking(prompt, tuple(out), len(tokens), prompt_id)
+    return out
+
+
+def _warn_unread_weights(tokens, out: List[TrackedWord], prompt: str) -> None:
+    """Weighted text the tokenizer could not read as any word is said, not dropped."""
+    seg_of = {pos: seg for pos, (tok, w, seg) in enumerate(tokens)}
+    covered = {seg_of[p] for t in out for p in t.positions}
+    lost = sorted({seg for tok, w, seg in tokens if seg and abs(float(w) - 1.0) > 1e-6} - covered)
+    if lost:
+        warnings.warn(f"weighted text in {len(lost)} place(s) of {prompt[:60]!r} has no word the tokenizer can read "
+                      "(emoji or symbols become <unk>): it is not tracked", stacklevel=3)
 
 
 def substring_hits(tokens: Sequence[Tuple], piece: Callable[[int], str], entry: str) -> List[Tuple[int, ...]]:
