@@ -2,7 +2,7 @@
 chunked KV-cache inference loop, recorded, saved, read back and drawn; prints where the arrays and pictures are.
 
 With ``--self-forcing PATH`` (or ``SELF_FORCING_PATH``) the model is Self-Forcing's own ``CausalWanModel`` (tiny, random
-weights, in bf16 as it runs); otherwise the project's own :mod:`wan_capture.tiny_causal` model.
+weights, in bf16 as it runs); otherwise the project's own :mod:`devtools.tiny_causal` model.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         else:
             model = CausalWanModel(dim=256, num_heads=2, num_layers=2, local_attn_size=args.cache_frames,
                                    sink_size=args.sink, frame_tokens=(h // 2) * (w // 2)).eval()
-            which = "wan_capture.tiny_causal.CausalWanModel"
+            which = "devtools.tiny_causal.CausalWanModel"
         with record(model, plan) as rec:
             causal_generate(model, noise, context, args.chunk, cache_frames=args.cache_frames)
     take = rec.latest

@@ -142,7 +142,7 @@ def _make_override(state: _Comfy):
         heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
         attend_lse = None
         # ComfyUI's plain call (no mask, default reshapes) and no earlier override: the log-sum-exp can come from the
-        # same attention kernel, verified bit-identical once per shape (wan_capture.lse_attention)
+        # same attention kernel, verified bit-identical once per shape (wan_capture.capture.lse_attention)
         if (state.previous is None and len(args) <= 4 and kwargs.get("mask") is None
                 and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape") and args[0].is_cuda):
             attend_lse = lambda: state.lse_attention(args[0], args[1], args[2], heads, attend)  # noqa: E731
