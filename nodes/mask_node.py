@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..wan_capture import parse_index_list
+from ..wan_capture.views.select import parse_selection
 from ..wan_capture.views.masks import METHODS, attention_masks, mask_scores, masks_on_video
 from ..wan_capture.views.maps import token_maps
 from .attach_node import AttentionRecorder
@@ -53,7 +53,7 @@ class AttentionMask(io.ComfyNode):
         kw = settings(cls, kw)
         src = open_source(recorder, samples, 0)
         label = kw["token"].strip() or (src.labels[0] if src.labels else "")
-        maps = token_maps(src, label, steps_of(kw["steps"], src), parse_index_list(kw["blocks"], "blocks"))[0]
+        maps = token_maps(src, label, steps_of(kw["steps"], src), parse_selection(kw["blocks"], "blocks"))[0]
         frames, height, width = (None, None, None) if images is None else images.shape[:3]
         # decided per latent cell, where the data is, then laid on the decoded frames as the overlay aligns them
         mask = masks_on_video(attention_masks(maps, kw["method"], kw["value"]), src.meta, height, width, frames)

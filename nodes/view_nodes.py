@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..wan_capture import parse_index_list
+from ..wan_capture.views.select import parse_selection
 from ..wan_capture.views.colormaps import COLORMAPS
 from ..wan_capture.plan import parse_steps
 from ..wan_capture.views.render import HeatmapStyle, pad_to, value_ranges
@@ -64,8 +64,8 @@ def steps_of(text: str, source) -> list:
 
 def _open(kw: dict):
     src = open_source(kw["recorder"], kw.get("samples"), kw["batch_index"])
-    sel = dict(steps=steps_of(kw["steps"], src), blocks=parse_index_list(kw["blocks"], "blocks"),
-               heads=parse_index_list(kw["heads"], "heads"), branch=kw["branch"])
+    sel = dict(steps=steps_of(kw["steps"], src), blocks=parse_selection(kw["blocks"], "blocks"),
+               heads=parse_selection(kw["heads"], "heads"), branch=kw["branch"])
     return src, sel, kw.get("style") or HeatmapStyle()
 
 
