@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..wan_capture.prompts.templates import TemplateError, expand_template
+from ..wan_capture.prompts.templates import TemplateError, count_variations, template_variation
 from ..wan_capture.prompts.tokens import MODES, TokenTracking, TrackingError, track
 from .attach_node import TokenTracking as TokenTrackingType
 from .widgets import settings
@@ -66,16 +66,14 @@ class WeightedTokenTracker(io.ComfyNode):
     def execute(cls, clip, text, **kw) -> io.NodeOutput:
         kw = settings(cls, kw)
         mode, words, variation = kw["mode"], kw["words"], kw["variation"]
-        try:
-            variations = expand_template(text)
+        try:  # one variation, picked by arithmetic: a template of 2^40 prompts costs what one prompt costs
+            v, total = template_variation(text, variation), count_variations(text)
         except TemplateError as e:
             raise ValueError(f"Weighted Token Tracker: {e}") from e
-        if variation >= len(variations):
-            raise ValueError(f"variation {variation} does not exist: the template has {len(variations)} "
-                             f"(0..{len(variations) - 1})")
-        v = variations[variation]
         tracking = track_prompt(clip, v.prompt, mode, words, v.prompt_id)
         summary = ", ".join(f"{w.label}@{list(w.positions)} x{w.weight:g}" for w in tracking.words)
+        if total > 1:
+            summary += f" (variation {variation} of {total})"
         return io.NodeOutput(tracking, v.prompt, v.prompt_id, ui={"text": [summary]})
 
 

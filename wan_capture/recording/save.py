@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -204,7 +205,11 @@ def save_recording(rec: Recording, output_root: str, batch_name: str, opts: Save
 
     ``frames``: decoded frames ``[T, H, W, 3]`` in [0, 1]; without them, the frames kept with ``rec``.
     """
-    root = confined(output_root, safe_name(batch_name, "attention_batch"), "attention_maps", purpose="write")
+    folder = safe_name(batch_name, fallback="")
+    if not folder:  # never a shared fallback folder: two batches of such names would mix
+        raise ValueError(f"batch_name {batch_name!r} has no letters or digits to name a folder with: give a name "
+                         "such as 'roses'")
+    root = confined(output_root, folder, "attention_maps", purpose="write")
     prompt_id = safe_name(opts.prompt_id or prompt_id or str(rec.summary.get("prompt_id") or ""), "prompt_000")
     return _save_video(rec, root, prompt_id, batch_index, opts, progress, version, frames)
 
@@ -216,28 +221,67 @@ def _png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sweep_leftovers(root: str, video_id: str) -> None:
-    """Tidy what a killed save of ``video_id`` left in ``root``: unfinished folders go; a previous recording that a
-    save killed between its two renames had moved aside is put back first."""
-    names = sorted(os.listdir(root))
-    final = os.path.join(root, video_id)
-    for name in names:
+# Hidden siblings of a video folder while it is saved: ".<video>.tmp-<owner>-<random>" (the files being written) and
+# ".<video>.old-<owner>-<random>" (a replaced recording, between the swap's two renames). <owner> is the host and the
+# process id of the save, so a sweep removes only what a save that is no longer running left behind.
+_LEFTOVER = re.compile(r"^\.(?P<video>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-)?[\w]+$")
+STALE_SECONDS = 24 * 3600  # a leftover of another host (its process cannot be asked) or of 0.2.0 (no owner) this old
+
+
+def _owner() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname())[:40]}-{os.getpid()}"
+
+
+def _abandoned(match, path: str) -> bool:
+    """Whether the save that made this hidden folder is gone: its process is dead (same host), or it is stale."""
+    host, pid = match.group("host"), match.group("pid")
+    if host == _owner().rsplit("-", 1)[0] and pid is not None:
+        if int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - os.lstat(path).st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
+def sweep_leftovers(root: str) -> List[str]:
+    """Tidy what killed saves left in ``root`` (any video): a replaced recording moved aside is put back where its
+    video has nothing complete, unfinished folders go. Saves still running (here or on another server sharing the
+    folder) are never touched. Returns what was removed or restored."""
+    done = []
+    for name in sorted(os.listdir(root)):
+        m = _LEFTOVER.match(name)
         path = os.path.join(root, name)
-        if name.startswith(f".{video_id}.old-") and not os.path.lexists(final) and os.path.isdir(path) \
-                and not os.path.islink(path):
+        if not m or not os.path.isdir(path) or os.path.islink(path) or not _abandoned(m, path):
+            continue
+        final = os.path.join(root, m.group("video"))
+        if m.group("kind") == "old" and (not os.path.lexists(final) or _is_empty_dir(final)):
+            if os.path.lexists(final):
+                os.rmdir(final)
             os.rename(path, final)
-    for name in names:
-        path = os.path.join(root, name)
-        if name.startswith((f".{video_id}.tmp-", f".{video_id}.old-")) and os.path.isdir(path) \
-                and not os.path.islink(path):
+        else:
             shutil.rmtree(path, ignore_errors=True)
+        done.append(name)
+    return done
+
+
+def _is_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
 def _swap_in(work: str, final: str) -> None:
-    """Put the finished folder ``work`` at ``final``, replacing whatever was there as a whole."""
+    """Put the finished folder ``work`` at ``final``, replacing whatever was there as a whole (an empty folder, the
+    name this save claimed, is replaced by the rename itself)."""
     old = None
-    if os.path.lexists(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+    if os.path.lexists(final) and not _is_empty_dir(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{_owner()}-", dir=os.path.dirname(final))
         os.rmdir(old)
         os.rename(final, old)
     os.rename(work, final)
@@ -245,23 +289,48 @@ def _swap_in(work: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _claim_name(root: str, video_id: str, opts: SaveOptions) -> str:
-    if opts.if_exists == "new_name" and os.path.lexists(os.path.join(root, video_id)):
-        n = 2
-        while os.path.lexists(os.path.join(root, f"{video_id}_{n}")):
+def _claim(root: str, video_id: str) -> str:
+    """The first free name of ``video_id``, ``video_id_2``, ... made ours by creating it (an empty folder, which
+    readers do not list): two saves, in any processes or servers sharing the folder, never get the same name."""
+    n = 1
+    while True:
+        name = video_id if n == 1 else f"{video_id}_{n}"
+        try:
+            os.mkdir(confined(root, name, purpose="write"))
+            return name
+        except FileExistsError:
             n += 1
-        video_id = f"{video_id}_{n}"  # the earlier recording stays as it is; the report names the new one
-    return video_id
+
+
+def _complete(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            return json.load(f).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _keep_failed(work: str, root: str, video_id: str, final: str) -> str:
+    """A save that failed: what it wrote replaces nothing complete. Returns where it went and what was kept."""
+    if _complete(final):  # an overwrite that failed: the previous complete recording stays
+        beside = _claim(root, f"{video_id}_partial")
+        _swap_in(work, os.path.join(root, beside))
+        return (f"the previous complete recording at {final} is kept; what this save wrote is at "
+                f"{os.path.join(root, beside)}, marked partial")
+    _swap_in(work, final)
+    return f"what this save wrote is at {final}, marked partial"
 
 
 def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, frames=None) -> SavedVideo:
     """Write one video into a fresh folder beside its final place, then swap it in: a new recording replaces an
     old one completely (no stale files), and a save killed midway leaves the previous recording untouched."""
-    video_id = _claim_name(root, f"{prompt_id}_vid{opts.video_number + b:03d}", opts)
-    final = confined(root, video_id, purpose="write")
     os.makedirs(root, mode=0o777, exist_ok=True)
-    sweep_leftovers(root, video_id)
-    folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-", dir=root)
+    sweep_leftovers(root)
+    video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+    if opts.if_exists == "new_name":  # the earlier recording stays as it is; the report names the new one
+        video_id = _claim(root, video_id)
+    final = confined(root, video_id, purpose="write")
+    folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-{_owner()}-", dir=root)
     os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it 0700: the saved folder follows the umask like any other
     w = _Writer(folder, opts, progress)
     keys = saved_keys(rec, opts)
@@ -288,9 +357,12 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
         except OSError:
             pass  # the summary written first already says partial ("writing")
         try:
-            _swap_in(folder, final)  # what was written, honestly marked partial
+            where = _keep_failed(folder, root, video_id, final)
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
+            where = "what this save wrote could not be kept"
+        if isinstance(e, OSError):
+            raise StorageError(f"{e} ({where})") from e
         raise
     if rec.summary.get("status", "complete") == "complete":
         summary["status"] = "complete"
