@@ -152,7 +152,10 @@ def test_causal_recording_slices_frame_mass_and_sinks(comfy_server):
     assert body == want.tobytes() and want[4, 1] == 0 and want[4, 0] > 0  # frame 1 evicted, the sink kept
     status, headers, body = fetch(f"{comfy_server.url}/wan_capture/slice?path={path}&video={video}&kind=sink&step=1")
     want = np.nan_to_num(an.get_causal_self_attention(video, 1, "received")).mean(axis=0).mean(axis=0).reshape(6, 2, 2)
-    assert status == 200 and body == want.astype("<f4").tobytes()
+    # the route averages each chunk's blocks and heads before assembling (so a real 14B video assembles one map,
+    # not 1600): the same mean in another order, equal to float32 rounding
+    assert status == 200 and len(body) == want.size * 4
+    np.testing.assert_allclose(np.frombuffer(body, "<f4").reshape(6, 2, 2), want, rtol=1e-6, atol=0)
 
 
 def test_bad_viewer_parameters_are_refused_not_defaulted(comfy_server, recording):

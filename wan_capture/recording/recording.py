@@ -9,13 +9,16 @@ masks, the viewer's routes and ``save`` read a ``Recording``, so live and saved 
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from ..stats.causal import assemble_chunks, sink_frames_of
 from ..capture.time_layout import TimeLayout
 from .keys import SINK_NAMES, ArrayKey, key_path, metadata_path
+
+MAX_ASSEMBLED_BYTES = 64 << 20  # one causal map assembled for a view (a real 14B 720p one: about 1.3 MiB)
+
 
 class NotRecorded(FileNotFoundError, KeyError):
     """The recording holds no such array (a KeyError for mappings, FileNotFoundError for file readers); the message
@@ -134,18 +137,52 @@ class Recording:
                 out.setdefault(k.chunk, set()).add(k.step)
         return {c: sorted(s) for c, s in out.items()}
 
-    def sink(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
+    def sink(self, step: int, name: str, branch: str = "cond",
+             pick: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
         """A sink statistic of one step (``[blocks, heads, ...]``); causal recordings give it over the whole video
-        in absolute frames, from the chunks that have the step (see :mod:`wan_capture.causal_stats`)."""
+        in absolute frames, from the chunks that have the step (see :mod:`wan_capture.stats.causal`).
+
+        ``pick``: reduces the blocks and heads axes (a selection's mean); for causal recordings it is applied to each
+        chunk before the assembly (it commutes with it, but for ``key_max``), so what is assembled is one map, and
+        the assembly is refused (ArrayTooLarge) past ``assembly_limit`` bytes.
+        """
+        pick = pick or (lambda a: a)
         if not self.causal:
-            return self._float(ArrayKey("sink", name, step, branch), "self-attention statistics")
+            return pick(self._float(ArrayKey("sink", name, step, branch), "self-attention statistics"))
         held = self.chunk_steps(branch)
         parts = [self.chunk_part(c, step, branch) for c, steps in held.items() if step in steps]
         if not parts:
             raise NotRecorded(f"no self-attention statistics for step {step} ({branch}) in any chunk; steps per chunk: "
-                           f"{held}")
-        grid = self.summary["latent_grid"]
-        return assemble_chunks(parts, grid[0], grid[1] * grid[2])[name]
+                              f"{held}")
+        early = name != "key_max"
+        if early:
+            parts = [{**p, **{n: pick(p[n]) for n in SINK_NAMES}} for p in parts]
+        frames, ft = self._video_frames(parts)
+        self._check_assembly(parts[0]["received"].shape[:-1], frames, ft)
+        whole = assemble_chunks(parts, frames, ft)[name]
+        return whole if early else pick(whole)
+
+    def _video_frames(self, parts) -> Tuple[int, int]:
+        """The whole video's latent frames and tokens per frame, checked against the chunks (a summary.json whose grid
+        does not hold them is damaged, not a reason to allocate)."""
+        grid = self.summary.get("latent_grid")
+        if not (isinstance(grid, list) and len(grid) == 3 and all(type(v) is int and v > 0 for v in grid)):
+            raise ValueError(f"summary.json of {getattr(self, 'video', 'the recording')!r}: latent_grid is not three "
+                             "positive whole numbers")
+        needed = 1 + max(max(list(p["query_frames"]) + list(p["key_frames"])) for p in parts)
+        if grid[0] < needed:
+            raise ValueError(f"summary.json's latent_grid has {grid[0]} frames, but its chunks reach frame {needed - 1}")
+        return grid[0], grid[1] * grid[2]
+
+    assembly_limit: Optional[int] = None  # bytes a causal whole-video assembly may take (None: no bound)
+
+    def _check_assembly(self, lead, frames: int, frame_tokens: int) -> None:
+        cells = int(np.prod(lead, dtype=np.int64)) if lead else 1
+        need = cells * (frames * frames * 4 + frames * 4 + frames * frame_tokens * (8 + 4 + 4))
+        if self.assembly_limit is not None and need > self.assembly_limit:
+            from .analyzer import ArrayTooLarge
+            raise ArrayTooLarge(f"assembling {frames} frames of {frame_tokens} tokens takes {need} bytes, over the "
+                                f"{self.assembly_limit} allowed")
 
     def chunk_part(self, chunk: int, step: int, branch: str = "cond") -> dict:
         """One chunk's sink statistics of one step with its absolute ``query_frames`` and ``key_frames``."""

@@ -11,6 +11,7 @@ from ..recording.analyzer import AttentionAnalyzer, align_to_video
 from .colormaps import apply_colormap
 from ..capture.recorder import Take
 from ..recording import FolderRecording, MemoryRecording, Recording
+from ..recording.recording import MAX_ASSEMBLED_BYTES
 from .render import blend, fmt, labelled_grid, matrix_plot, normalize, value_ranges, with_legend
 from .select import axis_positions, chosen_steps
 
@@ -49,13 +50,18 @@ def _nan_mean(maps: np.ndarray) -> np.ndarray:
         return np.nan_to_num(np.nanmean(maps, axis=0, keepdims=True))
 
 
-def _latent_grid_maps(source, statistic, steps, blocks, heads, mean_steps: bool) -> np.ndarray:
-    """``[N, F, H, W]``: a per-token statistic ``statistic(step) -> [blocks, heads, tokens]`` on the latent grid, mean
-    over the chosen blocks and heads; N = 1 (mean over steps) or one per step."""
+def selection_mean(source, blocks, heads):
+    """``[blocks, heads, ...] -> [...]``: the mean over the chosen blocks and heads of ``source``'s axes."""
     bi, hi = axis_positions(source.blocks, blocks, "blocks"), axis_positions(source.heads, heads, "heads")
+    return lambda a: a[bi][:, hi].mean(axis=(0, 1))
+
+
+def _latent_grid_maps(source, statistic, steps, blocks, heads, mean_steps: bool) -> np.ndarray:
+    """``[N, F, H, W]``: a per-token statistic ``statistic(step, pick) -> [tokens]`` (``pick`` the mean over the chosen
+    blocks and heads) on the latent grid; N = 1 (mean over steps) or one per step."""
+    pick = selection_mean(source, blocks, heads)
     f, h, w = source.meta["latent_grid"]
-    maps = np.stack([statistic(s)[bi][:, hi].mean(axis=(0, 1)).reshape(f, h, w)
-                     for s in chosen_steps(source.steps, steps)])
+    maps = np.stack([statistic(s, pick).reshape(f, h, w) for s in chosen_steps(source.steps, steps)])
     return maps.mean(axis=0, keepdims=True) if mean_steps else maps
 
 
@@ -63,15 +69,16 @@ def sink_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
     """``[N, F, H, W]`` attention received per key, laid back on the latent grid (where the sinks are)."""
     # nan: a causal key no chunk attended to (shown as 0, the attention it received)
     source = recording_of(source)
-    return np.nan_to_num(_latent_grid_maps(source, lambda s: source.sink(s, "received", branch), steps, blocks, heads,
-                                           mean_steps))
+    return np.nan_to_num(_latent_grid_maps(source, lambda s, pick: source.sink(s, "received", branch, pick), steps,
+                                           blocks, heads, mean_steps))
 
 
 def image_share_maps(source, steps=None, blocks=None, heads=None, branch: str = "cond",
                      mean_steps: bool = True) -> np.ndarray:
     """``[N, F, H, W]`` i2v: the image tokens' share of each latent token's attention, on the latent grid."""
     source = recording_of(source)
-    return _latent_grid_maps(source, lambda s: source.image(s, "share", branch), steps, blocks, heads, mean_steps)
+    return _latent_grid_maps(source, lambda s, pick: pick(source.image(s, "share", branch)), steps, blocks, heads,
+                             mean_steps)
 
 
 def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cmap: str, mode: str, alpha: float,
@@ -185,7 +192,9 @@ class SavedRecording:
         if not 0 <= batch_index < len(self.videos):
             raise ValueError(f"batch_index {batch_index} is outside the {len(self.videos)} loaded videos "
                              f"({', '.join(self.videos[:5])}{'...' if len(self.videos) > 5 else ''})")
-        return FolderRecording(AttentionAnalyzer(self.path, confine_to=self.root), self.videos[batch_index])
+        rec = FolderRecording(AttentionAnalyzer(self.path, confine_to=self.root), self.videos[batch_index])
+        rec.assembly_limit = MAX_ASSEMBLED_BYTES  # files anyone could have written under the output folder
+        return rec
 
 
 def mean_window(source, steps=None, blocks=None, branch: str = "cond") -> dict:
@@ -206,6 +215,5 @@ def mean_window(source, steps=None, blocks=None, branch: str = "cond") -> dict:
 def frame_mass(source, steps=None, blocks=None, heads=None, branch: str = "cond") -> np.ndarray:
     """``[Fq, Fk]`` query-frame x key-frame probability mass, mean over the chosen steps, blocks and heads."""
     source = recording_of(source)
-    bi, hi = axis_positions(source.blocks, blocks, "blocks"), axis_positions(source.heads, heads, "heads")
-    return np.mean([source.sink(s, "frame_mass", branch)[bi][:, hi].mean(axis=(0, 1))
-                    for s in chosen_steps(source.steps, steps)], axis=0)
+    pick = selection_mean(source, blocks, heads)
+    return np.mean([source.sink(s, "frame_mass", branch, pick) for s in chosen_steps(source.steps, steps)], axis=0)

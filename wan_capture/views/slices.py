@@ -9,6 +9,7 @@ import numpy as np
 
 from ..recording.analyzer import AttentionAnalyzer
 from ..recording import FolderRecording
+from ..recording.recording import MAX_ASSEMBLED_BYTES
 from .select import axis_positions, parse_selection
 
 MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
@@ -56,31 +57,33 @@ def _bounded_by_metadata(an: AttentionAnalyzer, video: str, token: str, step: in
     return meta
 
 
-def _self_attention(maps_dir: str, video: str, step: int, name: str, branch: str, root: Optional[str]):
-    """A sink statistic of one step, whole video (causal Wan: assembled over the chunks in absolute frames)."""
+def _self_attention(maps_dir: str, video: str, step: int, name: str, branch: str, block: str, head: str,
+                    root: Optional[str]):
+    """A sink statistic of one step, one block/head or their mean, whole video (causal Wan: assembled over the chunks
+    in absolute frames, each chunk reduced first, the assembly bounded)."""
     an = reader(maps_dir, root)
     rec = FolderRecording(an, video)
     an.max_bytes = self_attention_bound(rec.summary)
-    return rec.sink(step, name, branch), rec
+    rec.assembly_limit = MAX_ASSEMBLED_BYTES
+    return rec.sink(step, name, branch, pick=lambda a: _pick(a, rec.summary, block, head)), rec
 
 
 def sink_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
                head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, H, W]`` attention received per key at one step, on the latent grid (causal Wan: assembled over the
-    chunks, see :mod:`wan_capture.causal_stats`; a key no chunk attended to is 0)."""
-    data, rec = _self_attention(maps_dir, video, step, "received", branch, root)
+    chunks, see :mod:`wan_capture.stats.causal`; a key no chunk attended to is 0)."""
+    data, rec = _self_attention(maps_dir, video, step, "received", branch, block, head, root)
     f, h, w = rec.summary["latent_grid"]
-    data = _pick(np.nan_to_num(data), rec.summary, block, head)
-    return np.ascontiguousarray(data.reshape(f, h, w), dtype=np.float32), rec.summary
+    return np.ascontiguousarray(np.nan_to_num(data).reshape(f, h, w), dtype=np.float32), rec.summary
 
 
 def frame_mass_slice(maps_dir: str, video: str, step: int, branch: str = "cond", block: str = "mean",
                      head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, F]`` query-frame x key-frame probability mass at one step; causal Wan: the assembled causal matrix,
     with the sink frames in the returned summary's ``sink_frames``."""
-    data, rec = _self_attention(maps_dir, video, step, "frame_mass", branch, root)
+    data, rec = _self_attention(maps_dir, video, step, "frame_mass", branch, block, head, root)
     summary = dict(rec.summary, sink_frames=rec.sink_frames)
-    return np.ascontiguousarray(_pick(data, summary, block, head), dtype=np.float32), summary
+    return np.ascontiguousarray(data, dtype=np.float32), summary
 
 
 def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: str = "cond",
