@@ -35,18 +35,18 @@ def _guard(handler):
         # short messages only: no path of the request or of a file reaches the reply or the log
         try:
             return await handler(request)
-        except OutsideRoot:
-            return web.json_response({"error": "forbidden"}, status=403)
-        except (FileNotFoundError, KeyError, IndexError):
+        except (OutsideRoot, FileNotFoundError, KeyError, IndexError):  # outside and missing alike: nothing is told
             return web.json_response({"error": "not found"}, status=404)
         except SelectionError as e:  # what the recording holds, said as the view nodes say it
             return web.json_response({"error": str(e)}, status=400)
         except ArrayTooLarge:
             return web.json_response({"error": "array too large"}, status=413)
-        except DamagedFileError:
-            return web.json_response({"error": "damaged file"}, status=422)
+        except DamagedFileError as e:
+            return web.json_response({"error": f"damaged file: {e.file}"}, status=422)
         except ValueError:
             return web.json_response({"error": "bad request"}, status=400)
+        except (TypeError, AttributeError, RecursionError, OverflowError):  # files of unexpected shape
+            return web.json_response({"error": "damaged file"}, status=422)
     return wrapped
 
 
@@ -54,9 +54,15 @@ def _root() -> str:
     return folder_paths.get_output_directory()
 
 
+HEAVY_AT_ONCE = 2  # requests that read and reduce arrays at the same time; more wait their turn
+_heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
+
+
 async def _off_loop(fn, *args, **kwargs):
-    """Reading and reducing arrays runs in a worker thread: the server keeps answering meanwhile."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+    """Reading and reducing arrays runs in a worker thread, a bounded number at a time: the server keeps answering
+    ordinary requests meanwhile, and many heavy ones cannot add up their memory."""
+    async with _heavy:
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
 def _maps_dir(request) -> str:
@@ -65,6 +71,8 @@ def _maps_dir(request) -> str:
 
 def _video(request, maps_dir: str) -> str:
     video = request.query.get("video", "")
+    if not video:
+        raise ValueError("missing parameter: video")
     confined(maps_dir, video, must_exist=True)
     return video
 

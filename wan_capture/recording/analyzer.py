@@ -31,7 +31,11 @@ _NESTED_VIDEO = re.compile(r"vid\d+")
 
 
 class DamagedFileError(ValueError):
-    """A saved file cannot be read; the message names it."""
+    """A saved file cannot be read; the message names it (``file``: its name, without the folders)."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.file = os.path.basename(path)
 
 
 class ArrayTooLarge(ValueError):
@@ -68,15 +72,55 @@ def load_array(path: str, max_bytes: Optional[int] = None, keep_dtype: bool = Fa
         return array if keep_dtype else array.astype(np.float32)
     except (OSError, EOFError, ValueError, zlib.error, RuntimeError, KeyError, AttributeError, TypeError,
             pickle.UnpicklingError) as e:
-        raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}") from None
+        raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _read_json(path: str) -> dict:
+    """A metadata file: a JSON object of finite numbers (a damaged or tampered one is a DamagedFileError naming it)."""
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except ValueError as e:
-            raise DamagedFileError(f"damaged metadata file {path}: {e}") from None
+            data = json.load(f, parse_float=_finite, parse_constant=_finite)
+        except (ValueError, RecursionError) as e:
+            raise DamagedFileError(f"damaged metadata file {path}: {type(e).__name__}: {str(e)[:200]}", path) from None
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"damaged metadata file {path}: a JSON object was expected, got {type(data).__name__}",
+                               path)
+    return data
+
+
+_SUMMARY_FIELDS = {  # what readers rely on: name -> (check, what it must be)
+    "latent_grid": (lambda v: _ints(v, 3, 1), "three positive whole numbers"),
+    "map_grid": (lambda v: _ints(v, 3, 1), "three positive whole numbers"),
+    "blocks": (lambda v: _ints(v, None, -1), "a list of block indices"),
+    "heads": (lambda v: _ints(v, None, -1), "a list of head indices"),
+    "steps": (lambda v: _ints(v, None, 0), "a list of steps"),
+    "tokens": (lambda v: isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("label"), str)
+                                                     for t in v), "a list of words with labels"),
+    "negative_tokens": (lambda v: isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("label"), str)
+                                                              for t in v), "a list of words with labels"),
+    "arrays": (lambda v: isinstance(v, list), "a list of array keys"),
+    "causal": (lambda v: isinstance(v, dict) and _ints(v.get("chunks"), None, 0), "a causal description"),
+}
+
+
+def _ints(value, length, low) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(type(v) is int and v >= low for v in value))
+
+
+def checked_summary(summary: dict, path: str) -> dict:
+    """``summary.json`` with the fields readers rely on of the right types, else a DamagedFileError naming it."""
+    for name, (ok, what) in _SUMMARY_FIELDS.items():
+        if name in summary and not ok(summary[name]):
+            raise DamagedFileError(f"damaged metadata file {path}: {name!r} is not {what}", path)
+    return summary
 
 
 class AttentionAnalyzer:
@@ -132,7 +176,8 @@ class AttentionAnalyzer:
         """
         video = self._video(video_id)
         path = os.path.join(video, "summary.json")
-        summary = self._json(path) if os.path.isfile(path) else self._summary_from_files(video, video_id)
+        summary = checked_summary(self._json(path), path) if os.path.isfile(path) else \
+            self._summary_from_files(video, video_id)
         if summary.get("status") != "complete" and video_id not in self._warned:
             self._warned.add(video_id)
             warnings.warn(f"attention recording {video_id!r} is {summary.get('status')!r}, not complete: "

@@ -7,11 +7,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..recording.analyzer import AttentionAnalyzer
+from ..recording.analyzer import ArrayTooLarge, AttentionAnalyzer, DamagedFileError
 from ..recording import FolderRecording
 from ..recording.recording import MAX_ASSEMBLED_BYTES
 from .select import axis_positions, parse_selection
 
+MAX_PROBE_ARRAYS = 4096  # arrays one point probe reads (a real recording: words x steps, e.g. 4 x 30)
 MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
 
 
@@ -43,18 +44,30 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
     an = reader(maps_dir, root)
     meta = _bounded_by_metadata(an, video, token, step, "" if branch == "cond" else branch)
     data = _pick(FolderRecording(an, video).cross(token, step, branch), meta, block, head)  # [spatial, pieces]
+    if meta.get("map_grid") != an.summary(video).get("map_grid"):
+        raise DamagedFileError(f"step {step} of {token!r}: its metadata's map_grid is not the summary's", "metadata")
     f, h, w = meta["map_grid"]
     return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
 
 
 def _bounded_by_metadata(an: AttentionAnalyzer, video: str, token: str, step: int, branch: str) -> dict:
-    """The step's metadata; the reader then decompresses nothing larger than the array it describes (a planted gzip
-    bomb is refused)."""
+    """The step's metadata; the reader then decompresses nothing larger than the array the recording's geometry
+    allows for this word (blocks x heads x map cells x its pieces, float32 at most) nor than its metadata says: a
+    planted gzip bomb stops there (413), whatever its metadata claims."""
+    summary = an.summary(video)
     meta = an.load_metadata(video, token, step, branch)
+    words = {t["label"]: t for t in (summary.get("negative_tokens" if branch == "uncond" else "tokens") or [])}
+    pieces = max(1, len((words.get(token) or {}).get("positions") or [1]))
+    cells = int(np.prod(summary.get("map_grid") or [0], dtype=np.int64))
+    geometry = len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * pieces * 4
     shape = meta.get("attention_shape") or []
-    expected = int(np.prod(shape)) * (4 if "float32" in str(meta.get("dtype")) else 2) if shape else MAX_SLICE_BYTES
-    an.max_bytes = min(MAX_SLICE_BYTES, expected + 4096)
+    claimed = int(np.prod(shape, dtype=np.int64)) * 4 if _is_shape(shape) else geometry
+    an.max_bytes = min(MAX_SLICE_BYTES, geometry, claimed) + 4096
     return meta
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v > 0 for v in value)
 
 
 def _self_attention(maps_dir: str, video: str, step: int, name: str, branch: str, block: str, head: str,
@@ -98,8 +111,12 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     b = "" if branch == "cond" else branch
     cell = (frame * h + y) * w + x
     steps = sorted({k.step for k in rec.keys_of("cross", branch)})
+    labels = rec.labels_of(branch)
+    if len(labels) * len(steps) > MAX_PROBE_ARRAYS:  # each array is read once; this many is no real recording
+        raise ArrayTooLarge(f"a probe of {len(labels)} words at {len(steps)} steps would read "
+                            f"{len(labels) * len(steps)} arrays, over {MAX_PROBE_ARRAYS}")
     out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
-    for label in rec.labels_of(branch):
+    for label in labels:
         rows = []
         for step in steps:
             _bounded_by_metadata(an, video, label, step, b)
