@@ -34,5 +34,5 @@ def comfy_server(tmp_path_factory):
     import devtools.comfy_server as cs
     base = tmp_path_factory.mktemp("comfy_base")
     proc, url, log = cs.start(COMFYUI, str(base))
-    yield types.SimpleNamespace(url=url, base=base, output=base / "output", log=log)
+    yield types.SimpleNamespace(url=url, base=base, output=base / "output", log=log, pid=proc.pid)
     cs.stop(proc)

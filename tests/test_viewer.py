@@ -336,7 +336,7 @@ def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(c
     assert info["deprecated"] and "Attention Overlay" in info["description"]
 
 
-def test_recording_model_head_request_on_a_mean_only_recording_same_error_from_node_and_route(comfy_server):
+def test_recording_model_head_mean_only_recording_same_error_from_node_and_route(comfy_server):
     """One meaning of "mean": a per-head request on a recording that kept only the heads' mean is the same clear
     error from the viewer's route (400, its message) and from a view node in a real prompt; never the mean."""
     api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
