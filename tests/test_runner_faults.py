@@ -1,6 +1,7 @@
 """The batch runner against misbehaving servers (loopback only, bounded): an unreachable server, HTTP errors,
 malformed replies, an early websocket close, a prompt that never ends. Group: dead_server."""
 import asyncio
+import time
 import json
 import socket
 
@@ -23,8 +24,8 @@ def free_port() -> int:
 class FakeComfy:
     """/ws, /prompt, /history as ComfyUI answers them; the job's seed picks a misbehaviour."""
 
-    def __init__(self):
-        self.sockets, self.history, self.prompts = {}, {}, []
+    def __init__(self, delay: float = 0.05):
+        self.sockets, self.history, self.prompts, self.delay = {}, {}, [], delay
 
     async def ws(self, request):
         ws = web.WebSocketResponse()
@@ -42,14 +43,21 @@ class FakeComfy:
             return web.Response(status=500, text="internal boom")
         if seed == 14:
             return web.Response(status=200, text="<html>not json</html>")
+        if seed == 22:
+            return web.json_response({"prompt_id": None, "number": 1})
+        if seed == 23:
+            await asyncio.sleep(8)  # does not answer within the runner's timeout (2 s in the test)
         pid = f"p{len(self.prompts)}"
         video = body["prompt"]["1"]["inputs"]["prompt_id"] + f"_vid{body['prompt']['1']['inputs']['video_number']:03d}"
+        files = ["b/attention_maps/big.npy"] if seed == 24 else []
         entry = {"status": {"status_str": "success"},
-                 "outputs": {"1": {"attention_maps": [{"video_id": video, "status": "complete", "files": []}]}}}
+                 "outputs": {"1": {"attention_maps": [{"video_id": video, "status": "complete", "files": files}]}}}
+        if seed == 21:
+            entry = None  # /history answers {pid: null}
         ws = self.sockets[body["client_id"]]
 
         async def finish():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(self.delay)
             if seed == 99:
                 return  # never finishes
             self.history[pid] = entry
@@ -62,6 +70,9 @@ class FakeComfy:
         asyncio.get_running_loop().create_task(finish())
         return web.json_response({"prompt_id": pid})
 
+    async def view(self, request):
+        return web.Response(body=b"\0" * (3 << 20))  # 3 MiB: over the test's download bound
+
     async def get_history(self, request):
         pid = request.match_info["pid"]
         return web.json_response({pid: self.history[pid]} if pid in self.history else {})
@@ -72,6 +83,7 @@ async def serve(fake):
     app.router.add_get("/ws", fake.ws)
     app.router.add_post("/prompt", fake.prompt)
     app.router.add_get("/history/{pid}", fake.get_history)
+    app.router.add_get("/view", fake.view)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -79,11 +91,11 @@ async def serve(fake):
     return runner, f"http://127.0.0.1:{port}"
 
 
-def run(tmp_path, seeds, dead=0, healthy=1, **kw):
+def run(tmp_path, seeds, dead=0, healthy=1, delay=0.05, **kw):
     logs = []
 
     async def main():
-        fake = FakeComfy()
+        fake = FakeComfy(delay)
         runners, urls = [], [f"http://127.0.0.1:{free_port()}" for _ in range(dead)]  # nothing listens there
         for _ in range(healthy):
             r, url = await serve(fake)
@@ -101,7 +113,7 @@ def run(tmp_path, seeds, dead=0, healthy=1, **kw):
 
 
 def test_dead_server_does_not_drain_the_queue(tmp_path):
-    manifest, fake, logs = run(tmp_path, [1, 2, 3, 4, 5, 6], dead=1)
+    manifest, fake, logs = run(tmp_path, [1, 2, 3, 4, 5, 6], dead=1, delay=0.3)  # slow enough to outlast retries
     assert all(e["status"] == "done" for e in manifest.videos.values()) and len(manifest.videos) == 6
     assert sorted(fake.prompts) == [1, 2, 3, 4, 5, 6]  # every job ran once, on the healthy server
     assert any("left the batch" in line for line in logs)
@@ -123,3 +135,19 @@ def test_dead_server_timeout_is_settable_and_no_server_at_all_fails_with_why(tmp
     manifest, _, _ = run(tmp_path / "b", [1, 2, 3], dead=2, healthy=0)
     assert [e["status"] for e in manifest.videos.values()] == ["failed"] * 3
     assert all(e["error"] == "no server could be reached" for e in manifest.videos.values())
+
+
+def test_runner_malformed_replies_fail_one_video_each_and_every_wait_is_bounded(tmp_path):
+    """{pid: null} in /history, a null prompt_id, a POST /prompt that never answers, a download over its bound: each
+    fails its video with a message, the batch goes on, and nothing waits for the whole timeout."""
+    t0 = time.monotonic()
+    manifest, _, _ = run(tmp_path, [21, 22, 23, 24, 1], timeout=2.0, download=str(tmp_path / "dl"),
+                         max_download=1 << 20)
+    by_seed = {e["job"]["seed"]: e for e in manifest.videos.values()}
+    assert by_seed[21]["status"] == "failed" and "malformed" in by_seed[21]["error"]
+    assert by_seed[22]["status"] == "failed" and "without a prompt id" in by_seed[22]["error"]
+    assert by_seed[23]["status"] == "failed" and "did not answer POST /prompt within 2 s" in by_seed[23]["error"]
+    assert by_seed[24]["status"] == "failed" and "over 1048576" in by_seed[24]["error"]
+    assert by_seed[1]["status"] == "done"
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "dl" / "b" / "attention_maps" / "big.npy").exists()

@@ -29,11 +29,19 @@ class Progress:
     done: bool = False
 
 
+MAX_DOWNLOAD = 1 << 30  # bytes one downloaded output may have (a real recording's largest file is ~0.25 GiB)
+REPLY_SECONDS = 60.0  # a POST /prompt or /history reply: the server answers these at once or not at all
+
+
 class ComfyClient:
-    def __init__(self, url: str, timeout: float = 3600.0):
+    def __init__(self, url: str, timeout: float = 3600.0, max_download: int = MAX_DOWNLOAD):
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
-        self.timeout = timeout
+        self.timeout, self.max_download = timeout, max_download
+
+    def _bounded(self, seconds: float):
+        import aiohttp
+        return aiohttp.ClientTimeout(total=min(seconds, self.timeout))
 
     async def run(self, session, prompt: dict, on_progress: Optional[Callable[[Progress], None]] = None) -> dict:
         """Queue ``prompt``, wait for it over the websocket, return its ``/history`` entry (raises ComfyError)."""
@@ -45,17 +53,22 @@ class ComfyClient:
             raise Unreachable(f"{self.url} cannot be reached: {type(e).__name__}: {e}") from None
         async with ws:
             try:
-                async with session.post(self.url + "/prompt",
-                                        json={"prompt": prompt, "client_id": self.client_id}) as r:
+                async with session.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id},
+                                        timeout=self._bounded(REPLY_SECONDS)) as r:
                     text = await r.text()
+            except asyncio.TimeoutError:  # before ClientConnectionError: aiohttp's read timeout is both
+                raise ComfyError(f"{self.url} did not answer POST /prompt within "
+                                 f"{min(REPLY_SECONDS, self.timeout):g} s") from None
             except (aiohttp.ClientConnectionError, OSError) as e:
                 raise Unreachable(f"{self.url} dropped the connection: {type(e).__name__}: {e}") from None
             try:
                 body = json.loads(text)
             except ValueError:
                 body = None
-            if r.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
-                raise ComfyError(f"{self.url} refused the prompt: HTTP {r.status}: {text[:500]}")
+            if r.status != 200 or not isinstance(body, dict) or not isinstance(body.get("prompt_id"), str) \
+                    or not body["prompt_id"]:
+                raise ComfyError(f"{self.url} refused the prompt or answered without a prompt id: HTTP {r.status}: "
+                                 f"{text[:500] or '(empty reply)'}")
             pid = body["prompt_id"]
             progress = Progress(pid)
             # the websocket can close early (server restart, proxy): then /history says how the prompt ended
@@ -93,7 +106,7 @@ class ComfyClient:
         # the websocket can announce the end a moment before the server files the history entry
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            async with session.get(f"{self.url}/history/{prompt_id}") as r:
+            async with session.get(f"{self.url}/history/{prompt_id}", timeout=self._bounded(REPLY_SECONDS)) as r:
                 text = await r.text()
             try:
                 data = json.loads(text) if r.status == 200 else None
@@ -107,6 +120,9 @@ class ComfyClient:
         if prompt_id not in data:
             raise ComfyError(f"{self.url}/history has no entry for prompt {prompt_id}")
         entry = data[prompt_id]
+        if not isinstance(entry, dict) or not isinstance(entry.get("status", {}), dict) \
+                or not isinstance(entry.get("outputs", {}), dict):
+            raise ComfyError(f"{self.url}/history's entry for prompt {prompt_id} is malformed: {str(entry)[:300]}")
         status = entry.get("status", {})
         if status.get("status_str") == "error":
             raise ComfyError(f"prompt {prompt_id} failed: {json.dumps(status.get('messages', []))[:2000]}")
@@ -114,7 +130,14 @@ class ComfyClient:
 
     async def download(self, session, subfolder: str, filename: str, kind: str = "output") -> bytes:
         query = urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
-        async with session.get(f"{self.url}/view?{query}") as r:
+        async with session.get(f"{self.url}/view?{query}", timeout=self._bounded(self.timeout)) as r:
             if r.status != 200:
                 raise ComfyError(f"could not download {subfolder}/{filename}: HTTP {r.status}")
-            return await r.read()
+            if (r.content_length or 0) > self.max_download:
+                raise ComfyError(f"{subfolder}/{filename} is {r.content_length} bytes, over {self.max_download}")
+            data = bytearray()
+            async for piece in r.content.iter_chunked(1 << 20):  # counted as it comes: a wrong length is no escape
+                data += piece
+                if len(data) > self.max_download:
+                    raise ComfyError(f"{subfolder}/{filename} is over {self.max_download} bytes")
+            return bytes(data)

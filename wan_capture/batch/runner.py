@@ -135,19 +135,22 @@ def pending(jobs: Sequence[Job], workflow: dict, manifest: Manifest, batch_name:
 
 async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str], batch_name: str, state_dir: str,
                     download: Optional[str] = None, output_dir: Optional[str] = None, log=print,
-                    timeout: float = 3600.0, retries: int = 3, backoff: float = 1.0) -> Manifest:
+                    timeout: float = 3600.0, retries: int = 3, backoff: float = 1.0,
+                    max_download: Optional[int] = None) -> Manifest:
     """Run every job not yet done; returns the manifest (each video: done with its files, or failed with why).
 
     A server that cannot be reached gives its job back to the queue and retries with back-off (``backoff`` seconds,
     doubling); after ``retries`` failures in a row it leaves the batch to the others. A prompt the server refuses or
-    fails, or a malformed reply, fails that video only. ``timeout``: seconds one video may take.
+    fails, or a malformed reply, fails that video only. ``timeout``: seconds one video may take (every wait for a
+    server is bounded by it); ``max_download``: bytes one downloaded file may have.
     """
     import aiohttp
     manifest = Manifest(state_dir, batch_name)
     todo = pending(jobs, workflow, manifest, batch_name, output_dir)
     log(f"batch {batch_name}: {len(jobs)} videos, {len(jobs) - len(todo)} already done, {len(todo)} to run on "
         f"{len(servers)} server(s)")
-    batch = _Batch(workflow, len(jobs), todo, servers, batch_name, manifest, download, log, timeout, retries, backoff)
+    batch = _Batch(workflow, len(jobs), todo, servers, batch_name, manifest, download, log, timeout, retries, backoff,
+                   max_download)
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(batch.worker(url, session) for url in servers))
     failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
@@ -160,10 +163,10 @@ class _Batch:
     """The shared queue of a batch and its servers' workers (see :func:`run_batch`)."""
 
     def __init__(self, workflow, total, todo, servers, batch_name, manifest, download, log, timeout, retries,
-                 backoff):
+                 backoff, max_download=None):
         self.workflow, self.total, self.servers, self.batch_name = workflow, total, list(servers), batch_name
         self.manifest, self.download, self.log = manifest, download, log
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.max_download = timeout, retries, backoff, max_download
         self.queue: asyncio.Queue = asyncio.Queue()
         for j in todo:
             self.queue.put_nowait(j)
@@ -210,7 +213,8 @@ class _Batch:
 
     async def worker(self, url: str, session) -> None:
         from .client import ComfyClient, Unreachable
-        client = ComfyClient(url, timeout=self.timeout)
+        client = ComfyClient(url, timeout=self.timeout,
+                             **({"max_download": self.max_download} if self.max_download else {}))
         misses = 0
         while True:
             try:
