@@ -58,8 +58,9 @@ def main(argv=None) -> int:
     h = w = 8  # latent 8x8 -> 4x4 tokens per frame
     noise = torch.randn(1, 16, args.frames, h, w)
     context = torch.randn(1, 24, 4096)
+    # every head kept, in float32: which heads are sink heads is a question the sink report answers per head
     plan = RecordingPlan(text_positions=(0, 1, 2), record_sink_stats=True, storage_dtype="float32",
-                         window=FrameWindow(min(7, args.frames - 1), min(8, args.frames)))
+                         store_per_head=True, window=FrameWindow(min(7, args.frames - 1), min(8, args.frames)))
     with contextlib.ExitStack() as stack:
         if args.self_forcing:
             # without flash-attn, the recorder's tap runs Self-Forcing's cross-attention with its SDPA stand-in

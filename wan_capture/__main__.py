@@ -27,6 +27,30 @@ def _templates(args) -> list:
     return out
 
 
+def _sink_report(args) -> int:
+    from .recording.analyzer import AttentionAnalyzer
+    from .views.sink_report import report_step, sink_series, write_sink_report
+    an = AttentionAnalyzer(args.attention_maps)
+    videos = an.list_videos()
+    video = args.video or (videos[0] if videos else None)
+    if video is None:
+        raise ValueError(f"no saved videos in {args.attention_maps!r}")
+    rec = an.recording(video)
+    files = write_sink_report(rec, args.out, args.branch, args.step, args.multiple)
+    rows = sink_series(rec, args.branch, args.multiple)
+    step = report_step(rec, rows) if args.step is None else args.step
+    print(f"sink report of {video}: {len(rows)} rows (step x chunk x block x head), plots at step {step}")
+    for c in sorted({r["chunk"] for r in rows if r["step"] == step}, key=lambda c: -1 if c is None else c):
+        at = [r for r in rows if r["step"] == step and r["chunk"] == c]
+        agree = [r["head_agreement"] for r in at if r["head_agreement"] is not None]
+        print(f"  chunk {c}: sink mass {sum(r['mass_sink'] for r in at) / len(at):.4f}, head agreement "
+              f"{(sum(agree) / len(agree)) if agree else float('nan'):.4f}, behavioural sinks "
+              f"{sorted({f for r in at for f in r['behavioural_sinks']})}")
+    for name, path in files.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["causal-demo"]:
@@ -50,8 +74,18 @@ def main(argv=None) -> int:
     sub.add_parser("causal-demo", help="record a tiny causal Wan with a KV cache, save and draw it (see --help)")
     exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
     exp.add_argument("template")
+    rep = sub.add_parser("sink-report", help="the sink series of a saved recording as a table and plots")
+    rep.add_argument("attention_maps", help="a saved <batch_name>/attention_maps folder")
+    rep.add_argument("--out", required=True, help="where the report's files go")
+    rep.add_argument("--video", help="the video id (default: the folder's first)")
+    rep.add_argument("--step", type=int, help="the step the plots show (default: the last denoising step)")
+    rep.add_argument("--multiple", type=float, default=2.0,
+                     help="a behavioural sink takes more than this many times its uniform share (default 2)")
+    rep.add_argument("--branch", default="cond", choices=["cond", "uncond"])
     args = ap.parse_args(argv)
     try:
+        if args.command == "sink-report":
+            return _sink_report(args)
         if args.command == "expand":
             for v in expand_template(args.template):
                 print(f"{v.prompt_id}\t{v.prompt}")

@@ -76,8 +76,9 @@ def load_array(path: str, max_bytes: Optional[int] = None, keep_dtype: bool = Fa
 
 
 def _finite(text: str) -> float:
+    """A JSON number or constant: NaN passes (a value not known), infinities are refused (``1e999999``)."""
     value = float(text)
-    if not np.isfinite(value):
+    if np.isinf(value):
         raise ValueError(f"number {text[:20]} is out of range")
     return value
 

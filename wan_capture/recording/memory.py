@@ -92,6 +92,11 @@ def axis_meta(take) -> dict:
     }
 
 
+def _known(value: Optional[float]) -> Optional[float]:
+    """A number for metadata: None where it is not known (NaN: a hand-driven recording gives no sigma)."""
+    return None if value is None or value != value else float(value)
+
+
 class MemoryRecording(Recording):
     """Video ``batch_index`` of a take in memory."""
 
@@ -154,7 +159,8 @@ class MemoryRecording(Recording):
 
     def _step_meta(self, step: int, branch: str) -> dict:
         take = self.take
-        meta = {"step": step, "timestep": take.log.step_timesteps.get(step), "sigma": take.log.step_sigmas.get(step),
+        meta = {"step": step, "timestep": _known(take.log.step_timesteps.get(step)),
+                "sigma": _known(take.log.step_sigmas.get(step)),
                 **axis_meta(take), "branch": branch}
         if take.causal:
             meta["pass"] = take.step_pass.get(step, "denoise")

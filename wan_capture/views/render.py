@@ -15,6 +15,7 @@ from .colormaps import COLORMAPS, apply_colormap
 
 NORMALIZE = ("per_frame", "per_video", "shared", "fixed", "percentile")
 INK = (0, 0, 0)
+ABSENT = (0.82, 0.82, 0.82)  # light grey: a cell with no value (NaN), e.g. a key frame not in the cache
 
 
 @lru_cache(maxsize=8)
@@ -133,7 +134,8 @@ def matrix_plot(matrix: np.ndarray, cmap: str, lo: float, hi: float, xlabel: str
     """A matrix as a heatmap with axis labels, tick labels, a title and a colorbar with its range."""
     rows, cols = matrix.shape
     scale = max(1, min(max_side // max(rows, cols, 1), 64))
-    heat = apply_colormap(normalize(matrix[None, None], np.array([[[lo, hi]]]))[0, 0], cmap)
+    heat = apply_colormap(normalize(np.nan_to_num(matrix)[None, None], np.array([[[lo, hi]]]))[0, 0], cmap)
+    heat[np.isnan(matrix)] = ABSENT  # NaN: absent (a key not in the cache), told apart from any value
     heat = np.repeat(np.repeat(heat, scale, axis=0), scale, axis=1)
     hh, hw = heat.shape[:2]
     tick_w = max([text_size(t, size)[0] for _, t in yticks] + [0])
@@ -142,6 +144,7 @@ def matrix_plot(matrix: np.ndarray, cmap: str, lo: float, hi: float, xlabel: str
     bottom = text_size("0", size)[1] + text_size(xlabel, size)[1] + 18
     bar_w, bar_gap = 14, 12
     right = bar_gap + bar_w + max(text_size(fmt(lo), size)[0], text_size(fmt(hi), size)[0]) + 10
+    right = max(right, text_size(title, size + 2)[0] + 8 - hw) if title else right  # the whole title shows
     out = np.ones((top + hh + bottom, left + hw + right, 3), dtype=np.float32)
     out[top:top + hh, left:left + hw] = heat
     bar = apply_colormap(np.linspace(1, 0, hh), cmap)[:, None, :]
@@ -208,3 +211,49 @@ class HeatmapStyle:
         fixed = self.normalize == "fixed"
         return dict(cmap=self.colormap, mode=self.normalize, vmin=self.low, vmax=self.high,
                     p_low=0.0 if fixed else self.low, p_high=100.0 if fixed else self.high)
+
+
+LINE_COLOURS = [(0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74),
+                (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81)]
+
+
+def line_plot(series: Sequence[Tuple[str, Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, title: str,
+              width: int = 640, height: int = 360, size: int = 12) -> np.ndarray:
+    """Lines ``(label, x, y)`` on shared axes with ticks, axis labels, a title and a legend of the labels (NaN
+    points are left out)."""
+    xs = [v for _, x, y in series for v, w in zip(x, y) if np.isfinite(w)]
+    ys = [w for _, _, y in series for w in y if np.isfinite(w)]
+    x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y0, y1 = (min(0.0, min(ys)), max(ys)) if ys else (0.0, 1.0)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    legend_w = max([text_size(label, size)[0] for label, _, _ in series] + [0]) + 30
+    left, top, right, bottom = text_size(ylabel, size)[1] + text_size(fmt(y1), size)[0] + 18, 28, legend_w + 12, 44
+    pil = Image.new("RGB", (width + left + right, height + top + bottom), (255, 255, 255))
+    d, f = ImageDraw.Draw(pil), font(size)
+    px = lambda v: left + (v - x0) / (x1 - x0) * width  # noqa: E731
+    py = lambda v: top + height - (v - y0) / (y1 - y0) * height  # noqa: E731
+    d.rectangle([left, top, left + width, top + height], outline=INK)
+    for i in range(5):
+        v = y0 + (y1 - y0) * i / 4
+        d.line([(left - 3, py(v)), (left, py(v))], fill=INK)
+        d.text((left - 6 - text_size(fmt(v), size)[0], py(v) - 6), fmt(v), fill=INK, font=f)
+    for v in sorted(set(xs)) if len(set(xs)) <= 24 else np.linspace(x0, x1, 6):
+        d.line([(px(v), top + height), (px(v), top + height + 3)], fill=INK)
+        d.text((px(v) - text_size(fmt(v), size)[0] / 2, top + height + 5), fmt(v), fill=INK, font=f)
+    for i, (label, x, y) in enumerate(series):
+        colour = tuple(int(c * 255) for c in LINE_COLOURS[i % len(LINE_COLOURS)])
+        points = [(px(a), py(b)) for a, b in zip(x, y) if np.isfinite(b)]
+        if len(points) > 1:
+            d.line(points, fill=colour, width=2)
+        for p in points:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+        ly = top + 4 + i * (size + 6)
+        d.line([(left + width + 10, ly + 6), (left + width + 24, ly + 6)], fill=colour, width=3)
+        d.text((left + width + 28, ly), label, fill=INK, font=f)
+    d.text((left, 6), title, fill=INK, font=font(size + 2))
+    d.text((left + (width - text_size(xlabel, size)[0]) / 2, top + height + 24), xlabel, fill=INK, font=f)
+    label = Image.new("RGB", (text_size(ylabel, size)[0] + 4, text_size(ylabel, size)[1] + 6), (255, 255, 255))
+    ImageDraw.Draw(label).text((2, 0), ylabel, fill=INK, font=f)
+    rotated = label.rotate(90, expand=True)
+    pil.paste(rotated, (2, top + (height - rotated.size[1]) // 2))
+    return _from_pil(pil)
