@@ -31,16 +31,11 @@ def _png(img: np.ndarray, path: str) -> str:
     return path
 
 
-def _strip(maps: np.ndarray, cell: int = 48) -> np.ndarray:
-    """``[F, h, w]`` latent-frame maps side by side, each scaled to ``cell`` pixels high, shared colour range."""
-    from wan_capture.views.colormaps import apply_colormap
-    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
-    heat = apply_colormap((maps - lo) / (hi - lo if hi > lo else 1.0), "inferno")
-    f, h, w = maps.shape
-    s = max(1, cell // h)
-    heat = np.repeat(np.repeat(heat, s, axis=1), s, axis=2)
-    gap = np.ones((heat.shape[1], 4, 3), dtype=np.float32)
-    return np.concatenate([x for fr in heat for x in (fr, gap)][:-1], axis=1)
+def _strip(maps: np.ndarray, what: str) -> np.ndarray:
+    """``[F, h, w]`` latent-frame maps side by side, labelled by frame, one colour range with its legend."""
+    from wan_capture.views.maps import grid_image
+    return grid_image([maps[:, None]], [what], [f"frame {i}" for i in range(maps.shape[0])], 0, "inferno", "shared",
+                      f"{what} per latent frame", cell=96)
 
 
 def main(argv=None) -> int:
@@ -87,8 +82,9 @@ def main(argv=None) -> int:
     written = [
         _png(frame_mass_images(mass, src.heads, False, "inferno", "all steps:", src.sink_frames)[0],
              os.path.join(pics, "causal_frame_mass.png")),
-        _png(_strip(sink_maps(src)[0]), os.path.join(pics, "received_per_key_frame.png")),
-        _png(_strip(token_maps(src, src.labels[0], [last])[0]), os.path.join(pics, f"token_{src.labels[0]}.png")),
+        _png(_strip(sink_maps(src)[0], "attention received"), os.path.join(pics, "received_per_key_frame.png")),
+        _png(_strip(token_maps(src, src.labels[0], [last])[0], f"'{src.labels[0]}', step {last}"),
+             os.path.join(pics, f"token_{src.labels[0]}.png")),
     ]
     win = src.window(0, 0)
     written.append(_png(window_image(win, "scores", None, take.grid.frame_tokens, "inferno", "shared",
