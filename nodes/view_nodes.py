@@ -190,6 +190,10 @@ class AttentionMatrix(io.ComfyNode):
             n = style.norm()  # one matrix: its range is shared (or fixed)
             mode = "fixed" if style.normalize == "fixed" else "shared"
             lo, hi = value_ranges(mass[None, None], mode, n["vmin"], n["vmax"], n["p_low"], n["p_high"])[0, 0]
+            if src.causal:  # key frames no chosen step had in its cache: absent (grey), not a mass of 0
+                cached = np.any([src.cached(s, sel["branch"]) for s in sel["steps"]], axis=0)
+                mass = np.where(cached, mass, np.nan)
+                title += " grey: not in the cache;"
             out = frame_mass_images(mass[None], [0], False, style.colormap, title,
                                     getattr(src, "sink_frames", ()), vrange=(lo, hi))
         else:

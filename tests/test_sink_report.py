@@ -175,3 +175,23 @@ def test_sink_report_command_on_the_causal_demo(tmp_path):
     assert "nan" not in r.stdout.split("plots at step")[1].split("series.csv")[0]  # heads were kept: agreement
     for name in ("series.csv", "sink_mass_per_head.png", "eviction_timeline.png", "frame_mass_chunk_003.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0, name
+
+
+def test_sink_report_frame_by_frame_view_tells_evicted_from_unattended(tmp_path):
+    """The whole-video frame x frame view: a key frame the chunk's cache did not hold is absent (grey), while a key
+    frame it held is drawn with its mass, whatever it is."""
+    from wan_capture.views.maps import frame_mass, frame_mass_images
+    take, calls = run(planted_sink, keys, evict_sink_at=6)
+    video = save_take(take, str(tmp_path), "b", SaveOptions(storage_dtype="float32"))[0]
+    from wan_capture import FolderRecording
+    for rec in (MemoryRecording(take), FolderRecording.open(str(tmp_path / "b" / "attention_maps"), video.video_id)):
+        cached = rec.cached(0)
+        for c, key_frames, _, _, _ in calls:
+            for q in (c, c + 1):
+                assert sorted(np.flatnonzero(cached[q])) == key_frames
+        mass = frame_mass(rec)
+        assert mass[6, 0] == 0 and not cached[6, 0] and cached[2, 0]  # evicted at chunk 6, held before
+        shown = np.where(cached, mass, np.nan)
+        img = frame_mass_images(shown[None], [0], False, "inferno", "t", rec.sink_frames)[0]
+        grey = np.all(np.abs(img - np.array(ABSENT)) < 0.01, axis=-1)
+        assert grey.sum() > 100

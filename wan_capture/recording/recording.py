@@ -184,6 +184,20 @@ class Recording:
             raise ArrayTooLarge(f"assembling {frames} frames of {frame_tokens} tokens takes {need} bytes, over the "
                                 f"{self.assembly_limit} allowed")
 
+    def cached(self, step: int, branch: str = "cond") -> np.ndarray:
+        """Causal Wan: ``[F, F]`` True where query frame ``q``'s chunk held key frame ``k`` in its cache at ``step``
+        (from the chunks' metadata); where it is False the assembled frame x frame mass is 0 because the key was
+        absent (evicted, or later), not because it was given no attention."""
+        frames = self.summary["latent_grid"][0]
+        out = np.zeros((frames, frames), dtype=bool)
+        for c, steps in self.chunk_steps(branch).items():
+            if step in steps:
+                meta = self.metadata(ArrayKey("sink", SINK_NAMES[0], step, branch, chunk=c))
+                q = [f for f in meta["query_frames"] if 0 <= f < frames]
+                k = [f for f in chunk_key_frames(meta) if 0 <= f < frames]
+                out[np.ix_(q, k)] = True
+        return out
+
     def chunk_part(self, chunk: int, step: int, branch: str = "cond") -> dict:
         """One chunk's sink statistics of one step with its absolute ``query_frames`` and ``key_frames``."""
         key = ArrayKey("sink", SINK_NAMES[0], step, branch, chunk=chunk)
