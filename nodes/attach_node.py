@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..wan_capture import FrameWindow, PlanError, Recorder, RecordingPlan, parse_index_list
 from ..wan_capture.plan import parse_steps
-from .comfy_attach import attach_recorder
+from .comfy_attach import attach_recorder, model_info
 from .widgets import settings, steps_input
 
 AttentionRecorder = io.Custom("ATTENTION_RECORDER")
@@ -17,6 +17,7 @@ RecordingOptions = io.Custom("WAN_RECORDING_OPTIONS")
 
 RECORD = {"cross attention": (True, False), "sink statistics": (False, True),
           "cross attention + sink statistics": (True, True)}
+RECORD_ALIASES = {"both": "cross attention + sink statistics", "cross": "cross attention", "sinks": "sink statistics"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecordingPlan)}
 
 
@@ -44,16 +45,20 @@ def options_from(kw: dict) -> dict:
                 store_per_block=kw["store_per_block"], store_per_head=kw["store_per_head"],
                 storage_dtype=kw["storage_dtype"], spatial_downsample_factor=kw["spatial_downsample_factor"],
                 memory_budget_mb=kw["memory_budget_mb"], chunk_budget_mb=kw["chunk_budget_mb"],
-                record_image_context=kw["image_context"])
+                record_image_context=kw["image_context"], image_context_set=True)
 
 
 def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=None,
                options: Optional[dict] = None) -> RecordingPlan:
     """The recording plan from the Attach node's inputs, its token tracking specs and the options node's fields."""
     opts = dict(options or {})
+    opts.pop("image_context_set", None)  # the Options node's own mark (see with_image_context)
     if tracking is not None and opts.get("text_positions"):
         raise PlanError("RecordingPlan.text_positions: both a token tracking spec and text_positions are given; "
                         "clear text_positions in Attention Recording Options or disconnect the tracker")
+    record = RECORD_ALIASES.get(record, record)
+    if record not in RECORD:
+        raise PlanError(f"record must be one of {list(RECORD)} (or 'both'), got {record!r}")
     cross, sink = RECORD[record]
     if cross and tracking is None and not opts.get("text_positions") and opts.get("branch", "cond") != "uncond":
         raise PlanError("RecordingPlan.text_positions: record is 'cross attention' but no words are tracked: connect "
@@ -69,6 +74,20 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
                          negative_sums=negative.summed if negative is not None else (),
                          record_cross=cross, record_sink_stats=sink, steps=step_list, storage_interval=interval,
                          blocks=parse_index_list(blocks, "blocks"), extra=extra, **opts)
+
+
+def with_image_context(plan: RecordingPlan, model, options: Optional[dict]):
+    """Image context on where the model has it (i2v, FLF2V, Fun camera) unless the options turn it off; asked for
+    on a model without it, it is left out and the returned note says so (shown on the Attach node)."""
+    has = model_info(model)[0].cross_attention == "i2v"
+    asked = (options or {}).get("record_image_context") if (options or {}).get("image_context_set") else None
+    if asked is None:
+        return dataclasses.replace(plan, record_image_context=has), None
+    if asked and not has:
+        return dataclasses.replace(plan, record_image_context=False), (
+            "image_context: this model attends to no CLIP-vision image tokens (not an i2v, FLF2V or camera model); "
+            "nothing of it is recorded")
+    return plan, None
 
 
 class AttachAttentionRecorder(io.ComfyNode):
@@ -118,8 +137,11 @@ class AttachAttentionRecorder(io.ComfyNode):
                                 "other Attach node's recorder output, or leave share_recorder empty")
             recorder = share_recorder
         else:
-            recorder = Recorder(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
-                                           negative_tracking, options))
+            plan, note = with_image_context(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
+                                                       negative_tracking, options), model, options)
+            recorder = Recorder(plan)
+            if note:
+                return io.NodeOutput(attach_recorder(model, recorder), recorder, ui={"text": [note]})
         return io.NodeOutput(attach_recorder(model, recorder), recorder)
 
 
@@ -160,9 +182,10 @@ class AttentionRecordingOptions(io.ComfyNode):
                 io.Int.Input("chunk_budget_mb", default=int(d["chunk_budget_mb"]), min=1, max=1 << 16,
                              optional=True,
                              tooltip="Attention scores held at once on the GPU while computing statistics."),
-                io.Boolean.Input("image_context", default=d["record_image_context"], optional=True,
+                io.Boolean.Input("image_context", default=True, optional=True,
                                  tooltip="i2v / FLF2V / Fun camera models: also record each query's attention mass "
-                                         "on the CLIP-vision image tokens, per step and block."),
+                                         "on the CLIP-vision image tokens, per step and block (on: where the model "
+                                         "has image context; without Options it is on for such models)."),
             ],
             outputs=[RecordingOptions.Output(display_name="options")],
         )
@@ -170,7 +193,8 @@ class AttentionRecordingOptions(io.ComfyNode):
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
         opts = options_from(settings(cls, kw))
-        RecordingPlan(**{**opts, "record_cross": False, "record_sink_stats": True})  # every field checked here
+        checked = {k: v for k, v in opts.items() if k != "image_context_set"}
+        RecordingPlan(**{**checked, "record_cross": False, "record_sink_stats": True})  # every field checked here
         return io.NodeOutput(opts)
 
 

@@ -21,7 +21,7 @@ _RETIRED = {
         "an existing video folder is kept unless overwrite is on."),
     "WanAttentionHeatmap": (
         "Attention Heatmap (0.1.0)", [io.Image.Output(display_name="IMAGE")],
-        "replaced in 0.2.0 by one node per view: 'Attention Overlay' (token overlay), 'Attention Statistic Overlay' "
+        "replaced in 0.2.0 by one node per view: 'Attention Heatmap' (token overlay), 'Attention Statistic Overlay' "
         "(sink overlay), 'Attention Grid' (token grid, block grid), 'Attention Matrix' (self-attention window, frame x "
         "frame mass), with colours in 'Heatmap Style' and saved maps opened by 'Load Attention Maps'."),
 }

@@ -1,6 +1,6 @@
 """Nodes that draw a recording (live, or saved through Load Attention Maps) as IMAGE batches with a preview.
 
-One node per view family, each with only the inputs that apply to it: Attention Overlay (a word over the video),
+One node per view family, each with only the inputs that apply to it: Attention Heatmap (a word over the video),
 Attention Statistic Overlay (sinks, i2v image share over the video), Attention Grid (words or blocks x steps),
 Attention Matrix (exact windows, frame x frame mass); Heatmap Style sets colours and ranges for all of them.
 """
@@ -94,7 +94,7 @@ _IMAGES = io.Image.Input("images", optional=True, tooltip="The VAE-decoded frame
 class AttentionOverlay(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return _schema("WanAttentionOverlay", "Attention Overlay",
+        return _schema("WanAttentionOverlay", "Attention Heatmap",
                        "A tracked word's cross-attention over the decoded video, frame by frame, aligned in time.",
                        [*_recording_inputs(), _IMAGES,
                         io.String.Input("token", default="", optional=True,
@@ -224,7 +224,8 @@ class HeatmapStyleNode(io.ComfyNode):
                 io.Float.Input("high", default=d.high, min=-1e6, max=1e6, step=0.001, optional=True,
                                tooltip="Upper end: a percentile (100 = maximum), or the value itself when fixed."),
                 io.Boolean.Input("legend", default=d.legend, optional=True,
-                                 tooltip="Draw a colour bar with the value range under each frame."),
+                                 tooltip="Draw a colour bar with the value range under each frame (adds rows below "
+                                         "it; off keeps the pictures the size of the video)."),
             ],
             outputs=[Style.Output(display_name="style")],
         )

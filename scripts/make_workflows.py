@@ -92,8 +92,8 @@ def i2v():
         "14": ("WanImageToVideo", {"positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0],
                                    "clip_vision_output": ["13", 0], "start_image": ["12", 0], "width": 832,
                                    "height": 480, "length": 33, "batch_size": 1}),
-        "17": ("WanRecordingOptions", {"image_context": True}),
-        "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0], "options": ["17", 0]}),
+        # image context is recorded by default where the model has it (i2v): no options node needed
+        "7": ("WanAttachRecorder", {"model": ["1", 0], "token_tracking": ["4", 0]}),
         "9": ("KSampler", {"model": ["7", 0], "seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
                            "scheduler": "simple", "positive": ["14", 0], "negative": ["14", 1],
                            "latent_image": ["14", 2], "denoise": 1.0}),

@@ -62,8 +62,10 @@ def test_node_defaults_are_the_cores(pack):
     opts = recording_options(pack)
     plan = RecordingPlan(record_cross=False, record_sink_stats=True)
     for name in ("store_per_block", "store_per_head", "storage_dtype", "spatial_downsample_factor", "branch",
-                 "memory_budget_mb", "chunk_budget_mb", "record_image_context", "window", "heads"):
+                 "memory_budget_mb", "chunk_budget_mb", "window", "heads"):
         assert opts[name] == getattr(plan, name), name
+    # image context: the node's default is "where the model has it", decided at Attach (image_context_default)
+    assert opts["record_image_context"] is True and plan.record_image_context is False
     style = importlib.import_module(f"{pack.__name__}.nodes.view_nodes").HeatmapStyleNode.execute().args[0]
     assert vars(style) == vars(HeatmapStyle())  # the pack's copy of the core is another module object
 
@@ -141,7 +143,7 @@ def test_api_prompt_with_only_essential_inputs_runs_and_retired_nodes_say_what_c
     entry = run_prompt(comfy_server.url, old)
     message = entry["status"]["messages"][-1][1].get("exception_message", "")
     assert entry["status"]["status_str"] == "error" and "replaced in 0.2.0" in message
-    assert "Attention Overlay" in message and "Attention Matrix" in message
+    assert "Attention Heatmap" in message and "Attention Matrix" in message
 
 
 def test_api_twins_spell_out_only_what_differs_from_the_defaults(pack):

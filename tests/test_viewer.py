@@ -333,7 +333,7 @@ def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(c
     result = browser("browser_frontend.mjs", comfy_server.url, old, shot)
     assert {"WanAttachAttentionRecorder", "WanSaveAttentionMaps", "WanAttentionHeatmap"} <= set(result["types"])
     info = json.loads(fetch(f"{comfy_server.url}/object_info/WanAttentionHeatmap")[2])["WanAttentionHeatmap"]
-    assert info["deprecated"] and "Attention Overlay" in info["description"]
+    assert info["deprecated"] and "Attention Heatmap" in info["description"]
 
 
 def test_recording_model_head_mean_only_recording_same_error_from_node_and_route(comfy_server):

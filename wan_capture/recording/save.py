@@ -210,8 +210,24 @@ def save_recording(rec: Recording, output_root: str, batch_name: str, opts: Save
         raise ValueError(f"batch_name {batch_name!r} has no letters or digits to name a folder with: give a name "
                          "such as 'roses'")
     root = confined(output_root, folder, "attention_maps", purpose="write")
+    if frames is not None:
+        check_frames(rec, frames)
     prompt_id = safe_name(opts.prompt_id or prompt_id or str(rec.summary.get("prompt_id") or ""), "prompt_000")
     return _save_video(rec, root, prompt_id, batch_index, opts, progress, version, frames)
+
+
+def check_frames(rec: Recording, frames: np.ndarray) -> None:
+    """Decoded frames kept for the viewer must be the recording's video: as many frames as its latent frames decode
+    to (with or without VACE reference frames) and its pixel size, else the viewer would draw misaligned."""
+    from ..capture.time_layout import video_maps
+    s = rec.summary
+    video_maps(np.zeros((1, s["latent_grid"][0], 1, 1)), s, len(frames), (s.get("model") or {}).get(
+        "vae_stride", [4])[0])  # raises "time mismatch: ..." for a count no layout explains
+    size = tuple(frames.shape[1:3])
+    want = (s.get("video_height"), s.get("video_width"))
+    if None not in want and size != want:
+        raise ValueError(f"the decoded frames are {size[0]}x{size[1]} pixels, but this recording's video is "
+                         f"{want[0]}x{want[1]}: connect the VAE Decode of the same sampler output, not resized")
 
 
 def _png(frame: np.ndarray) -> bytes:

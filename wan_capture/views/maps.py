@@ -83,7 +83,7 @@ def image_share_maps(source, steps=None, blocks=None, heads=None, branch: str = 
 
 def video_frames(maps: np.ndarray, meta: dict, images: Optional[np.ndarray], cmap: str, mode: str, alpha: float,
                  vmin: float = 0.0, vmax: float = 1.0, p_low: float = 0.0, p_high: float = 100.0,
-                 show_legend: bool = True, latent_grid_maps: bool = False) -> np.ndarray:
+                 show_legend: bool = False, latent_grid_maps: bool = False) -> np.ndarray:
     """Maps ``[N, F, h, w]`` -> IMAGE ``[N * frames, H, W, 3]`` aligned in time and space with the decoded video.
 
     With ``images`` (the VAE-decoded frames) their count and size are used and the heat is blended over them;

@@ -81,17 +81,34 @@ def fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
 
 
+LEGEND_TEXT = 12  # the legend's label size; smaller only where the frame is too narrow, never under MIN_TEXT
+MIN_TEXT = 8
+
+
+def legend_layout(width: int, lo: float, hi: float) -> dict:
+    """Where a legend of ``width`` pixels writes its two labels: side by side when they fit (the font shrinking to
+    ``MIN_TEXT`` first), else the high value on a line of its own, so they never overlap."""
+    lo_t, hi_t = fmt(lo), fmt(hi)
+    for size in range(LEGEND_TEXT, MIN_TEXT - 1, -1):
+        if text_size(lo_t, size)[0] + text_size(hi_t, size)[0] + 8 <= width:
+            return {"size": size, "lines": 1, "lo": (2, 0), "hi": (width - 2 - text_size(hi_t, size)[0], 0)}
+    line = text_size("0", MIN_TEXT)[1] + 2
+    return {"size": MIN_TEXT, "lines": 2, "lo": (2, 0), "hi": (max(2, width - 2 - text_size(hi_t, MIN_TEXT)[0]), line)}
+
+
 def legend(width: int, lo: float, hi: float, cmap: str, height: int = 20) -> np.ndarray:
-    """A strip: the colour gradient of the range used, with its low and high values written on it."""
-    img = np.ones((height, width, 3), dtype=np.float32)
+    """A strip: the colour gradient of the range used, with its low and high values written under it, readable at
+    any width (see :func:`legend_layout`)."""
+    layout = legend_layout(width, lo, hi)
     bar_h = max(4, height // 3)
+    text_h = (text_size("0", layout["size"])[1] + 3) * layout["lines"]
+    img = np.ones((bar_h + text_h + 2, width, 3), dtype=np.float32)
     img[:bar_h] = apply_colormap(np.linspace(0, 1, width), cmap)[None]
     pil = _to_pil(img)
     d = ImageDraw.Draw(pil)
-    f = font(max(8, height - bar_h - 3))
-    d.text((2, bar_h + 1), fmt(lo), fill=INK, font=f)
-    hi_text = fmt(hi)
-    d.text((width - 2 - d.textlength(hi_text, font=f), bar_h + 1), hi_text, fill=INK, font=f)
+    f = font(layout["size"])
+    for text, (x, y) in ((fmt(lo), layout["lo"]), (fmt(hi), layout["hi"])):
+        d.text((x, bar_h + 1 + y), text, fill=INK, font=f)
     return _from_pil(pil)
 
 
@@ -196,7 +213,7 @@ class HeatmapStyle:
     normalize: str = "per_video"
     low: float = 0.0
     high: float = 100.0
-    legend: bool = True
+    legend: bool = False  # off: pictures the size of the video, to blend or set beside its frames
 
     def __post_init__(self):
         if self.colormap not in COLORMAPS:

@@ -1,0 +1,123 @@
+"""The graph users build: the design card's node names, image context by default where the model has it, pictures
+the size of the video with legends readable at any width, decoded frames that must match the recording."""
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_harness import (conditioning, empty_latent, ksampler, load_comfy, load_model, needs_comfy,
+                           recording_options, tiny_vae, tiny_wan_checkpoint)
+from wan_capture.views.render import LEGEND_TEXT, MIN_TEXT, legend, legend_layout, text_size
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def node(pack, module, name):
+    return getattr(importlib.import_module(f"{pack.__name__}.nodes.{module}"), name)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (0.000123, 0.0456), (-12345.6, 98765.4)])
+def test_legend_size_labels_never_overlap_at_any_width(lo, hi):
+    for width in (24, 32, 48, 64, 96, 160, 416, 832):
+        layout = legend_layout(width, lo, hi)
+        size = layout["size"]
+        lo_w = text_size(f"{lo:.3g}" if abs(lo) >= 1e-3 or lo == 0 else f"{lo:.2e}", size)[0]
+        if layout["lines"] == 1:  # side by side: the low label ends before the high one starts
+            assert layout["lo"][0] + lo_w < layout["hi"][0], (width, layout)
+        else:
+            assert layout["hi"][1] > 0
+        assert MIN_TEXT <= size <= LEGEND_TEXT
+        strip = legend(width, lo, hi, "inferno")
+        assert strip.shape[1] == width and strip.shape[0] >= 6 + layout["lines"] * MIN_TEXT
+
+
+@needs_comfy
+def test_legend_size_the_heatmap_is_the_size_of_the_video_by_default(tmp_path):
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="1,3")).args
+    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    with torch.no_grad():
+        images = tiny_vae("t2v").decode(out["samples"])
+    images = images.reshape(-1, *images.shape[-3:])
+    heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
+    plain = heatmap.execute(recorder=rec, samples=out, images=images, token="pos001").args[0]
+    assert tuple(plain.shape) == tuple(images.shape)  # frames, height, width, 3: blend or set beside as they are
+    style = node(pack, "view_nodes", "HeatmapStyleNode").execute(legend=True).args[0]
+    legended = heatmap.execute(recorder=rec, samples=out, images=images, token="pos001", style=style).args[0]
+    assert legended.shape[0] == images.shape[0] and legended.shape[1] > images.shape[1]  # the option adds rows
+
+
+@needs_comfy
+def test_heatmap_node_the_four_names_exist_in_real_comfyui_and_the_heatmap_renders(comfy_server):
+    from api_util import get, run_prompt
+    from devtools.tiny_workflow import to_tiny
+    info = get(comfy_server.url + "/object_info")
+    names = {v["display_name"] for v in info.values()}
+    assert {"Attach Attention Recorder", "Weighted Token Tracker", "Save Attention Maps",
+            "Attention Heatmap"} <= names
+    assert info["WanAttentionOverlay"]["display_name"] == "Attention Heatmap"
+    assert info["WanAttentionHeatmap"]["display_name"] == "Attention Heatmap (0.1.0)"  # retired id still loads
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api["20"]["inputs"]["batch_name"] = "heatmap_node"
+    entry = run_prompt(comfy_server.url, to_tiny(api))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    heat = [n for n, v in api.items() if v["class_type"] == "WanAttentionOverlay"][0]
+    shown = entry["outputs"][heat]["images"]
+    assert shown and all(i["type"] == "temp" for i in shown)
+
+
+@needs_comfy
+def test_image_context_default_on_where_the_model_has_it(tmp_path):
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    attach = node(pack, "attach_node", "AttachAttentionRecorder")
+    i2v = load_model(tiny_wan_checkpoint(str(tmp_path / "i2v.safetensors"), "i2v"))
+    model, rec = attach.execute(model=i2v, options=None, record="sink statistics").args
+    assert rec.plan.record_image_context  # no options node: on, since the model has image context
+    ksampler(model, conditioning("i2v", 1), conditioning("i2v", 2), empty_latent("i2v"))
+    assert rec.latest.image and {"share", "received"} <= set(next(iter(rec.latest.image.values())))
+    off = recording_options(pack, image_context=False)
+    assert not attach.execute(model=i2v, options=off, record="sink statistics").args[1].plan.record_image_context
+    t2v = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    out = attach.execute(model=t2v, options=None, record="sink statistics")
+    assert not out.args[1].plan.record_image_context and not (out.ui or {}).get("text")
+    out = attach.execute(model=t2v, options=recording_options(pack, image_context=True), record="sink statistics")
+    assert not out.args[1].plan.record_image_context
+    assert "attends to no CLIP-vision image tokens" in out.ui["text"][0]  # said at Attach, not at the view
+    both = attach.execute(model=t2v, options=recording_options(pack, text_positions="1"), record="both").args[1]
+    assert both.plan.record_cross and both.plan.record_sink_stats  # the README's word for both
+
+
+@needs_comfy
+def test_frames_mismatch_save_refuses_frames_of_another_video(tmp_path):
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="1,3")).args
+    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    with torch.no_grad():
+        images = tiny_vae("t2v").decode(out["samples"])
+    images = images.reshape(-1, *images.shape[-3:])
+    assert images.shape[0] == 9
+    save = node(pack, "save_node", "SaveAttentionMaps").PREPARE_CLASS_CLONE({})
+    heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
+    for bad, why in ((images[:7], "time mismatch: 7 frames"),
+                     (torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1),
+                      "are 128x128 pixels, but this recording's video is 64x64")):
+        with pytest.raises(ValueError, match=why):
+            save.execute(recorder=rec, samples=out, images=bad, batch_name="mismatch")
+    with pytest.raises(ValueError, match="time mismatch: 7 frames"):  # the heatmap says the same
+        heatmap.execute(recorder=rec, samples=out, images=images[:7], token="pos001")
+    assert not (tmp_path / "output" / "mismatch").exists()  # refused before anything was written
+    saved = save.execute(recorder=rec, samples=out, images=images, batch_name="mismatch").args[0]
+    assert saved == "mismatch/attention_maps"
