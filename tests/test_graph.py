@@ -121,3 +121,58 @@ def test_frames_mismatch_save_refuses_frames_of_another_video(tmp_path):
     assert not (tmp_path / "output" / "mismatch").exists()  # refused before anything was written
     saved = save.execute(recorder=rec, samples=out, images=images, batch_name="mismatch").args[0]
     assert saved == "mismatch/attention_maps"
+
+
+@needs_comfy
+def test_trim_latent_vace_save_and_views_from_trimvideolatent_equal_the_samplers(tmp_path):
+    """VACE users wire Save and the views as VAE Decode is wired, from TrimVideoLatent: the same recording, the same
+    files and pictures, time-aligned (the reference frame left out)."""
+    pack = load_comfy()
+    import folder_paths
+    from comfy_extras.nodes_wan import TrimVideoLatent, WanVaceToVideo
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "vace.safetensors"), "vace"))
+    vae = tiny_vae("t2v")
+    reference = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    pos, neg, latent, trim = WanVaceToVideo.execute(conditioning("t2v", 1), conditioning("t2v", 2), vae, 64, 64, 9, 1,
+                                                    1.0, reference_image=reference).args
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="0,3", storage_dtype="float32")).args
+    out = ksampler(model, pos, neg, latent)
+    trimmed = TrimVideoLatent.execute(out, trim).args[0]
+    with torch.no_grad():
+        images = vae.decode(trimmed["samples"])
+    images = images.reshape(-1, *images.shape[-3:])
+    heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
+    a = heatmap.execute(recorder=rec, samples=out, images=images, token="pos000").args[0]
+    b = heatmap.execute(recorder=rec, samples=trimmed, images=images, token="pos000").args[0]
+    assert a.shape[0] == 9 and torch.equal(a, b)
+    save = node(pack, "save_node", "SaveAttentionMaps").PREPARE_CLASS_CLONE({})
+    for name, latent_in in (("from_sampler", out), ("from_trim", trimmed)):
+        save.execute(recorder=rec, samples=latent_in, images=images, batch_name=name)
+    one = tmp_path / "output" / "from_sampler" / "attention_maps" / "prompt_000_vid001"
+    two = tmp_path / "output" / "from_trim" / "attention_maps" / "prompt_000_vid001"
+    arrays = sorted(p.relative_to(one) for p in one.rglob("*.npy"))
+    assert arrays and arrays == sorted(p.relative_to(two) for p in two.rglob("*.npy"))
+    assert all((one / p).read_bytes() == (two / p).read_bytes() for p in arrays)
+    with pytest.raises(ValueError, match="SamplerCustom's 'output', not 'denoised_output'; VACE: the sampler's"):
+        heatmap.execute(recorder=rec, samples={"samples": trimmed["samples"] + 1}, token="pos000")
+
+
+@needs_comfy
+def test_trim_latent_first_a14b_sampler_gives_the_recording_up_to_it(tmp_path):
+    from comfy_harness import ksampler_advanced
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    pos, neg = conditioning("t2v", 1), conditioning("t2v", 2)
+    high, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="2")).args
+    low = pack.nodes.comfy_attach.attach_recorder(base.clone(), rec)
+    first = ksampler_advanced(high, pos, neg, empty_latent("t2v"), 0, 2, 4, leftover=True)
+    second = ksampler_advanced(low, pos, neg, first, 2, 10000, 4, leftover=False, add_noise=False)
+    take_for_latent = importlib.import_module(pack.__name__ + ".nodes.recording").take_for_latent
+    whole, upto = take_for_latent(rec, second), take_for_latent(rec, first)
+    assert whole.steps == [0, 1, 2, 3] and upto.steps == [0, 1]
+    assert all(torch.equal(upto.cross[k], whole.cross[k]) for k in upto.cross)

@@ -20,6 +20,7 @@ class PassLog:
         step_sigmas: the sigma of each recorded step; ``step_timesteps`` the model's timestep.
         dynamic: steps are numbered by the order their sigmas first appear (a pipeline without a known schedule).
         input_fingerprint: the latent the first pass started from; ``output_fingerprint`` the last one's output.
+        aliases: fingerprints of the last output as users pass it on (VACE: after TrimVideoLatent), and what each is.
     """
 
     passes: List[Tuple[int, List[float]]] = field(default_factory=list)
@@ -32,6 +33,7 @@ class PassLog:
     dynamic_steps: Dict[float, int] = field(default_factory=dict)
     input_fingerprint: Optional[str] = None
     output_fingerprint: Optional[str] = None
+    aliases: Dict[str, str] = field(default_factory=dict)  # other LATENTs of the same output -> what they are
 
     @property
     def total_steps(self) -> int:

@@ -180,9 +180,14 @@ class Recorder:
         return out
 
     def find(self, output_fingerprint: str) -> Optional[Take]:
+        """The take of a LATENT: a take's last output or one of its aliases (after TrimVideoLatent), or an earlier
+        pass's output (Wan 2.2 A14B's first expert), which gives the recording up to that pass."""
         for take in reversed(self.takes):
-            if take.log.output_fingerprint == output_fingerprint:
+            if take.log.output_fingerprint == output_fingerprint or output_fingerprint in take.log.aliases:
                 return take
+            earlier = [i for i, out in enumerate(take.log.outputs[:-1]) if out == output_fingerprint]
+            if earlier and take.status == "complete":
+                return take.truncated(earlier[-1] + 1)
         return None
 
     @property
