@@ -61,6 +61,10 @@ class AttentionMask(io.ComfyNode):
         if reference_mask is not None:
             ref = reference_mask.float().cpu().numpy() > 0.5
             ref = ref if ref.ndim == 3 else ref[None]
+            if ref.shape[1:] != mask.shape[1:] or ref.shape[0] not in (1, mask.shape[0]):
+                raise ValueError(f"the reference MASK is {ref.shape[0]} frame(s) of {ref.shape[1]}x{ref.shape[2]}, "
+                                 f"the attention mask {mask.shape[0]} frames of {mask.shape[1]}x{mask.shape[2]}: give "
+                                 "a mask of the decoded video's size (one frame, or one per frame)")
             iou, coverage = mask_scores(mask, np.broadcast_to(ref, mask.shape) if ref.shape[0] == 1 else ref)
         return io.NodeOutput(torch.from_numpy(mask.astype(np.float32)), iou, coverage)
 

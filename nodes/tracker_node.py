@@ -1,6 +1,8 @@
 """Node: Weighted Token Tracker (CLIP + prompt -> which context positions to record)."""
 from __future__ import annotations
 
+import warnings
+
 from comfy_api.latest import io
 
 from ..wan_capture.prompts.templates import TemplateError, count_variations, template_variation
@@ -70,10 +72,13 @@ class WeightedTokenTracker(io.ComfyNode):
             v, total = template_variation(text, variation), count_variations(text)
         except TemplateError as e:
             raise ValueError(f"Weighted Token Tracker: {e}") from e
-        tracking = track_prompt(clip, v.prompt, mode, words, v.prompt_id)
+        with warnings.catch_warnings(record=True) as said:  # shown on the node, not only in the server's console
+            warnings.simplefilter("always")
+            tracking = track_prompt(clip, v.prompt, mode, words, v.prompt_id)
         summary = ", ".join(f"{w.label}@{list(w.positions)} x{w.weight:g}" for w in tracking.words)
         if total > 1:
             summary += f" (variation {variation} of {total})"
+        summary += "".join(f"\nwarning: {w.message}" for w in said)
         return io.NodeOutput(tracking, v.prompt, v.prompt_id, ui={"text": [summary]})
 
 

@@ -176,3 +176,22 @@ def test_trim_latent_first_a14b_sampler_gives_the_recording_up_to_it(tmp_path):
     whole, upto = take_for_latent(rec, second), take_for_latent(rec, first)
     assert whole.steps == [0, 1, 2, 3] and upto.steps == [0, 1]
     assert all(torch.equal(upto.cross[k], whole.cross[k]) for k in upto.cross)
+
+
+@needs_comfy
+def test_frames_mismatch_reference_mask_of_another_size_is_said_plainly(tmp_path):
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="1,3")).args
+    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    mask_node = node(pack, "mask_node", "AttentionMask")
+    mask, iou, _ = mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0).args
+    assert mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0,
+                             reference_mask=mask).args[1] == 1.0
+    with pytest.raises(ValueError, match=r"reference MASK is 1 frame\(s\) of 32x32, the attention mask 9 frames of "
+                                         r"64x64: give a mask of the decoded video's size"):
+        mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0,
+                          reference_mask=torch.ones(1, 32, 32))

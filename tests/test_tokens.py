@@ -59,3 +59,14 @@ def test_listed_emoji_says_what_is_wrong_and_unreadable_weighted_text_warns():
     with pytest.warns(UserWarning, match="weighted text in 1 place.*not tracked"):
         spec = track(t, piece, "flower (\U0001F338:1.8) (tree:1.5)", "weighted")
     assert [w.label for w in spec.words] == ["tree"]
+
+
+def test_graph_small_items_bare_word_start_piece_and_emoji_only_weights():
+    t = toks((10, 1.0, 1), (17, 1.6, 2), (18, 1.6, 2))  # "a (Tree:1.6)" as "\u2581" + "Tree"
+    spec = track(t, piece, "a (Tree:1.6)", "weighted")
+    (word,) = spec.words
+    assert word.token_texts == ("Tree",) and word.positions == (2,)  # the bare marker is not averaged in
+    t = toks((10, 1.0, 1), (19, 1.5, 2))  # "a (🌹:1.5)": its only weighted text is <unk>
+    with pytest.raises(TrackingError, match=r"weighted text \(1 place\(s\)\) has no word the tokenizer can read"):
+        with pytest.warns(UserWarning):
+            track(t, piece, "a (\U0001F339:1.5)", "weighted")

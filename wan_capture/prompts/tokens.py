@@ -166,8 +166,11 @@ def track(tokens: Sequence[Tuple], piece: Callable[[int], str], prompt: str, mod
             inside += [(entry, f) for f in found]
     out = _labelled(words, chosen, inside, tokens, piece)
     out += [special_entry(tokens, piece, kind) for kind in dict.fromkeys(specials)]
-    if mode in ("weighted", "both"):
-        _warn_unread_weights(tokens, out, prompt)
+    lost = _warn_unread_weights(tokens, out, prompt) if mode in ("weighted", "both") else 0
+    if not out and lost:
+        raise TrackingError(f"nothing to track in {prompt!r}: its weighted text ({lost} place(s)) has no word the "
+                            "tokenizer can read (emoji or symbols become <unk>); weight a word made of letters or "
+                            "digits, like (flower:1.5)")
     if not out:
         hint = ""
         if re.search(r"[（(][^()（）]*[:：]\s*[\d.]+\s*[）)]", prompt) and re.search("[（）：]", prompt):
@@ -219,9 +222,12 @@ def _labelled(words, chosen, inside, tokens, piece) -> List[TrackedWord]:
         name = " ".join(w.text for w in group)
         counts[name] = counts.get(name, 0) + 1
         label = name.replace(" ", "_") + ("" if counts[name] == 1 else f"_{counts[name]}")
+        pieces = [(t, p, pos) for w in group for t, p, pos in zip(w.ids, w.pieces, w.positions)]
+        # a bare word-start piece ("\u2581" alone, before "Tree") carries no text: not averaged into the word's map
+        pieces = [x for x in pieces if x[1].replace("\u2581", "")] or pieces
         out.append(TrackedWord(
-            label=label, word=name, token_ids=tuple(t for w in group for t in w.ids),
-            token_texts=tuple(p for w in group for p in w.pieces), positions=tuple(p for w in group for p in w.positions),
+            label=label, word=name, token_ids=tuple(t for t, _, _ in pieces), token_texts=tuple(p for _, p, _ in pieces),
+            positions=tuple(pos for _, _, pos in pieces),
             weight=max((w.weight for w in group), key=lambda x: abs(x - 1.0)), occurrence=counts[name]))
     for entry, positions in inside:
         counts[entry] = counts.get(entry, 0) + 1
@@ -233,14 +239,15 @@ def _labelled(words, chosen, inside, tokens, piece) -> List[TrackedWord]:
     return out
 
 
-def _warn_unread_weights(tokens, out: List[TrackedWord], prompt: str) -> None:
-    """Weighted text the tokenizer could not read as any word is said, not dropped."""
+def _warn_unread_weights(tokens, out: List[TrackedWord], prompt: str) -> int:
+    """Weighted text the tokenizer could not read as any word is said, not dropped; returns how many places."""
     seg_of = {pos: seg for pos, (tok, w, seg) in enumerate(tokens)}
     covered = {seg_of[p] for t in out for p in t.positions}
     lost = sorted({seg for tok, w, seg in tokens if seg and abs(float(w) - 1.0) > 1e-6} - covered)
     if lost:
         warnings.warn(f"weighted text in {len(lost)} place(s) of {prompt[:60]!r} has no word the tokenizer can read "
                       "(emoji or symbols become <unk>): it is not tracked", stacklevel=3)
+    return len(lost)
 
 
 def substring_hits(tokens: Sequence[Tuple], piece: Callable[[int], str], entry: str) -> List[Tuple[int, ...]]:
