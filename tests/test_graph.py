@@ -19,6 +19,20 @@ def node(pack, module, name):
     return getattr(importlib.import_module(f"{pack.__name__}.nodes.{module}"), name)
 
 
+def recorded_t2v(tmp_path):
+    """A tiny t2v sampling recorded by the Attach node: the pack, its recorder, the LATENT and the decoded frames."""
+    pack = load_comfy()
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="1,3")).args
+    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    with torch.no_grad():
+        images = tiny_vae("t2v").decode(out["samples"])
+    return pack, rec, out, images.reshape(-1, *images.shape[-3:])
+
+
 @pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (0.000123, 0.0456), (-12345.6, 98765.4)])
 def test_legend_size_labels_never_overlap_at_any_width(lo, hi):
     for width in (24, 32, 48, 64, 96, 160, 416, 832):
@@ -36,16 +50,7 @@ def test_legend_size_labels_never_overlap_at_any_width(lo, hi):
 
 @needs_comfy
 def test_legend_size_the_heatmap_is_the_size_of_the_video_by_default(tmp_path):
-    pack = load_comfy()
-    import folder_paths
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
-    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
-        model=base, options=recording_options(pack, text_positions="1,3")).args
-    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
-    with torch.no_grad():
-        images = tiny_vae("t2v").decode(out["samples"])
-    images = images.reshape(-1, *images.shape[-3:])
+    pack, rec, out, images = recorded_t2v(tmp_path)
     heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
     plain = heatmap.execute(recorder=rec, samples=out, images=images, token="pos001").args[0]
     assert tuple(plain.shape) == tuple(images.shape)  # frames, height, width, 3: blend or set beside as they are
@@ -98,16 +103,7 @@ def test_image_context_default_on_where_the_model_has_it(tmp_path):
 
 @needs_comfy
 def test_frames_mismatch_save_refuses_frames_of_another_video(tmp_path):
-    pack = load_comfy()
-    import folder_paths
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
-    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
-        model=base, options=recording_options(pack, text_positions="1,3")).args
-    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
-    with torch.no_grad():
-        images = tiny_vae("t2v").decode(out["samples"])
-    images = images.reshape(-1, *images.shape[-3:])
+    pack, rec, out, images = recorded_t2v(tmp_path)
     assert images.shape[0] == 9
     save = node(pack, "save_node", "SaveAttentionMaps").PREPARE_CLASS_CLONE({})
     heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
@@ -180,13 +176,7 @@ def test_trim_latent_first_a14b_sampler_gives_the_recording_up_to_it(tmp_path):
 
 @needs_comfy
 def test_frames_mismatch_reference_mask_of_another_size_is_said_plainly(tmp_path):
-    pack = load_comfy()
-    import folder_paths
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
-    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
-        model=base, options=recording_options(pack, text_positions="1,3")).args
-    out = ksampler(model, conditioning("t2v", 1), conditioning("t2v", 2), empty_latent("t2v"))
+    pack, rec, out, _ = recorded_t2v(tmp_path)
     mask_node = node(pack, "mask_node", "AttentionMask")
     mask, iou, _ = mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0).args
     assert mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0,
