@@ -100,7 +100,9 @@ def test_passes_chain_only_when_they_continue():
     rec.begin_pass([0.4, 0.2, 0.0], MODEL, input_fingerprint="b")
     assert rec.locate(0.2) == (3, True)
     rec.end_pass("c")
-    assert len(rec.takes) == 1 and rec.find("c").total_steps == 4 and rec.find("b") is None
+    assert len(rec.takes) == 1 and rec.find("c").total_steps == 4
+    upto = rec.find("b")  # the first pass's output (A14B's first expert): the recording up to it, not the whole
+    assert upto is not rec.find("c") and upto.total_steps == 2 and len(rec.takes) == 1
     rec.begin_pass([0.4, 0.2, 0.0], MODEL, input_fingerprint="not-c")
     rec.end_pass("d")
     assert len(rec.takes) == 2
