@@ -1,5 +1,5 @@
 """The capture core outside ComfyUI: ``with record(model, plan) as rec: ...`` for the official Wan code,
-diffusers' ``WanTransformer3DModel`` and causal Wan with a KV cache (Self-Forcing / CausVid ``CausalWanModel``), and
+diffusers' ``WanTransformer3DModel`` and causal Wan with a KV cache (Self-Forcing's ``CausalWanModel``), and
 :class:`CausalRecorder` for calling the tap by hand from another causal model.
 
 The model's own attention computes the output; the model is restored when the block ends, also on error.
@@ -20,7 +20,7 @@ def record(model, plan: Union[RecordingPlan, Recorder], branch_order: Optional[S
     """Record ``model``'s attention while the block runs; yields the :class:`Recorder` (``rec.latest`` is the take).
 
     ``model``: the official Wan code's ``WanModel``, diffusers' ``WanTransformer3DModel``, or a causal Wan
-    ``CausalWanModel`` (Self-Forcing, CausVid) run with its KV cache. ``branch_order``: which branch the k-th model
+    ``CausalWanModel`` (Self-Forcing) run with its KV cache. ``branch_order``: which branch the k-th model
     evaluation of a step is (default: cond then uncond; causal Wan samples without CFG: cond only).
     ``context_timestep``: causal Wan's cache-refill pass runs at this timestep (Self-Forcing's ``context_noise``).
     """

@@ -1,4 +1,5 @@
-"""Causal Wan with a KV cache (Self-Forcing's and CausVid's ``CausalWanModel``), recorded without editing its code.
+"""Causal Wan with a KV cache (Self-Forcing's ``CausalWanModel``), recorded without editing its code. CausVid's, whose
+self-attention has no sink or window settings, is not recognised yet.
 
 The model's self-attention calls the module-level ``attention(q, k, v)`` of its module with the current chunk's
 queries against the cache (``kv_cache["k"][:, start:local_end]``); its cross-attention calls ``flash_attention``.
