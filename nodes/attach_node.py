@@ -68,7 +68,10 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
     positions = tracking.positions if tracking is not None else opts.pop("text_positions", ())
     opts.pop("text_positions", None)
     extra = {"tokens": tracking.to_json() if tracking is not None else None,
-             "negative_tokens": negative.to_json() if negative is not None else None}
+             "negative_tokens": negative.to_json() if negative is not None else None,
+             # what each branch's rows must attend to, where a tracker encoded it (checked when sampling starts)
+             "encoded": {b: t.encoded for b, t in (("cond", tracking), ("uncond", negative))
+                         if t is not None and getattr(t, "encoded", None) is not None}}
     return RecordingPlan(text_positions=positions, negative_positions=negative.positions if negative else None,
                          text_sums=tracking.summed if tracking is not None else (),
                          negative_sums=negative.summed if negative is not None else (),
@@ -137,6 +140,10 @@ class AttachAttentionRecorder(io.ComfyNode):
                                 "other Attach node's recorder output, or leave share_recorder empty")
             recorder = share_recorder
         else:
+            if negative_tracking is None and getattr(token_tracking, "negative", None) is not None:
+                negative_tracking = token_tracking.negative  # one tracker tracked both prompts: record both branches
+                if (options or {}).get("branch", "cond") == "cond":
+                    options = {**(options or {}), "branch": "both"}
             plan, note = with_image_context(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
                                                        negative_tracking, options), model, options)
             recorder = Recorder(plan)

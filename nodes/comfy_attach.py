@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import comfy.patcher_extension as patcher_extension
+import torch
 
-from ..wan_capture import CROSS_IMAGE, CROSS_TEXT, SELF, Grid, Recorder, branch_rows, fingerprint
+from ..wan_capture import Grid, Recorder, branch_rows, fingerprint
 from ..wan_capture.capture.lse_attention import LseAttention
 from ..wan_capture.model_info import ModelInfo, describe_model
 from ..wan_capture.capture.time_layout import TimeLayout, vace_reference_frames
@@ -113,13 +114,37 @@ def _make_forward(state: _Comfy):
         timestep = None
         if state.model_sampling is not None and sigmas is not None:
             timestep = float(state.model_sampling.timestep(sigmas.flatten()[:1].float().cpu())[0])
-        state.begin_evaluation(Evaluation(step, exact, sigma, timestep,
-                                          branch_rows(to.get("cond_or_uncond"), x.shape[0]), grid))
+        branches = branch_rows(to.get("cond_or_uncond"), x.shape[0])
+        check_contexts(state, args[2] if len(args) > 2 else kwargs.get("context"), branches)
+        state.begin_evaluation(Evaluation(step, exact, sigma, timestep, branches, grid))
         try:
             return executor(*args, **kwargs)
         finally:
             state.end_evaluation()
     return forward
+
+
+def check_contexts(state: _Comfy, context, branches) -> None:
+    """Once per pass: each branch's rows must attend to the text its tracker encoded, else their maps would be
+    saved under the wrong words. Refused before anything is recorded, saying which output to connect."""
+    encoded = state.recorder.plan.extra.get("encoded") or {}
+    take = state.recorder.active
+    mark = (take.id, len(take.log.passes))
+    if not encoded or context is None or getattr(state, "checked", None) == mark:
+        return
+    state.checked = mark
+    for branch, ref in encoded.items():
+        want = ref[0] if ref.dim() == 3 else ref
+        for r in [i for i, b in enumerate(branches) if b == branch]:
+            row = context[r]
+            if row.shape != want.shape or not torch.equal(row, want.to(row.device, row.dtype)):
+                words = state.recorder.plan.extra.get("tokens" if branch == "cond" else "negative_tokens") or {}
+                output = "positive" if branch == "cond" else "negative"
+                raise ValueError(
+                    f"the {branch} rows attend to another text than the {'' if branch == 'cond' else 'negative '}"
+                    f"prompt the Weighted Token Tracker encoded ({str(words.get('prompt', ''))[:80]!r}): their maps "
+                    f"would be saved under the wrong words. Connect the tracker's '{output}' output to the sampler, "
+                    f"or give the tracker the text that is encoded")
 
 
 def _make_block_patch(state: _Comfy, index: int, existing):

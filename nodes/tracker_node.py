@@ -1,6 +1,7 @@
 """Node: Weighted Token Tracker (CLIP + prompt -> which context positions to record)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from comfy_api.latest import io
@@ -59,9 +60,16 @@ class WeightedTokenTracker(io.ComfyNode):
                                         "padding positions as one entry (their attention summed)."),
                 io.Int.Input("variation", default=0, min=0, max=9999, optional=True,
                              tooltip="Which expansion of a [a|b] template to use (0 for a plain prompt)."),
+                io.String.Input("negative_text", multiline=True, default="", optional=True,
+                                tooltip="The negative prompt: its weighted words (and the listed ones it has) are "
+                                        "tracked for the uncond rows, and the 'negative' output is its encoding. "
+                                        "Connect 'positive' and 'negative' to the sampler: negative-word maps in one "
+                                        "step, with what is tracked being what is encoded."),
             ],
             outputs=[TokenTrackingType.Output(display_name="token_tracking"),
-                     io.String.Output(display_name="prompt"), io.String.Output(display_name="prompt_id")],
+                     io.String.Output(display_name="prompt"), io.String.Output(display_name="prompt_id"),
+                     io.Conditioning.Output(display_name="positive"),
+                     io.Conditioning.Output(display_name="negative")],
         )
 
     @classmethod
@@ -72,14 +80,36 @@ class WeightedTokenTracker(io.ComfyNode):
             v, total = template_variation(text, variation), count_variations(text)
         except TemplateError as e:
             raise ValueError(f"Weighted Token Tracker: {e}") from e
+        negative_text = kw.get("negative_text") or ""
         with warnings.catch_warnings(record=True) as said:  # shown on the node, not only in the server's console
             warnings.simplefilter("always")
             tracking = track_prompt(clip, v.prompt, mode, words, v.prompt_id)
+            negative = _track_negative(clip, negative_text) if negative_text.strip() else None
+        positive_c, negative_c = encode(clip, v.prompt), encode(clip, negative_text)
+        if negative is not None:
+            negative = dataclasses.replace(negative, encoded=negative_c[0][0])
+        tracking = dataclasses.replace(tracking, encoded=positive_c[0][0], negative=negative)
         summary = ", ".join(f"{w.label}@{list(w.positions)} x{w.weight:g}" for w in tracking.words)
+        if negative is not None:
+            summary += "; negative: " + (", ".join(f"{w.label}@{list(w.positions)}" for w in negative.words) or "-")
         if total > 1:
             summary += f" (variation {variation} of {total})"
         summary += "".join(f"\nwarning: {w.message}" for w in said)
-        return io.NodeOutput(tracking, v.prompt, v.prompt_id, ui={"text": [summary]})
+        return io.NodeOutput(tracking, v.prompt, v.prompt_id, positive_c, negative_c, ui={"text": [summary]})
+
+
+def encode(clip, text: str):
+    """The CONDITIONING CLIP Text Encode makes of ``text`` (the same tokens, the same encoder)."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _track_negative(clip, text: str) -> TokenTracking:
+    """The negative prompt's weighted words (``(blurry:1.3)``); a negative prompt with none is tracked by its end
+    token, so the uncond rows still have a map to show."""
+    try:
+        return track_prompt(clip, text, "weighted", "", "negative")
+    except TrackingError:
+        return track_prompt(clip, text, "listed", "<end>", "negative")
 
 
 NODES = [WeightedTokenTracker]

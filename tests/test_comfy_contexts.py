@@ -83,7 +83,7 @@ def test_special_tokens_end_and_padding_recorded_exactly(pack, tmp_path):
     clip = tiny_clip(tiny_spiece_model(), str(tmp_path))
     text = "a beautiful (flower:2.5) near a tree"
     spec, prompt, _ = node(pack, "tracker_node", "WeightedTokenTracker").execute(
-        clip=clip, text=text, mode="both", words="<end>, <padding>").args
+        clip=clip, text=text, mode="both", words="<end>, <padding>").args[:3]
     ids = context_ids(clip, text)
     end, pad = spec.word("end"), spec.word("padding")
     assert len(end.positions) == 1 and ids[end.positions[0]] == 1  # umt5's </s>
@@ -120,9 +120,9 @@ def test_negative_prompt_words_in_uncond_rows_exact_saved_and_drawn(pack, tmp_pa
     folder_paths.set_output_directory(str(tmp_path / "output"))
     clip = tiny_clip(tiny_spiece_model(), str(tmp_path))
     tracker = node(pack, "tracker_node", "WeightedTokenTracker")
-    spec, prompt, _ = tracker.execute(clip=clip, text="a beautiful (flower:2.5) near a tree").args
+    spec, prompt, _ = tracker.execute(clip=clip, text="a beautiful (flower:2.5) near a tree").args[:3]
     negative, neg_prompt, _ = tracker.execute(clip=clip, text="the (snow:1.4) falls on a dark (river:1.3) mill",
-                                              mode="both", words="mill").args
+                                              mode="both", words="mill").args[:3]
     assert {w.label for w in negative.words} == {"snow", "river", "mill"}
     assert set(negative.positions) != set(spec.positions)
     attach = node(pack, "attach_node", "AttachAttentionRecorder")

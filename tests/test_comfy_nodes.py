@@ -78,8 +78,8 @@ def scene(tmp_path_factory, pack):
     mod = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
     clip = tiny_clip(tiny_spiece_model(), str(tmp))
     tracker = mod("tracker_node").WeightedTokenTracker
-    spec, prompt, _ = tracker.execute(clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)").args
-    negative, neg_prompt, _ = tracker.execute(clip=clip, text="a (dark:1.3) (river:1.2)").args
+    spec, prompt, _ = tracker.execute(clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)").args[:3]
+    negative, neg_prompt, _ = tracker.execute(clip=clip, text="a (dark:1.3) (river:1.2)").args[:3]
     opts = recording_options(pack, branch="both", store_per_head=True, window_query_frames="1")
     model, rec = mod("attach_node").AttachAttentionRecorder.execute(
         model=load_model(tiny_wan_checkpoint(str(tmp / "t2v.safetensors"))), token_tracking=spec,

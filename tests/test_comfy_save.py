@@ -20,9 +20,9 @@ def test_save_node_writes_the_contract_and_reports_paths(tmp_path):
     model = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
     spec, prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
         clip=clip, text="a [(flower:2.5) near a tree|(tree:3) next to a flower]", mode="weighted", words="",
-        variation=1).args
+        variation=1).args[:3]
     negative, neg_prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
-        clip=clip, text="a dull (tree:1.2)", mode="weighted", words="", variation=0).args
+        clip=clip, text="a dull (tree:1.2)", mode="weighted", words="", variation=0).args[:3]
     attach = mod("attach_node").AttachAttentionRecorder
     opts = recording_options(pack, store_per_head=True, branch="both", storage_dtype="float32")
     recorded, rec = attach.execute(model=model, token_tracking=spec, negative_tracking=negative, options=opts,

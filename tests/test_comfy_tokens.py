@@ -68,7 +68,7 @@ def test_node_expands_templates_and_picks_a_variation(pack, clip):
     node = tracker(pack).WeightedTokenTracker
     text = "a beautiful [(flower:2.5) near a tree|(tree:3) next to a flower]"
     out = node.execute(clip=clip, text=text, mode="weighted", words="", variation=1)
-    spec, prompt, prompt_id = out.args
+    spec, prompt, prompt_id = out.args[:3]
     assert prompt == "a beautiful (tree:3) next to a flower" and prompt_id == "prompt_001" == spec.prompt_id
     assert [(w.label, w.weight) for w in spec.words] == [("tree", 3.0)]
     with pytest.raises(ValueError, match="variation 2 does not exist"):
@@ -83,7 +83,7 @@ def test_tracked_word_cross_attention_end_to_end(pack, clip, tmp_path):
     attach_node = importlib.import_module(pack.__name__ + ".nodes.attach_node").AttachAttentionRecorder
     model = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
     spec, prompt, _ = tracker(pack).WeightedTokenTracker.execute(
-        clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)", mode="weighted", words="", variation=0).args
+        clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)", mode="weighted", words="", variation=0).args[:3]
     positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     calls = []

@@ -24,7 +24,7 @@ def scene(tmp_path_factory):
     clip = tiny_clip(tiny_spiece_model(), str(tmp))
     model = load_model(tiny_wan_checkpoint(str(tmp / "t2v.safetensors")))
     spec, prompt, _ = mod("tracker_node").WeightedTokenTracker.execute(
-        clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)", mode="weighted", words="", variation=0).args
+        clip=clip, text="a beautiful (flower:2.5) near a (tree:1.5)", mode="weighted", words="", variation=0).args[:3]
     attach = mod("attach_node").AttachAttentionRecorder
     opts = recording_options(pack, store_per_head=True, window_query_frames="1")
     recorded, rec = attach.execute(model=model, token_tracking=spec, options=opts,

@@ -185,3 +185,52 @@ def test_frames_mismatch_reference_mask_of_another_size_is_said_plainly(tmp_path
                                          r"64x64: give a mask of the decoded video's size"):
         mask_node.execute(recorder=rec, samples=out, token="pos001", method="top_percent", value=30.0,
                           reference_mask=torch.ones(1, 32, 32))
+
+
+@needs_comfy
+def test_negative_one_step_maps_equal_float64_and_a_mismatched_text_is_refused(tmp_path):
+    """One tracker takes both prompts and encodes both: connected to Attach and the sampler, the uncond rows' maps are
+    the negative prompt's words, equal to float64 from the q/k the model's own calls carried. A sampler fed another
+    negative text is refused before anything is recorded, never saved under the wrong words."""
+    from comfy_harness import capture_override, tiny_clip, tiny_spiece_model
+    from reference import naive_probs, naive_scores
+    pack = load_comfy()  # first: ComfyUI's nodes module, not this pack's nodes package
+    import folder_paths
+    import nodes
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    clip = tiny_clip(tiny_spiece_model(), str(tmp_path))
+    spec, prompt, _, positive, negative = node(pack, "tracker_node", "WeightedTokenTracker").execute(
+        clip=clip, text="a beautiful (flower:2.5) near a tree",
+        negative_text="the (snow:1.4) falls on a dark (river:1.3) mill").args
+    assert spec.negative is not None and [w.label for w in spec.negative.words] == ["snow", "river"]
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    plain = ksampler(base, positive, negative, empty_latent("t2v"))
+    spy, calls = capture_override(base)
+    attach = node(pack, "attach_node", "AttachAttentionRecorder")
+    model, rec = attach.execute(model=spy, token_tracking=spec,
+                                options=recording_options(pack, storage_dtype="float32", store_per_head=True)).args
+    assert rec.plan.branch == "both"  # the branch follows from what is connected
+    out = ksampler(model, positive, negative, empty_latent("t2v"))
+    assert torch.equal(out["samples"], plain["samples"]), "recording changed the sampled latent"
+    take = rec.latest
+    words = spec.negative
+    for i, (q, k, heads, order) in enumerate(c for j, c in enumerate(calls) if j % 2 == 1):  # self, cross per block
+        step, block = i // 2, i % 2
+        r = order.index(1)  # ComfyUI: 1 = uncond
+        hq = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)[r:r + 1]
+        hk = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)[r:r + 1]
+        probs = naive_probs(naive_scores(hq, hk)[0])[0]
+        got = take.cross[(step, "uncond")][0, block]
+        for w in words.words:
+            torch.testing.assert_close(got[..., words.columns(w)].double(), probs[..., list(w.positions)],
+                                       rtol=1e-4, atol=1e-6)
+    heatmap = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
+    assert heatmap.execute(recorder=rec, samples=out, branch="uncond", token="snow").args[0].shape[0] == 9
+    other = nodes.CLIPTextEncode().encode(clip, "blurry, low quality")[0]
+    model, rec = attach.execute(model=base, token_tracking=spec).args
+    with pytest.raises(ValueError, match="uncond rows attend to another text than the negative prompt the Weighted "
+                                         "Token Tracker encoded .* Connect the tracker's 'negative' output"):
+        ksampler(model, positive, other, empty_latent("t2v"))
+    assert not rec.latest.store.arrays  # refused before anything was recorded
+    with pytest.raises(ValueError, match="cond rows attend to another text .* tracker's 'positive' output"):
+        ksampler(model, other, negative, empty_latent("t2v"))

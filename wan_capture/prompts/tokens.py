@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 WORD_START = "\u2581"  # sentencepiece's word-boundary marker
 MODES = ("weighted", "listed", "both")
@@ -56,6 +56,10 @@ class TokenTracking:
     words: Tuple[TrackedWord, ...]
     context_length: int
     prompt_id: str = "prompt_000"
+    # the text context this prompt encodes to (what the model's rows must attend to), when the tracker encoded it
+    encoded: Optional[Any] = field(default=None, compare=False, repr=False)
+    # the negative prompt's tracking, when one tracker tracked both (the uncond rows' words)
+    negative: Optional["TokenTracking"] = field(default=None, compare=False, repr=False)
 
     @property
     def positions(self) -> Tuple[int, ...]:
