@@ -33,10 +33,14 @@ def loaders(unet=T2V_MODEL):
     }
 
 
-def text(tracker_text, words=""):
+def text(tracker_text, words="", one_step=True):
+    """The prompts: one tracker that encodes both (its 'positive'/'negative' outputs feed the sampler, and the
+    uncond rows' maps are the negative prompt's words), or the tracker beside two CLIP Text Encode nodes."""
+    tracker = {"clip": ["2", 0], "text": tracker_text, **({"mode": "both", "words": words} if words else {})}
+    if one_step:
+        return {"4": ("WanWeightedTokenTracker", {**tracker, "negative_text": NEGATIVE})}
     return {
-        "4": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": tracker_text,
-                                          **({"mode": "both", "words": words} if words else {})}),
+        "4": ("WanWeightedTokenTracker", tracker),
         "5": ("CLIPTextEncode", {"clip": ["2", 0], "text": ["4", 1]}),
         "6": ("CLIPTextEncode", {"clip": ["2", 0], "text": NEGATIVE}),
     }
@@ -128,7 +132,7 @@ def a14b():
 
 
 def sink_study():
-    g = {**loaders(), **text("a (dog:1.5) runs across a field")}
+    g = {**loaders(), **text("a (dog:1.5) runs across a field", one_step=False)}
     g.update({
         "11": ("WanWeightedTokenTracker", {"clip": ["2", 0], "text": NEGATIVE, "mode": "listed",
                                            "words": "blurry, <padding>"}),
@@ -246,8 +250,14 @@ def to_ui(api: dict, object_info: dict, title: str) -> dict:
             "config": {}, "extra": {"info": {"title": title}, "ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
+ONE_STEP = {("5", 0): ["4", 3], ("6", 0): ["4", 4]}  # CLIP Text Encode outputs -> the tracker's own encodings
+
+
 def api_graph(build) -> dict:
-    return {nid: {"class_type": cls, "inputs": dict(inputs)} for nid, (cls, inputs) in build().items()}
+    g = build()
+    remap = {} if "5" in g else ONE_STEP
+    return {nid: {"class_type": cls, "inputs": {k: remap.get(tuple(v), v) if isinstance(v, list) else v
+                                                for k, v in inputs.items()}} for nid, (cls, inputs) in g.items()}
 
 
 def main() -> int:
