@@ -137,7 +137,11 @@ def check_contexts(state: _Comfy, context, branches) -> None:
         want = ref[0] if ref.dim() == 3 else ref
         for r in [i for i, b in enumerate(branches) if b == branch]:
             row = context[r]
-            if row.shape != want.shape or not torch.equal(row, want.to(row.device, row.dtype)):
+            expect, times = want, (row.shape[0] // want.shape[0] if row.dim() == want.dim() else 0)
+            if times > 1 and row.shape[0] == times * want.shape[0]:
+                # contexts of other lengths in one batch are repeated to a common length (ComfyUI's CONDCrossAttn)
+                expect = want.repeat(times, *([1] * (want.dim() - 1)))
+            if row.shape != expect.shape or not torch.equal(row, expect.to(row.device, row.dtype)):
                 words = state.recorder.plan.extra.get("tokens" if branch == "cond" else "negative_tokens") or {}
                 output = "positive" if branch == "cond" else "negative"
                 raise ValueError(

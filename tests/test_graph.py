@@ -234,3 +234,21 @@ def test_negative_one_step_maps_equal_float64_and_a_mismatched_text_is_refused(t
     assert not rec.latest.store.arrays  # refused before anything was recorded
     with pytest.raises(ValueError, match="cond rows attend to another text .* tracker's 'positive' output"):
         ksampler(model, other, negative, empty_latent("t2v"))
+
+
+@needs_comfy
+def test_negative_one_step_contexts_repeated_to_a_common_length_still_match():
+    """ComfyUI batches contexts of other lengths by repeating each to a common length: a tracker's encoding repeated
+    so is the same text, another text is not."""
+    from types import SimpleNamespace
+    pack = load_comfy()
+    check = importlib.import_module(pack.__name__ + ".nodes.comfy_attach").check_contexts
+    enc = {"cond": torch.randn(1, 3, 4), "uncond": torch.randn(1, 2, 4)}
+    take = SimpleNamespace(id=1, log=SimpleNamespace(passes=[0]))
+    state = SimpleNamespace(recorder=SimpleNamespace(plan=SimpleNamespace(extra={"encoded": enc}), active=take))
+    context = torch.stack([enc["uncond"][0].repeat(3, 1), enc["cond"][0].repeat(2, 1)])  # lcm(3, 2) = 6 tokens
+    check(state, context, ("uncond", "cond"))
+    state.checked = None
+    context[1, 5, 0] += 1
+    with pytest.raises(ValueError, match="cond rows attend to another text"):
+        check(state, context, ("uncond", "cond"))
