@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from ..grid import Grid
 from ..model_info import ModelInfo
 from ..plan import RecordingPlan
-from .budget import Budget
+from .budget import Budget, bytes_per_step
 from .collect import Collector
 from .passes import PassLog
 from .store import ArrayStore, ChunkView
@@ -154,7 +154,6 @@ class Take:
 
     def bytes_per_step(self, grid: Grid, batch: int, keys: Optional[int] = None) -> int:
         """Host bytes one recorded step takes (``keys``: self-attention keys, the grid's tokens unless cached)."""
-        from .budget import bytes_per_step
         window = None
         if self.plan.window is not None:
             (q0, q1), (k0, k1) = self.collector.window_ranges(grid)

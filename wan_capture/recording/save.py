@@ -433,9 +433,10 @@ def _write_arrays(w: _Writer, rec: Recording, keys: List[ArrayKey], folders: dic
             arr = np.ascontiguousarray(arr)
             shapes[key.name] = list(arr.shape)
             w.array(key_path(key, folder), arr)
-        meta = {**rec.metadata(group), **overrides}
+        recorded = rec.metadata(group)
+        meta = {**recorded, **overrides}
         if group.branch != "cond" and group.stat == "cross":  # the uncond rows' words are the negative prompt's
-            meta.update({k: rec.metadata(group)[k] for k in ("prompt", "prompt_weighted")})
+            meta.update({k: recorded[k] for k in ("prompt", "prompt_weighted")})
         if group.stat == "cross":
             nb, nh, spatial, ntok = shapes[group.name]
             meta.update(token_folder=folder, attention_shape=[nb, nh, spatial, ntok], spatial_resolution=[spatial, ntok],

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..recording.analyzer import ArrayTooLarge, AttentionAnalyzer, DamagedFileError
 from ..recording import FolderRecording
-from ..recording.recording import MAX_ASSEMBLED_BYTES
+from ..recording.keys import ArrayKey
+from ..recording.recording import MAX_ASSEMBLED_BYTES, NotRecorded
 from .select import axis_positions, parse_selection
 
 MAX_PROBE_ARRAYS = 4096  # arrays one point probe reads (a real recording: words x steps, e.g. 4 x 30)
@@ -42,21 +43,24 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
                 head: str = "mean", root: Optional[str] = None) -> Tuple[np.ndarray, dict]:
     """``[F, h, w]`` float32 map of a word at one step (one block/head, or their mean; mean over its pieces)."""
     an = reader(maps_dir, root)
-    meta = _bounded_by_metadata(an, video, token, step, "" if branch == "cond" else branch)
-    data = _pick(FolderRecording(an, video).cross(token, step, branch), meta, block, head)  # [spatial, pieces]
-    if meta.get("map_grid") != an.summary(video).get("map_grid"):
+    rec = FolderRecording(an, video)
+    meta = _bounded_by_metadata(an, rec, token, step, branch)
+    data = _pick(rec.cross(token, step, branch), meta, block, head)  # [spatial, pieces]
+    if meta.get("map_grid") != rec.summary.get("map_grid"):
         raise DamagedFileError(f"step {step} of {token!r}: its metadata's map_grid is not the summary's", "metadata")
     f, h, w = meta["map_grid"]
     return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
 
 
-def _bounded_by_metadata(an: AttentionAnalyzer, video: str, token: str, step: int, branch: str) -> dict:
+def _bounded_by_metadata(an: AttentionAnalyzer, rec: FolderRecording, token: str, step: int, branch: str) -> dict:
     """The step's metadata; the reader then decompresses nothing larger than the array the recording's geometry
     allows for this word (blocks x heads x map cells x its pieces, float32 at most) nor than its metadata says: a
-    planted gzip bomb stops there (413), whatever its metadata claims."""
-    summary = an.summary(video)
-    meta = an.load_metadata(video, token, step, branch)
-    words = {t["label"]: t for t in (summary.get("negative_tokens" if branch == "uncond" else "tokens") or [])}
+    planted gzip bomb stops there (413), whatever its metadata claims. The summary is the one ``rec`` read."""
+    summary = rec.summary
+    words = {t["label"]: t for t in rec.words(branch)}
+    if token not in words:
+        raise NotRecorded(f"no tracked word {token!r} ({branch}); tracked: {sorted(words)}")
+    meta = rec.metadata(ArrayKey("cross", token, step, branch))
     pieces = max(1, len((words.get(token) or {}).get("positions") or [1]))
     cells = int(np.prod(summary.get("map_grid") or [0], dtype=np.int64))
     geometry = len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * pieces * 4
@@ -108,7 +112,6 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     f, h, w = rec.summary["map_grid"]
     if not (0 <= frame < f and 0 <= y < h and 0 <= x < w):
         raise ValueError("cell outside the map grid")
-    b = "" if branch == "cond" else branch
     cell = (frame * h + y) * w + x
     steps = sorted({k.step for k in rec.keys_of("cross", branch)})
     labels = rec.labels_of(branch)
@@ -119,7 +122,7 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     for label in labels:
         rows = []
         for step in steps:
-            _bounded_by_metadata(an, video, label, step, b)
+            _bounded_by_metadata(an, rec, label, step, branch)
             rows.append(rec.cross(label, step, branch)[:, :, cell, :].mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
         out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
