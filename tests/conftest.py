@@ -5,6 +5,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from devtools.tiny_comfy import COMFYUI, NOT_FOUND
 from self_forcing import SF_NOT_FOUND, self_forcing_path
+from causal_projects import LOCATIONS, not_found, project_path
 
 
 def pytest_report_header(config):
@@ -19,6 +20,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if self_forcing_path() is None and sf_skipped:
         terminalreporter.write_line(f"!!! {SF_NOT_FOUND} ({sf_skipped} Self-Forcing tests skipped) !!!", red=True,
                                     bold=True)
+    for project in LOCATIONS:
+        if project == "self-forcing" or project_path(project) is not None:
+            continue
+        message = not_found(project)
+        n = sum(message in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
+        if n:
+            terminalreporter.write_line(f"!!! {message} ({n} tests skipped) !!!", red=True, bold=True)
 
 
 import types  # noqa: E402

@@ -27,13 +27,19 @@ class PipelineTracker(CallTracker):
         self.order = tuple(branch_order)
         self._evaluations: Dict[Optional[int], int] = {}
 
-    def begin_forward(self, timestep: float, batch: int, grid: Grid, chunk: Optional[int] = None) -> Evaluation:
+    def new_evaluation(self, timestep: float, batch: int, grid: Grid, chunk: Optional[int] = None,
+                       branch: Optional[str] = None) -> Evaluation:
+        """The evaluation of ``batch`` rows at ``timestep`` (of ``chunk``); ``branch`` None: the branch order's."""
         step, exact = self.locate(timestep / 1000.0)
-        key = step if chunk is None else (chunk, step)
-        k = self._evaluations.get(key, 0)
-        self._evaluations[key] = k + 1
-        ev = Evaluation(step, exact, timestep / 1000.0, timestep, (self.order[k % len(self.order)],) * batch, grid,
-                        chunk)
+        if branch is None:
+            key = step if chunk is None else (chunk, step)
+            k = self._evaluations.get(key, 0)
+            self._evaluations[key] = k + 1
+            branch = self.order[k % len(self.order)]
+        return Evaluation(step, exact, timestep / 1000.0, timestep, (branch,) * batch, grid, chunk)
+
+    def begin_forward(self, timestep: float, batch: int, grid: Grid, chunk: Optional[int] = None) -> Evaluation:
+        ev = self.new_evaluation(timestep, batch, grid, chunk)
         self.begin_evaluation(ev)
         return ev
 

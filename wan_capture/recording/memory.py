@@ -136,7 +136,8 @@ class MemoryRecording(Recording):
             out["causal"] = {
                 "chunks": sorted(grids), "chunk_frames": {str(c): grids[c].frames for c in sorted(grids)},
                 "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
-                "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json"}
+                "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json",
+                **({"kv_cache_design": dict(take.kv_design)} if take.kv_design else {})}
         return out
 
     # -- keys and arrays: the take's store, its cross-attention columns named by word ----------------------

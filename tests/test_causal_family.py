@@ -1,0 +1,360 @@
+"""The causal Wan family through ``record()``, each project's own model code unchanged: CausVid, Causal-Forcing (its
+Self-Forcing layout ``wan/`` and its rolling layout ``long_video/wan/``), LongLive (sinks, a pinned chunk, CFG on a
+positive and a negative cache, absolute and relative RoPE) and Rolling Forcing (an anchor block re-roped on every
+call), driven through each project's KV-cache loop (:mod:`devtools.causal_loops`).
+
+Independent of the recorder, spies under its taps capture every q and k the model's attention receives and every
+call of the model's RoPE function. From them:
+
+* every statistic and cross map equals a float64 recomputation from the spied q/k;
+* every key frame the log names is checked by content: the spied keys of that slot equal the project's own RoPE of
+  the frame's un-rotated keys (as its writer computed them) at the position the log gives. That is the cache the
+  project really kept, frame by frame, with the position RoPE really gave it;
+* outputs are bit-identical with and without recording.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from causal_projects import modules, needs, tiny
+from devtools.causal_loops import causvid_generate, longlive_generate, rolling_generate
+from devtools.tiny_causal import causal_generate
+from reference import naive_probs, naive_scores, naive_sink
+from wan_capture import AttentionAnalyzer, RecordingPlan, SaveOptions, record, save_take
+from wan_capture.recording import FolderRecording
+from wan_capture.views.sink_report import sink_series, write_sink_report
+
+H = W = 4  # latent 4x4 -> 2x2 tokens per frame
+FT = 4
+POSITIONS = (0, 5, 300)
+TIMESTEPS = (1000.0, 750.0, 500.0)
+
+
+def plan():
+    return RecordingPlan(text_positions=POSITIONS, negative_positions=POSITIONS, record_sink_stats=True,
+                         storage_dtype="float32", store_per_head=True, branch="both")
+
+
+class Spies:
+    """What the model's own functions received, in call order."""
+
+    def __init__(self, cm, wm, monkeypatch):
+        self.calls, self.ropes = [], []
+        attention, flash, rope = cm.attention, wm.flash_attention, cm.causal_rope_apply
+
+        def spy_attention(q, k, v, *a, **kw):
+            self.calls.append(("self", q.clone(), k.clone(), self.ropes))
+            self.ropes = []
+            return attention(q, k, v, *a, **kw)
+
+        def spy_flash(q, k, v, *a, **kw):
+            self.calls.append(("cross", q.clone(), k.clone(), None))
+            return flash(q, k, v, *a, **kw)
+
+        def spy_rope(x, grid_sizes, freqs, start_frame=0, *a, **kw):
+            out = rope(x, grid_sizes, freqs, start_frame, *a, **kw)
+            self.ropes.append((x.clone(), out.clone(), int(start_frame)))
+            return out
+
+        self.rope = rope
+        monkeypatch.setattr(cm, "attention", spy_attention)
+        monkeypatch.setattr(wm, "flash_attention", spy_flash)
+        monkeypatch.setattr(cm, "causal_rope_apply", spy_rope)
+
+
+def bsnd(x):
+    x = x if x.dtype in (torch.bfloat16, torch.float16) else x.bfloat16()
+    return x.transpose(1, 2).double()
+
+
+def frames_of(x):
+    """[1, L, n, d] -> list of [FT, n, d] frames."""
+    return list(x[0].split(FT))
+
+
+def run(model, go, spies_factory):
+    plain = go()
+    spies = spies_factory()
+    with record(model, plan()) as rec:
+        out = go()
+    assert torch.equal(out, plain), "recording changed the project's output"
+    assert len(rec.takes) == 1
+    take = rec.latest
+    assert take.status == "complete", take.error
+    return take, spies
+
+
+def check(take, spies, model, rope_kwargs=None) -> int:
+    """Every statistic against float64 from the spied q/k; every logged key frame against its content. Returns how
+    many (call, chunk) pairs were checked."""
+    by_call = {}
+    for e in take.kv_events:
+        by_call.setdefault(e["call"], []).append(e)
+    self_calls = [c for c in spies.calls if c[0] == "self"]
+    cross_calls = [c for c in spies.calls if c[0] == "cross"]
+    assert len(self_calls) == len(cross_calls) == len(by_call) and sorted(by_call) == list(range(len(by_call)))
+    raw = {}  # (block, branch) -> absolute frame -> its un-rotated keys as its writer computed them
+    checked, seen = 0, set()
+    for i, ((_, q, k, ropes), (_, cq, ck, _)) in enumerate(zip(self_calls, cross_calls)):
+        parts = by_call[i]
+        first = parts[0]
+        block, branch, kf, rf = first["block"], first["branch"], first["key_frames"], first["rope_frames"]
+        assert all((p["block"], p["branch"], p["key_frames"], p["rope_frames"]) == (block, branch, kf, rf)
+                   for p in parts)
+        assert k.shape[1] == len(kf) * FT and first["unknown_key_frames"] == 0 and "anomaly" not in first
+        n_new = q.shape[1] // FT
+        assert sum(len(p["query_frames"]) for p in parts) == n_new
+        assert first["reasons"][len(kf) - n_new:] == ["current"] * n_new
+        assert kf[len(kf) - n_new:] == [f for p in parts for f in p["query_frames"]]
+        # the call's own frames: their un-rotated keys are the input of the RoPE call that produced them
+        slot = raw.setdefault((block, branch), {})
+        for j, frame in enumerate(frames_of(k)[len(kf) - n_new:]):
+            slot[kf[len(kf) - n_new + j]] = _unrotated(frame, ropes)
+        # every key frame is what the log says: the project's RoPE of that frame's keys at the logged position
+        for j, frame in enumerate(frames_of(k)):
+            again = _rope(spies.rope, model, slot[kf[j]], rf[j], rope_kwargs)
+            assert torch.equal(again, frame), f"call {i} key frame {j}: not frame {kf[j]} at position {rf[j]}"
+        qd, kd, cqd, ckd = bsnd(q), bsnd(k), bsnd(cq), bsnd(ck)
+        for p in parts:
+            if (p["chunk"], p["step"], branch, block) in seen:
+                # evaluated again at the same timestep (Rolling Forcing refills its first block once per window
+                # while the window grows): every call is in the log, the statistics are the first call's
+                continue
+            seen.add((p["chunk"], p["step"], branch, block))
+            lo = (p["query_frames"][0] - parts[0]["query_frames"][0]) * FT
+            rows = slice(lo, lo + len(p["query_frames"]) * FT)
+            chunk = take.chunks[p["chunk"]]
+            received, key_max, mass, ent, _ = naive_sink(qd[:, :, rows], kd, FT,
+                                                         q_offset=kd.shape[2] - qd.shape[2] + lo)
+            got = chunk.sink[(p["step"], branch)]
+            torch.testing.assert_close(got["received"][:, block].double(), received, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got["key_max"][:, block].double(), key_max, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got["frame_mass"][:, block].double(), mass, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got["entropy"][:, block].double(), ent, rtol=1e-4, atol=1e-4)
+            assert chunk.key_frames[(p["step"], block)] == tuple(kf)
+            want = naive_probs(naive_scores(cqd[:, :, rows], ckd)[0])[..., list(POSITIONS)]
+            torch.testing.assert_close(chunk.cross[(p["step"], branch)][:, block].double(), want, rtol=1e-4,
+                                       atol=1e-6)
+            checked += 1
+    return checked
+
+
+def _unrotated(frame, ropes):
+    for x, out, _ in ropes:
+        for a, b in zip(frames_of(x), frames_of(out)):
+            if torch.equal(b, frame):
+                return a
+    return frame  # no RoPE call produced it: the model attends to it as computed
+
+
+def _rope(rope, model, frame, position, rope_kwargs):
+    if position < 0:
+        return frame
+    grid = torch.tensor([[1, H // 2, W // 2]])
+    return rope(frame[None], grid, model.freqs, position, **(rope_kwargs or {}))[0].type_as(frame)
+
+
+def _noise(frames):
+    torch.manual_seed(1)
+    return torch.randn(1, 16, frames, H, W).bfloat16(), torch.randn(1, 20, 4096).bfloat16()
+
+
+# -- CausVid -----------------------------------------------------------------------------------------------------
+@needs("causvid")
+def test_causvid_records_exactly_bit_identical_with_the_cache_it_kept(monkeypatch):
+    with modules("causvid", monkeypatch) as (cm, wm):
+        model = tiny(cm)  # CausVid's self-attention has no sink or window settings: a cache of every frame
+        noise, ctx = _noise(6)
+        take, spies = run(model, lambda: causvid_generate(model, noise, ctx, 2, TIMESTEPS),
+                          lambda: Spies(cm, wm, monkeypatch))
+        assert check(take, spies, model) == 3 * (len(TIMESTEPS) + 1) * 2
+    assert take.kv_design["design"] == "global cache" and take.model["variant"] == "causal"
+    for e in take.kv_events:
+        assert e["key_frames"] == list(range(e["chunk"] + 2)) == e["rope_frames"] and not e["sink_frames"]
+        assert e["evicted"] == [] and "flags" not in e
+    assert take.step_pass == {0: "denoise", 1: "denoise", 2: "denoise", 3: "context"}
+
+
+# -- Causal-Forcing -------------------------------------------------------------------------------------------------
+CACHE, SINK = 5, 1
+
+
+def sink_and_window(chunk, chunk_frames):
+    """Self-Forcing's policy (Causal-Forcing keeps it): every earlier frame while they fit, else the sink frames
+    and the most recent ones; the chunk last."""
+    room = CACHE - chunk_frames
+    past = list(range(chunk)) if chunk <= room else list(range(SINK)) + list(range(chunk - (room - SINK), chunk))
+    return past + list(range(chunk, chunk + chunk_frames))
+
+
+@needs("causal-forcing")
+def test_causal_forcing_framewise_records_exactly_bit_identical(monkeypatch):
+    """Causal-Forcing's ``wan/``: Self-Forcing's design, frame-wise (one latent frame per chunk)."""
+    with modules("causal-forcing", monkeypatch) as (cm, wm):
+        model = tiny(cm, local_attn_size=CACHE, sink_size=SINK)
+        noise, ctx = _noise(8)
+        take, spies = run(model, lambda: causal_generate(model, noise, ctx, 1, TIMESTEPS, cache_frames=CACHE),
+                          lambda: Spies(cm, wm, monkeypatch))
+        assert check(take, spies, model) == 8 * (len(TIMESTEPS) + 1) * 2
+    assert take.kv_design["design"] == "sink and rolling window"
+    for e in take.kv_events:
+        assert e["key_frames"] == sink_and_window(e["chunk"], 1) == e["rope_frames"]
+        assert e["sink_frames"] == ([0] if e["chunk"] else [])
+    assert {f for e in take.kv_events for f in e["evicted"]} == {1, 2, 3}
+    # the sink matters only once something was evicted: before, it is flagged as an ordinary cached frame
+    inert = [e["chunk"] for e in take.kv_events if any("sink inert" in f for f in e.get("flags", ()))]
+    assert inert and max(inert) < 5 and all(e["chunk"] >= 5 for e in take.kv_events if e["evicted"])
+
+
+def rolling_model(cm):
+    model = tiny(cm)
+    for block in model.blocks:  # the projects write 1560 tokens per frame and 21 frames into these attributes
+        attn = block.self_attn
+        attn.frame_length, attn.block_length, attn.max_attention_size = FT, 3 * FT, 15 * FT
+    model.num_frame_per_block = 3
+    return model
+
+
+def check_rolling(take):
+    assert take.kv_design["design"] == "rolling anchor"
+    assert set(take.step_pass.values()) == {"denoise", "context"}
+    assert sorted(take.chunks) == list(range(0, 18, 3))
+    # windows past the first block read the cache: the anchor block is kept as the sink and re-roped just before
+    # the working cache (Rolling Forcing's rope_start_frame = window start - working cache frames - 3)
+    anchors = [e for e in take.kv_events if e["call_start"] >= 3 and e["pass"] == "denoise"]
+    for e in anchors:
+        working = e["key_frames"].index(e["call_start"]) - 3
+        assert e["key_frames"][:3] == [0, 1, 2] == e["sink_frames"] and e["reasons"][:3] == ["sink"] * 3
+        assert e["rope_frames"][:3] == [e["call_start"] - working - 3 + i for i in range(3)]
+    assert any(e["rope_frames"][:3] != [0, 1, 2] for e in anchors), "no call re-roped the anchor"
+    assert {f for e in take.kv_events for f in e["evicted"]} >= {3, 4, 5}
+    assert not any("sink overwritten" in f for e in take.kv_events for f in e.get("flags", ()))
+
+
+def _rolling(project, monkeypatch):
+    with modules(project, monkeypatch) as (cm, wm):
+        model = rolling_model(cm)
+        noise, ctx = _noise(18)
+        take, spies = run(model, lambda: rolling_generate(model, noise, ctx, 3, TIMESTEPS, cache_frames=12),
+                          lambda: Spies(cm, wm, monkeypatch))
+        # 8 windows of up to 3 blocks, each block its own chunk, and one refill per block; 2 blocks each
+        assert check(take, spies, model) == (1 + 2 + 3 + 3 + 3 + 3 + 2 + 1 + 6) * 2
+    for e in take.kv_events:
+        e["call_start"] = min(f for f, r in zip(e["key_frames"], e["reasons"]) if r == "current")
+    check_rolling(take)
+    return take
+
+
+@needs("causal-forcing")
+def test_causal_forcing_long_video_records_exactly_with_the_re_roped_anchor(monkeypatch):
+    """Causal-Forcing's ``long_video/wan/``: Rolling Forcing's design."""
+    _rolling("causal-forcing-long", monkeypatch)
+
+
+# -- Rolling Forcing ------------------------------------------------------------------------------------------------
+@needs("rolling-forcing")
+def test_rolling_forcing_records_exactly_with_the_re_roped_anchor(monkeypatch, tmp_path):
+    take = _rolling("rolling-forcing", monkeypatch)
+    # saved and read back: the log, the chunks, the sink report with the anchor as the sink
+    for e in take.kv_events:
+        del e["call_start"]
+    save_take(take, str(tmp_path), "rolling", SaveOptions(storage_dtype="float32"))
+    maps = str(tmp_path / "rolling" / "attention_maps")
+    an = AttentionAnalyzer(maps)
+    v = an.list_videos()[0]
+    assert an.list_chunks(v) == list(range(0, 18, 3)) and an.sink_frames(v) == [0, 1, 2]
+    assert an.summary(v)["causal"]["kv_cache_design"]["design"] == "rolling anchor"
+    rec = FolderRecording.open(maps, v)
+    assert rec.kv_events() == take.kv_events
+    rows = sink_series(rec)
+    late = [r for r in rows if r["chunk"] == 12 and r["pass"] == "denoise"]
+    assert late and all(r["sink_frames"] == [0, 1, 2] and r["mass_sink"] > 0 for r in late)
+    files = write_sink_report(rec, str(tmp_path / "report"))
+    assert os.path.getsize(files["eviction_timeline.png"]) > 0
+
+
+# -- LongLive -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute_rope", "relative_rope"])
+@needs("longlive")
+def test_longlive_records_both_cfg_caches_sinks_and_a_pinned_chunk(monkeypatch, relative):
+    with modules("longlive", monkeypatch) as (cm, wm):
+        model = tiny(cm, local_attn_size=CACHE, sink_size=SINK, num_frame_per_block=2)
+        for block in model.blocks:  # LongLive writes 880 tokens per frame into this attribute
+            block.self_attn.max_attention_size = CACHE * FT
+        model.use_relative_rope = relative
+        noise, ctx = _noise(10)
+        negative = torch.randn(1, 7, 4096).bfloat16()
+        go = lambda: longlive_generate(model, noise, ctx, negative, 2, TIMESTEPS, cache_frames=6,  # noqa: E731
+                                       pin_chunks=(4,))
+        take, spies = run(model, go, lambda: Spies(cm, wm, monkeypatch))
+        assert check(take, spies, model) == 5 * (len(TIMESTEPS) + 1) * 2 * 2
+    assert take.kv_design["design"] == "global, pinned and rolling sinks"
+    assert {e["branch"] for e in take.kv_events} == {"cond", "uncond"} and (0, "uncond") in take.chunks[4].sink
+    for e in take.kv_events:
+        past = [f for f, r in zip(e["key_frames"], e["reasons"]) if r != "current"]
+        if relative:  # keys are stored un-rotated and rotated at window positions on every call
+            assert e["rope_frames"] == list(range(len(e["key_frames"])))
+        else:
+            assert e["rope_frames"] == e["key_frames"]
+        if e["chunk"] in (2, 4):  # the sink frame, kept while the cache rolls
+            assert e["sink_frames"] == [0] and past[0] == 0
+        if e["chunk"] >= 6:  # the chunk pinned at the scene cut (frame 4) replaced the sink
+            assert 0 not in e["key_frames"] and e["sink_frames"] == []
+            assert e["pinned_frames"] == ([4] if 4 in e["key_frames"] else [])
+    assert any(e["pinned_frames"] == [4] for e in take.kv_events if e["chunk"] == 8)
+    assert not any("sink overwritten" in f for e in take.kv_events for f in e.get("flags", ()))
+
+
+# -- what no design covers, and missing packages -------------------------------------------------------------------
+@needs("longlive")
+def test_longlive_quantized_cache_refused_before_attention(monkeypatch):
+    with modules("longlive", monkeypatch) as (cm, wm):
+        model = tiny(cm, local_attn_size=CACHE, sink_size=SINK, num_frame_per_block=2)
+        noise, ctx = _noise(2)
+        calls = []
+        monkeypatch.setattr(cm, "attention", lambda *a, **k: calls.append(1))
+        from devtools.causal_loops import kv_caches
+        kv = kv_caches(model, 1, 6 * FT, torch.bfloat16, "cpu", pinned=True)
+        for c in kv:
+            c["quantized"] = True
+        with pytest.raises(ValueError, match="quantized KV cache"):
+            with record(model, plan()) as rec:
+                model(noise, t=torch.full((1, 2), 1000.0), context=ctx, seq_len=2 * FT, kv_cache=kv,
+                      crossattn_cache=[{"is_init": False}] * 2, current_start=0, cache_start=0)
+        assert not calls and rec.latest.status == "partial"
+
+
+def test_causal_model_no_design_fits_refused_with_what_did_not_fit():
+    from devtools import tiny_causal
+
+    class Attn(torch.nn.Module):
+        def forward(self, x, kv_cache=None, start=0):
+            return x
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn, self.cross_attn = Attn(), Attn()
+
+    class CausalWanModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block()])
+    del tiny_causal
+    with pytest.raises(TypeError, match=r"matches no known KV-cache design.*Self-Forcing.*CausalRecorder"):
+        with record(CausalWanModel(), plan()):
+            pass
+
+
+@needs("causvid")
+def test_causvid_missing_package_named_with_the_install_command(monkeypatch):
+    from causal_projects import project_path
+    from wan_capture.adapters.projects import project_modules
+    import sys
+    for name in [n for n in sys.modules if n.split(".")[0] in ("diffusers", "einops")] + ["diffusers", "einops"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(ImportError, match=r"CausVid's model code needs the package 'diffusers'.*pip install diffusers"):
+        with project_modules(project_path("causvid"), "causvid"):
+            pass
