@@ -59,7 +59,10 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if args.self_forcing:
             # without flash-attn, the recorder's tap runs Self-Forcing's cross-attention with its SDPA stand-in
-            cm, _ = stack.enter_context(self_forcing_modules(args.self_forcing))
+            try:
+                cm, _ = stack.enter_context(self_forcing_modules(args.self_forcing))
+            except (ImportError, FileNotFoundError) as e:  # a missing package or a wrong path: say which
+                ap.error(str(e))
             model = cm.CausalWanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256,
                                       ffn_dim=512, freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=2,
                                       local_attn_size=args.cache_frames, sink_size=args.sink).eval().to(torch.bfloat16)

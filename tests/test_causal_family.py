@@ -358,3 +358,16 @@ def test_causvid_missing_package_named_with_the_install_command(monkeypatch):
     with pytest.raises(ImportError, match=r"CausVid's model code needs the package 'diffusers'.*pip install diffusers"):
         with project_modules(project_path("causvid"), "causvid"):
             pass
+
+
+@pytest.mark.skipif(__import__("causal_projects").project_path("self-forcing") is None,
+                    reason=__import__("causal_projects").not_found("self-forcing"))
+def test_causal_demo_self_forcing_without_einops_says_what_to_install(monkeypatch, capsys):
+    import sys
+    from causal_projects import project_path
+    from devtools.causal_demo import main
+    for name in [n for n in sys.modules if n.split(".")[0] == "einops"] + ["einops"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit) as e:
+        main(["--out", "/nonexistent", "--self-forcing", project_path("self-forcing")])
+    assert e.value.code == 2 and "pip install diffusers einops" in capsys.readouterr().err

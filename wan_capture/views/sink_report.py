@@ -72,8 +72,13 @@ def sink_series(rec: Recording, branch: str = "cond", multiple: float = 2.0) -> 
                     "head_agreement": None if np.isnan(agree).all() else float(np.mean(agree)),
                     "key_frames": list(frames), "sink_frames": sinks,
                     "behavioural_sinks": behavioural_sinks(mass[bi, hi], frames, multiple),
-                    "sink_distance": sink_distance(query_frames, sinks)})
+                    "sink_distance": sink_distance(query_frames, sinks, _positions(event))})
     return rows
+
+
+def _positions(event: dict) -> Dict[int, int]:
+    """Absolute frame -> the frame position RoPE gave it in the logged call (re-roped anchors, relative RoPE)."""
+    return {int(f): int(p) for f, p in zip(event.get("key_frames") or (), event.get("rope_frames") or ()) if p >= 0}
 
 
 def _event(events: Dict[tuple, dict], chunk, step: int, block: int) -> dict:
