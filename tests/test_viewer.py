@@ -374,3 +374,33 @@ def test_recording_model_save_node_copies_loaded_maps_in_a_real_prompt(comfy_ser
     for rel in arrays:
         assert (source / rel).read_bytes() == (copied / rel).read_bytes(), rel
     assert len(list((copied / "frames").glob("*.png"))) == 9
+
+
+def test_viewer_real_size_recording_in_chromium(comfy_server):
+    """The viewer on a recording of Wan 2.1 1.3B's real size (21 x 30 x 52 cells, 81 frames at 480x832, 30 blocks, 30
+    steps, 4 words, sink statistics), written by the pack's save path: every control answers, the picture's cells are
+    the saved maps in the colormap, the probe equals the arrays, playback advances. (Its speed is measured by
+    bench/viewer_real_size.py, never asserted here.)"""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    from devtools import real_size
+    video = real_size.write(str(comfy_server.output), batch="real_size")
+    path = "real_size/attention_maps"
+    page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
+    r = browser("browser_real_size.mjs", page, timeout=600)
+    assert r["firstPicture"] > 0 and all(len(v) >= 5 for v in r["times"].values())
+    an = AttentionAnalyzer(str(comfy_server.output / path))
+    pic = r["picture"]
+    assert pic["shape"] == [21, 30, 52] and (pic["width"], pic["height"]) == (832, 480)
+    maps = an.load_step(video, pic["token"], pic["step"]).astype(np.float64).mean(axis=(0, 1, 3))  # [cells]
+    frame = maps.reshape(21, 30, 52)[pic["frame"]]
+    lo, hi = frame.min(), frame.max()
+    np.testing.assert_allclose(pic["range"], [lo, hi], rtol=1e-4)
+    want = np.round(apply_colormap((frame - lo) / (hi - lo), "viridis") * 255).reshape(-1, 3)
+    assert np.abs(np.array(pic["cells"]) - want).max() <= 2
+    probe = r["probe"]
+    cell = (probe["cell"][0] * 30 + probe["cell"][1]) * 52 + probe["cell"][2]
+    steps = an.list_steps(video, probe["words"][0])
+    want = [an.load_step(video, probe["words"][0], s)[:, :, cell, :].mean() for s in steps]
+    np.testing.assert_allclose(probe["mean"], want, rtol=1e-5)
+    assert r["playback"]["drawn"] >= 5  # frames advanced while playing

@@ -37,6 +37,21 @@ export function colormap(name, x) {
   return rgb.map((c) => Math.round(clamp(c) * 255));
 }
 
+const LUT_SIZE = 1024;  // colour table entries: adjacent entries differ by under one RGB unit in every map
+const LUTS = {};
+const PLAYBACK_FPS = 16;  // Wan's frame rate
+const SLICE_CACHE = 48;  // slices kept in the page (one is F x h x w float32: 131 KB at the 1.3B shape)
+
+/** The colour table of a map: LUT_SIZE RGB triples, built once per map. */
+function lut(name) {
+  if (!LUTS[name]) {
+    const t = new Uint8ClampedArray(LUT_SIZE * 3);
+    for (let i = 0; i < LUT_SIZE; i++) t.set(colormap(name, i / (LUT_SIZE - 1)), i * 3);
+    LUTS[name] = t;
+  }
+  return LUTS[name];
+}
+
 function range(values, mode, vmin, vmax) {
   if (mode === "fixed") return [vmin, vmax];
   if (mode === "percentile") {
@@ -89,10 +104,13 @@ export class Viewer {
     this.$("export").onclick = () => this.download();
     this.playing = {};
     this.slice = null;
+    this.slices = new Map();  // recently loaded slices by request: going back to a step, block or word is instant
+    this.heat = document.createElement("canvas");  // the map at one pixel per cell, scaled onto the frame
   }
 
-  /** Play or pause: the frame or step slider advances every ``ms`` milliseconds, wrapping at the end. */
-  toggle(which, ms = 400) {
+  /** Play or pause: the frame or step slider advances every ``ms`` milliseconds (16 a second, Wan's frame rate),
+   * wrapping at the end; a picture still being drawn is not skipped over. */
+  toggle(which, ms = 1000 / PLAYBACK_FPS) {
     const button = this.$(which === "frame" ? "play-frames" : "play-steps");
     if (this.playing[which]) {
       clearInterval(this.playing[which]);
@@ -163,12 +181,18 @@ export class Viewer {
     const head = `<tr><th>word \ step</th>${p.steps.map((s) => `<th>${s}</th>`).join("")}</tr>`;
     const rows = words.map((k, i) => `<tr data-word="${k}"><td style="color:${colors[i % colors.length]}">${k}</td>` +
       p.words[k].mean.map((v) => `<td>${v.toPrecision(4)}</td>`).join("") + "</tr>").join("");
-    const perBlock = words.map((k) => p.words[k].blocks.map((vals, b) => `<tr><td>${k}, block ${p.blocks[b]}</td>` +
+    const perBlock = () => words.map((k) => p.words[k].blocks.map((vals, b) => `<tr><td>${k}, block ${p.blocks[b]}</td>` +
       vals.map((v) => `<td>${v.toPrecision(4)}</td>`).join("") + "</tr>").join("")).join("");
     this.$("probe").innerHTML = `<div>point: latent frame ${frame}, cell (${y}, ${x}); mean over blocks and heads
       (${this.$("branch").value})</div><svg width="${W}" height="${H}" class="wcv-chart">${lines}</svg>
       <table class="wcv-probe-table">${head}${rows}</table>
-      <details><summary>per block</summary><table class="wcv-probe-blocks">${head}${perBlock}</table></details>`;
+      <details><summary>per block</summary><table class="wcv-probe-blocks">${head}</table></details>`;
+    // the per-block table (words x blocks rows) is built when it is opened, not with every probe
+    const details = this.$("probe").querySelector("details");
+    details.ontoggle = () => {
+      const table = details.querySelector("table");
+      if (details.open && table.rows.length === 1) table.insertAdjacentHTML("beforeend", perBlock());
+    };
     this.root.dataset.probed = "1";
     await this.draw();  // the marker on the frame
     return p;
@@ -198,42 +222,78 @@ export class Viewer {
     this.$("step").max = String(s.steps.length - 1);
     this.$("step").value = "0";
     this.frames = {};
+    this.slices.clear();
     await this.load();
+    this.preloadFrames();  // the decoded frames come in behind the first picture, so playback never waits
   }
 
-  async load() {
-    const s = this.summary;
-    const step = s.steps[Number(this.$("step").value)];
-    this.$("step-v").textContent = ` ${step} `;
+  /** Every saved frame, fetched and decoded in the background (a few at a time). */
+  async preloadFrames() {
+    const saved = this.summary.frames_saved || [];
+    const video = this.$("video").value;
+    for (let i = 0; i < saved.length; i += 4) {
+      await Promise.all([0, 1, 2, 3].filter((k) => i + k < saved.length).map((k) => this.pixelFrame(i + k)));
+      if (this.$("video").value !== video) return;
+    }
+  }
+
+  /** The slice request of the current controls (``step``: another step's). */
+  sliceQuery(step) {
     const token = this.$("token").value;
     const params = { path: this.path, video: this.$("video").value, step, branch: this.$("branch").value,
       block: this.$("block").value, head: this.$("head").value };
     if (token === "__sink__") params.kind = "sink";
     else if (token === "__frame_mass__") params.kind = "frame_mass";
     else params.token = token;
+    return String(new URLSearchParams(params));
+  }
+
+  /** A slice, from the page's cache or the server (kept in the cache either way). */
+  async fetchSlice(query) {
+    let got = this.slices.get(query);
+    if (!got) {
+      got = fetch(`${this.api}/wan_capture/slice?${query}`).then(async (r) => {
+        if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
+        return { shape: r.headers.get("X-Shape").split(",").map(Number), data: new Float32Array(await r.arrayBuffer()),
+          sinks: (r.headers.get("X-Sinks") || "").split(",").filter((x) => x !== "").map(Number), ranges: {} };
+      });
+      this.slices.set(query, got);
+      got.catch(() => this.slices.delete(query));
+      if (this.slices.size > SLICE_CACHE) this.slices.delete(this.slices.keys().next().value);
+    }
+    return got;
+  }
+
+  async load() {
+    const s = this.summary;
+    const index = Number(this.$("step").value);
+    const step = s.steps[index];
+    this.$("step-v").textContent = ` ${step} `;
+    const token = this.$("token").value;
     const id = (this.loadId = (this.loadId || 0) + 1);
     this.root.dataset.ready = "0";
-    const r = await fetch(`${this.api}/wan_capture/slice?${new URLSearchParams(params)}`);
-    if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
-    const shape = r.headers.get("X-Shape").split(",").map(Number);
-    const data = new Float32Array(await r.arrayBuffer());
+    const { data, shape, sinks, ranges } = await this.fetchSlice(this.sliceQuery(step));
     if (id !== this.loadId) return;  // a later request superseded this one
-    const sinks = (r.headers.get("X-Sinks") || "").split(",").filter((x) => x !== "").map(Number);
-    this.slice = { data, shape, step, token, sinks, matrix: token === "__frame_mass__" };
+    this.slice = { data, shape, step, token, sinks, ranges, matrix: token === "__frame_mass__" };
     this.$("frame").max = String(shape[0] - 1);
     if (Number(this.$("frame").value) > shape[0] - 1) this.$("frame").value = "0";
     await this.draw();
+    // the next step comes in behind this picture: stepping forward (or playing the steps) finds it here
+    if (index + 1 < s.steps.length) this.fetchSlice(this.sliceQuery(s.steps[index + 1])).catch(() => null);
   }
 
   async frameImage(t) {
     const saved = this.summary.frames_saved || [];
     if (!saved.length) return null;
-    const pixel = Math.min(saved.length - 1, t === 0 ? 0 : 4 * t - 3);  // latent frame t covers 4t-3..4t
+    return this.pixelFrame(Math.min(saved.length - 1, t === 0 ? 0 : 4 * t - 3));  // latent frame t: 4t-3..4t
+  }
+
+  /** One decoded frame, fetched once (a promise while it comes). */
+  pixelFrame(pixel) {
     if (!(pixel in this.frames)) {
       const img = new Image();
       img.src = `${this.api}/wan_capture/frame?${new URLSearchParams({ path: this.path, video: this.$("video").value, index: pixel })}`;
-      await img.decode().catch(() => null);
-      this.frames[pixel] = img.complete && img.naturalWidth ? img : null;
+      this.frames[pixel] = img.decode().then(() => (img.naturalWidth ? img : null), () => null);
     }
     return this.frames[pixel];
   }
@@ -247,30 +307,34 @@ export class Viewer {
     this.$("frame-v").textContent = ` ${t} `;
     const frame = this.slice.data.subarray(t * h * w, (t + 1) * h * w);
     const mode = this.$("norm").value;
-    const [lo, hi] = range(mode === "per_video" ? this.slice.data : frame, mode, 0, 1);
+    // the whole video's range is the same for every frame of a slice: computed once
+    const whole = mode === "per_video";
+    const [lo, hi] = whole ? (this.slice.ranges[mode] ||= range(this.slice.data, mode, 0, 1)) : range(frame, mode, 0, 1);
     const img = this.slice.matrix ? null : await this.frameImage(t);
     if (id !== this.drawId) return;
     const canvas = this.$("canvas");
     const cell = Math.max(1, Math.floor(320 / w));
-    canvas.width = img ? img.naturalWidth : w * cell;
-    canvas.height = img ? img.naturalHeight : h * cell;
-    const ctx = canvas.getContext("2d");
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    if (img) ctx.drawImage(img, 0, 0);
-    const base = ctx.getImageData(0, 0, canvas.width, canvas.height);
-    const alpha = img ? Number(this.$("alpha").value) : 1;
-    const span = hi > lo ? hi - lo : 1;
-    for (let y = 0; y < canvas.height; y++) {
-      const cy = Math.min(h - 1, Math.floor((y * h) / canvas.height));
-      for (let x = 0; x < canvas.width; x++) {
-        const cx = Math.min(w - 1, Math.floor((x * w) / canvas.width));
-        const rgb = colormap(this.$("cmap").value, (frame[cy * w + cx] - lo) / span);
-        const o = (y * canvas.width + x) * 4;
-        for (let k = 0; k < 3; k++) base.data[o + k] = Math.round((1 - alpha) * base.data[o + k] + alpha * rgb[k]);
-        base.data[o + 3] = 255;
-      }
+    const width = img ? img.naturalWidth : w * cell, height = img ? img.naturalHeight : h * cell;
+    if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
+    // the map is coloured at one pixel per cell through the colour table, then scaled onto the frame
+    const heat = this.heat;
+    if (heat.width !== w || heat.height !== h) { heat.width = w; heat.height = h; }
+    const hctx = heat.getContext("2d");
+    const pixels = hctx.createImageData(w, h), px = pixels.data, table = lut(this.$("cmap").value);
+    const scale = (LUT_SIZE - 1) / (hi > lo ? hi - lo : 1);
+    for (let i = 0; i < h * w; i++) {
+      let v = (frame[i] - lo) * scale;
+      v = v > 0 ? (v < LUT_SIZE - 1 ? Math.round(v) : LUT_SIZE - 1) : 0;  // below the range and NaN: the first colour
+      px[4 * i] = table[3 * v]; px[4 * i + 1] = table[3 * v + 1]; px[4 * i + 2] = table[3 * v + 2]; px[4 * i + 3] = 255;
     }
-    ctx.putImageData(base, 0, 0);
+    hctx.putImageData(pixels, 0, 0);
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, width, height);
+    if (img) ctx.drawImage(img, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.globalAlpha = img ? Number(this.$("alpha").value) : 1;
+    ctx.drawImage(heat, 0, 0, width, height);
+    ctx.globalAlpha = 1;
     this.range = [lo, hi];
     const sinkNote = this.slice.matrix && this.slice.sinks.length ? `; sink frames: ${this.slice.sinks.join(", ")}` : "";
     if (this.slice.matrix && this.slice.sinks.length) {  // mark the sink frames' key columns
@@ -279,27 +343,30 @@ export class Viewer {
     }
     const pr = this.probed;
     if (pr && !this.slice.matrix && pr.cell[0] === t) {  // mark the probed point on its frame
-      const [, py, px] = pr.cell;
+      const [, py, pxl] = pr.cell;
       ctx.strokeStyle = "#00e5ff";
       ctx.lineWidth = 2;
-      ctx.strokeRect((px * canvas.width) / w + 1, (py * canvas.height) / h + 1, canvas.width / w - 2, canvas.height / h - 2);
+      ctx.strokeRect((pxl * canvas.width) / w + 1, (py * canvas.height) / h + 1, canvas.width / w - 2, canvas.height / h - 2);
     }
     this.legend(lo, hi, `${mode}: ${lo.toPrecision(3)} .. ${hi.toPrecision(3)}${sinkNote}`);
     if (this.$("compare-on").checked && !this.slice.matrix) await this.compare(t, lo, hi);
     else this.$("compare").innerHTML = "";
     if (id !== this.drawId) return;
-    this.drawn = { step: this.slice.step, frame: t, token: this.slice.token };
+    this.drawn = { step: this.slice.step, frame: t, token: this.slice.token, at: performance.now() };
+    this.firstDrawnAt ||= this.drawn.at;
     this.root.dataset.ready = "1";
+    this.root.dispatchEvent(new CustomEvent("wcv-drawn", { detail: this.drawn }));
   }
 
   /** The colour bar from lo to hi, with the range written beside it. */
   legend(lo, hi, text) {
     const bar = this.$("bar"), ctx = bar.getContext("2d");
+    const pixels = ctx.createImageData(bar.width, bar.height), table = lut(this.$("cmap").value);
     for (let x = 0; x < bar.width; x++) {
-      const [r, g, b] = colormap(this.$("cmap").value, x / (bar.width - 1));
-      ctx.fillStyle = `rgb(${r},${g},${b})`;
-      ctx.fillRect(x, 0, 1, bar.height);
+      const v = Math.round((x / (bar.width - 1)) * (LUT_SIZE - 1));
+      for (let y = 0; y < bar.height; y++) pixels.data.set([table[3 * v], table[3 * v + 1], table[3 * v + 2], 255], 4 * (y * bar.width + x));
     }
+    ctx.putImageData(pixels, 0, 0);
     this.$("legend-text").textContent = ` ${text}`;
   }
 

@@ -75,6 +75,61 @@ def load_array(path: str, max_bytes: Optional[int] = None, keep_dtype: bool = Fa
         raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
 
 
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[fiu][1248])', 'fortran_order': (False|True), "
+                         r"'shape': \(((?:\d+, )*\d*)\), \} *\n")
+
+
+def _npy_header(head: bytes, fd: int) -> tuple:
+    """``(shape, fortran_order, dtype, data_offset)`` of an ``.npy`` file from its first bytes ``head``. The header
+    numpy writes is read with one pattern (numpy's own parser, ``ast.literal_eval``, costs more than a probe's
+    reads); anything else goes to numpy's parser."""
+    if head[:6] != b"\x93NUMPY" or len(head) < 10:
+        raise ValueError("not an .npy file")
+    size = 2 if head[6] == 1 else 4
+    length = int.from_bytes(head[8:8 + size], "little")
+    start = 8 + size + length
+    m = _NPY_HEADER.fullmatch(head[8 + size:start].decode("latin1")) if start <= len(head) else None
+    if m is None:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            return shape, fortran, dtype, f.tell()
+    shape = tuple(int(d) for d in m.group(3).split(",") if d.strip())
+    return shape, m.group(2) == "True", np.dtype(m.group(1)), start
+
+
+def load_cells(path: str, index: int, max_bytes: Optional[int] = None) -> np.ndarray:
+    """``array[:, :, index]`` of one saved ``[blocks, heads, spatial, ...]`` array as float32. From an uncompressed
+    ``.npy`` only the bytes of those cells are read (a point probe reads one cell of every step of every word: a
+    whole read would be the recording's size); the other formats, and Fortran order, are loaded whole (bounded by
+    ``max_bytes``)."""
+    if path.endswith(".npy"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                shape, fortran, dtype, start = _npy_header(os.pread(fd, 4096, 0), fd)
+                if len(shape) < 3 or not 0 <= index < shape[2] or dtype.hasobject:
+                    raise ValueError(f"shape {shape} ({dtype}) has no cell {index}")
+                outer, inner = int(np.prod(shape[:2])), int(np.prod(shape[3:], dtype=np.int64))
+                run = inner * dtype.itemsize  # one cell's values of one block and head: contiguous
+                stride = shape[2] * run
+                if os.fstat(fd).st_size < start + outer * stride:
+                    raise ValueError(f"the file is shorter than its header's shape {shape}")
+                data = None if fortran else b"".join(
+                    os.pread(fd, run, start + i * stride + index * run) for i in range(outer))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as e:
+            raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
+        if data is not None:
+            return np.frombuffer(data, dtype=dtype).reshape(shape[:2] + shape[3:]).astype(np.float32)
+    array = load_array(path, max_bytes)
+    if array.ndim < 3 or not 0 <= index < array.shape[2]:
+        raise DamagedFileError(f"damaged attention file {path}: shape {array.shape} has no cell {index}", path)
+    return array[:, :, index]
+
+
 def _finite(text: str) -> float:
     """A JSON number or constant: NaN passes (a value not known), infinities are refused (``1e999999``)."""
     value = float(text)
@@ -143,6 +198,18 @@ class AttentionAnalyzer:
         if self._root is not None:
             confined(self._root, os.path.relpath(os.path.realpath(path), self._root))
         return path
+
+    def _checked_file(self, path: str) -> str:
+        """``_checked`` for many files of few folders (a point probe's 120 steps x words): a folder is resolved once;
+        a file in it that is not a symlink is inside with it, a symlink is resolved in full."""
+        if self._root is None:
+            return path
+        folder = os.path.dirname(path)
+        known = self.__dict__.setdefault("_folders_checked", set())
+        if folder not in known:
+            self._checked(folder)
+            known.add(folder)
+        return self._checked(path) if os.path.islink(path) else path
 
     def _array(self, path: str, keep_dtype: bool = False) -> np.ndarray:
         return load_array(self._checked(path), self.max_bytes, keep_dtype)

@@ -92,6 +92,12 @@ class Recording:
             cached = self._key_cache = sorted(self.keys(), key=ArrayKey.order)
         return cached
 
+    def has(self, key: ArrayKey) -> bool:
+        cached = getattr(self, "_key_set", None)
+        if cached is None:
+            cached = self._key_set = set(self._keys())
+        return key in cached
+
     def keys_of(self, stat: str, branch: Optional[str] = None) -> List[ArrayKey]:
         return [k for k in self._keys() if k.stat == stat and (branch is None or k.branch == branch)]
 
@@ -106,8 +112,16 @@ class Recording:
     def labels(self) -> List[str]:
         return self.labels_of("cond")
 
+    def stored(self, key: ArrayKey, what: str) -> np.ndarray:
+        """The array of ``key`` in its stored dtype (NotRecorded, saying which steps there are, when it is not):
+        for readers that reduce it first and convert only what is left."""
+        if not self.has(key):
+            steps = sorted({k.step for k in self.keys_of(key.stat, key.branch)})
+            raise NotRecorded(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
+        return self.get(key)
+
     def _float(self, key: ArrayKey, what: str) -> np.ndarray:
-        if key not in set(self._keys()):
+        if not self.has(key):
             steps = sorted({k.step for k in self.keys_of(key.stat, key.branch)})
             raise NotRecorded(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
         return np.asarray(self.get(key), dtype=np.float32)
@@ -115,6 +129,11 @@ class Recording:
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         """``[blocks, heads, spatial, pieces]`` of a word at one step."""
         return self._float(ArrayKey("cross", label, step, branch), f"cross-attention maps of {label!r}")
+
+    def cross_cell(self, label: str, step: int, cell: int, branch: str = "cond") -> np.ndarray:
+        """``[blocks, heads, pieces]``: a word's maps at one map cell of one step (a saved recording reads just that
+        cell from an uncompressed file)."""
+        return self.cross(label, step, branch)[:, :, cell]
 
     def image(self, step: int, name: str, branch: str = "cond") -> np.ndarray:
         """i2v image context: ``share`` ``[blocks, heads, tokens]`` or ``received`` ``[blocks, heads, 257]``."""
@@ -146,9 +165,9 @@ class Recording:
         chunk before the assembly (it commutes with it, but for ``key_max``), so what is assembled is one map, and
         the assembly is refused (ArrayTooLarge) past ``assembly_limit`` bytes.
         """
-        pick = pick or (lambda a: a)
+        pick = pick or (lambda a: np.asarray(a, dtype=np.float32))
         if not self.causal:
-            return pick(self._float(ArrayKey("sink", name, step, branch), "self-attention statistics"))
+            return pick(self.stored(ArrayKey("sink", name, step, branch), "self-attention statistics"))
         held = self.chunk_steps(branch)
         parts = [self.chunk_part(c, step, branch) for c, steps in held.items() if step in steps]
         if not parts:
@@ -302,6 +321,14 @@ class FolderRecording(Recording):
             raise NotRecorded(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
         stem = self._path(key_path(key, self._folder_of(key)))
         return self.an._array(self.an._find(stem), keep_dtype=True)
+
+    def cross_cell(self, label: str, step: int, cell: int, branch: str = "cond") -> np.ndarray:
+        key = ArrayKey("cross", label, step, branch)
+        if not self.has(key):
+            self.cross(label, step, branch)  # the same NotRecorded as a whole read
+        from .analyzer import load_cells  # the analyzer module imports this one
+        path = self.an._checked_file(self.an._find(self._path(key_path(key, self._folder_of(key)))))
+        return load_cells(path, cell, self.an.max_bytes)
 
     def metadata(self, key: ArrayKey) -> dict:
         return self.an._json(self._path(metadata_path(key, self._folder_of(key))))

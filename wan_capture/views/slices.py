@@ -23,11 +23,20 @@ def reader(maps_dir: str, root: Optional[str] = None, max_bytes: Optional[int] =
 
 
 def _pick(data: np.ndarray, summary: dict, block: str, head: str) -> np.ndarray:
-    """``[blocks, heads, ...]`` -> ``[...]``: one block/head (a model index) or ``mean``; a head or block the
-    recording kept only as a mean is a SelectionError, as in the view nodes."""
-    bi = axis_positions(summary["blocks"], parse_selection(block, "blocks"), "blocks")
-    hi = axis_positions(summary["heads"], parse_selection(head, "heads"), "heads")
-    return data[bi][:, hi].mean(axis=(0, 1))
+    """``[blocks, heads, ...]`` (any float dtype) -> float32 ``[...]``: one block/head (a model index) or ``mean``; a
+    head or block the recording kept only as a mean is a SelectionError, as in the view nodes. The selection is
+    taken before the conversion, and the mean accumulates in float32 without a converted copy."""
+    bi = _run(axis_positions(summary["blocks"], parse_selection(block, "blocks"), "blocks"), data.shape[0])
+    hi = _run(axis_positions(summary["heads"], parse_selection(head, "heads"), "heads"), data.shape[1])
+    return data[bi][:, hi].mean(axis=(0, 1), dtype=np.float32)
+
+
+def _run(positions, n: int):
+    """A list of positions as a slice where it is one contiguous run (a view, not a copy)."""
+    positions = list(positions)
+    if positions and positions == list(range(positions[0], positions[-1] + 1)) and positions[-1] < n:
+        return slice(positions[0], positions[-1] + 1)
+    return positions
 
 
 def self_attention_bound(summary: dict) -> int:
@@ -45,7 +54,8 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
     an = reader(maps_dir, root)
     rec = FolderRecording(an, video)
     meta = _bounded_by_metadata(an, rec, token, step, branch)
-    data = _pick(rec.cross(token, step, branch), meta, block, head)  # [spatial, pieces]
+    data = _pick(rec.stored(ArrayKey("cross", token, step, branch), f"cross-attention maps of {token!r}"), meta,
+                 block, head)  # [spatial, pieces]
     if meta.get("map_grid") != rec.summary.get("map_grid"):
         raise DamagedFileError(f"step {step} of {token!r}: its metadata's map_grid is not the summary's", "metadata")
     f, h, w = meta["map_grid"]
@@ -119,11 +129,15 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
         raise ArrayTooLarge(f"a probe of {len(labels)} words at {len(steps)} steps would read "
                             f"{len(labels) * len(steps)} arrays, over {MAX_PROBE_ARRAYS}")
     out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
+    words = {t["label"]: t for t in rec.words(branch)}
+    cells = int(np.prod(rec.summary.get("map_grid") or [0], dtype=np.int64))
     for label in labels:
         rows = []
+        # a compressed file is read whole: bounded by the recording's geometry for this word (the gzip-bomb guard)
+        pieces = max(1, len((words.get(label) or {}).get("positions") or [1]))
+        an.max_bytes = min(MAX_SLICE_BYTES, len(rec.blocks) * len(rec.heads) * cells * pieces * 4) + 4096
         for step in steps:
-            _bounded_by_metadata(an, rec, label, step, branch)
-            rows.append(rec.cross(label, step, branch)[:, :, cell, :].mean(axis=(1, 2)))  # [blocks]
+            rows.append(rec.cross_cell(label, step, cell, branch).mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
         out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
     return out
