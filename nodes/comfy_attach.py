@@ -67,12 +67,39 @@ def _transformer_options(args, kwargs) -> dict:
     return {}
 
 
+CALLBACK = 5  # outer_sample's positional arguments: noise, latent_image, sampler, sigmas, denoise_mask, callback, ...
+
+
+def _watch_x0(args: tuple, kwargs: dict, last: dict):
+    """``(args, kwargs)`` whose step callback also keeps the step's denoised latent in ``last["x0"]`` (SamplerCustom's
+    ``denoised_output`` is the last one, processed), calling the sampler's own callback as before."""
+    given = args[CALLBACK] if len(args) > CALLBACK else kwargs.get("callback")
+
+    def callback(step, x0, *rest, **kw):
+        last["x0"] = x0
+        return given(step, x0, *rest, **kw) if given is not None else None
+    if len(args) > CALLBACK:
+        return args[:CALLBACK] + (callback,) + args[CALLBACK + 1:], kwargs
+    return args, dict(kwargs, callback=callback)
+
+
+def _alias_denoised(take, guider, x0) -> None:
+    """SamplerCustom's ``denoised_output`` (the last step's x0 as it computes it: ``process_latent_out(x0.cpu())``)
+    names the same recording as its ``output``."""
+    process = getattr(getattr(getattr(guider, "model_patcher", None), "model", None), "process_latent_out", None)
+    if take is None or x0 is None or process is None:
+        return
+    take.log.aliases[fingerprint(process(x0.cpu()))] = "denoised_output"
+
+
 def _make_outer_sample(state: _Comfy):
     def outer_sample(executor, *args, **kwargs):
         # args: noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed
         latent_image, sigmas = args[1], args[3]
         seed = args[7] if len(args) > 7 else kwargs.get("seed")
         guider = getattr(executor, "class_obj", None)
+        last: dict = {}
+        args, kwargs = _watch_x0(args, kwargs, last)
         sampling = {"seed": seed, "cfg": getattr(guider, "cfg", None), "guider": type(guider).__name__}
         state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),
                                   sampling=sampling, weights=state.weights)
@@ -86,6 +113,7 @@ def _make_outer_sample(state: _Comfy):
         reference = take.time_layout.reference if take is not None else 0
         if reference and out.dim() == 5:  # VACE: users pass on the latent TrimVideoLatent makes of it
             take.log.aliases[fingerprint(out[:, :, reference:])] = "after TrimVideoLatent"
+        _alias_denoised(take, guider, last.get("x0"))
         state.end_evaluation()
         return out
     return outer_sample

@@ -25,7 +25,7 @@ def take_for_latent(recorder: Recorder, latent: dict) -> Take:
     if take is None:
         raise ValueError(
             "no attention recording matches this LATENT: connect the LATENT output of the sampler that used the "
-            "recorder's MODEL (KSampler's LATENT; SamplerCustom's 'output', not 'denoised_output'; VACE: the "
+            "recorder's MODEL (KSampler's LATENT; SamplerCustom's 'output' or 'denoised_output'; VACE: the "
             "sampler's LATENT or TrimVideoLatent's; Wan 2.2 A14B: either expert's sampler). "
             f"The recorder holds {len(recorder.takes)} recent recording(s); a recording is only kept for the latest "
             "samplings, and a pass that failed never matches")

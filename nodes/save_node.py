@@ -63,12 +63,12 @@ class SaveAttentionMaps(io.ComfyNode):
                            video_number=kw["video_number"], prompt_id=kw["prompt_id"] or None,
                            if_exists="replace" if kw["overwrite"] else "new_name")
         out_dir = folder_paths.get_output_directory()
-        pbar = comfy.utils.ProgressBar(sum(file_count(v, opts) for v in videos), node_id=cls.hidden.unique_id)
         frames = None if images is None else images.float().cpu().numpy()
         if frames is not None and len(frames) % len(videos):
             raise ValueError(f"{len(frames)} decoded frames do not split into the recording's {len(videos)} videos")
         per = None if frames is None else len(frames) // len(videos)
-        saved = [save_recording(v, out_dir, kw["batch_name"], opts, progress=lambda _path: pbar.update(1),
+        progress = _file_progress(sum(file_count(v, opts, per) for v in videos), cls.hidden.unique_id)
+        saved = [save_recording(v, out_dir, kw["batch_name"], opts, progress=progress,
                                 version=__version__, frames=None if frames is None else frames[b * per:(b + 1) * per],
                                 batch_index=b) for b, v in enumerate(videos)]
         rel = lambda p: os.path.relpath(p, out_dir).replace(os.sep, "/")  # noqa: E731
@@ -79,3 +79,24 @@ class SaveAttentionMaps(io.ComfyNode):
 
 
 NODES = [SaveAttentionMaps]
+
+
+PROGRESS_TEXTS = 20  # "writing files k/N" lines sent over a save (ComfyUI's bar alone reads "step k/N")
+
+
+def _file_progress(total: int, node_id):
+    """The Save node's progress: ComfyUI's bar, and a text under the node that says what is counted."""
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):  # no server (scripts, tests): the bar only
+        server = None
+    every, done = max(1, total // PROGRESS_TEXTS), [0]
+
+    def update(_path: str) -> None:
+        done[0] += 1
+        pbar.update(1)
+        if server is not None and node_id is not None and (done[0] % every == 0 or done[0] == total):
+            server.send_progress_text(f"writing files {done[0]}/{total}", node_id)
+    return update

@@ -151,7 +151,7 @@ def test_trim_latent_vace_save_and_views_from_trimvideolatent_equal_the_samplers
     arrays = sorted(p.relative_to(one) for p in one.rglob("*.npy"))
     assert arrays and arrays == sorted(p.relative_to(two) for p in two.rglob("*.npy"))
     assert all((one / p).read_bytes() == (two / p).read_bytes() for p in arrays)
-    with pytest.raises(ValueError, match="SamplerCustom's 'output', not 'denoised_output'; VACE: the sampler's"):
+    with pytest.raises(ValueError, match="SamplerCustom's 'output' or 'denoised_output'; VACE: the sampler's"):
         heatmap.execute(recorder=rec, samples={"samples": trimmed["samples"] + 1}, token="pos000")
 
 
@@ -252,3 +252,43 @@ def test_negative_one_step_contexts_repeated_to_a_common_length_still_match():
     context[1, 5, 0] += 1
     with pytest.raises(ValueError, match="cond rows attend to another text"):
         check(state, context, ("uncond", "cond"))
+
+
+@needs_comfy
+def test_trim_latent_samplercustom_denoised_output_finds_the_recording(tmp_path):
+    """SamplerCustom's ``denoised_output`` (the last step's x0) names the same recording as its ``output``: the same
+    pictures from either."""
+    pack = load_comfy()
+    import folder_paths
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, KSamplerSelect, SamplerCustom
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
+    model, rec = node(pack, "attach_node", "AttachAttentionRecorder").execute(
+        model=base, options=recording_options(pack, text_positions="1,3", storage_dtype="float32")).args
+    sampler = KSamplerSelect().get_sampler("euler")[0]
+    sigmas = BasicScheduler().get_sigmas(model, "simple", 3, 1.0)[0]
+    out, denoised = SamplerCustom().sample(model, True, 1, 3.0, conditioning("t2v", 1), conditioning("t2v", 2),
+                                           sampler, sigmas, empty_latent("t2v"))
+    assert not torch.equal(out["samples"], denoised["samples"])  # two different LATENTs
+    view = node(pack, "view_nodes", "AttentionOverlay").PREPARE_CLASS_CLONE({})
+    a = view.execute(recorder=rec, samples=out, token="pos001").args[0]
+    b = view.execute(recorder=rec, samples=denoised, token="pos001").args[0]
+    assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+@needs_comfy
+def test_frames_mismatch_save_progress_says_files_not_steps(tmp_path, monkeypatch):
+    """Save's progress under the node reads "writing files k/N" (ComfyUI's bar alone shows "step k/N")."""
+    pack, rec, out, images = recorded_t2v(tmp_path)
+    import server
+    sent = []
+    monkeypatch.setattr(server.PromptServer, "instance",
+                        type("S", (), {"send_progress_text": lambda self, text, nid: sent.append((text, nid))})(),
+                        raising=False)
+    cls = node(pack, "save_node", "SaveAttentionMaps").PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
+    cls.execute(recorder=rec, samples=out, images=images, batch_name="progress")
+    files = [p for p in (tmp_path / "output" / "progress").rglob("*") if p.is_file()]
+    assert sent and all(nid == "7" and text.startswith("writing files ") for text, nid in sent)
+    done, total = map(int, sent[-1][0].split()[-1].split("/"))
+    # every file counted once, the summary twice (written first marked partial, then complete)
+    assert done == total == len(files) + 1

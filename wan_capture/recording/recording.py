@@ -58,6 +58,10 @@ class Recording:
         """The decoded frames kept with the recording, as PNG files (empty when none were)."""
         return []
 
+    def frame_count(self) -> int:
+        """How many decoded frames are kept with the recording."""
+        return len(self.frame_pngs())
+
     # -- derived readers ----------------------------------------------------------------------------------
     @property
     def steps(self) -> List[int]:
@@ -341,12 +345,19 @@ class FolderRecording(Recording):
             raise ValueError(f"kv_cache_events.json of {self.video!r} does not hold an 'events' list")
         return events["events"]
 
-    def frame_pngs(self) -> List[bytes]:
+    def _frame_names(self) -> List[str]:
         folder = self._path("frames")
         if not os.path.isdir(folder):
             return []
+        return sorted(n for n in os.listdir(folder) if n.startswith("frame_") and n.endswith(".png"))
+
+    def frame_count(self) -> int:
+        return len(self._frame_names())
+
+    def frame_pngs(self) -> List[bytes]:
+        folder = self._path("frames")
         out = []
-        for name in sorted(n for n in os.listdir(folder) if n.startswith("frame_") and n.endswith(".png")):
+        for name in self._frame_names():
             with open(self.an._checked(os.path.join(folder, name)), "rb") as f:
                 out.append(f.read())
         return out

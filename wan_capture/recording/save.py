@@ -170,10 +170,12 @@ def plan_file_count(take: Take, opts: SaveOptions) -> int:
     return file_count(MemoryRecording(take, 0), opts)
 
 
-def file_count(rec: Recording, opts: SaveOptions) -> int:
-    """Files a save of ``rec`` writes: arrays, their metadata files, the summary (twice), the KV log, the frames."""
+def file_count(rec: Recording, opts: SaveOptions, frames: Optional[int] = None) -> int:
+    """Files a save of ``rec`` writes: arrays, their metadata files, the summary (twice), the KV log, the frames
+    (``frames`` decoded frames given to the save, else those kept with ``rec``)."""
     keys = saved_keys(rec, opts)
-    return len(keys) + len({k.group() for k in keys}) + 2 + (1 if rec.causal else 0)
+    kept = rec.frame_count() if frames is None else frames
+    return len(keys) + len({k.group() for k in keys}) + 2 + (1 if rec.causal else 0) + kept
 
 
 def save_take(take: Take, output_root: str, batch_name: str, opts: SaveOptions = SaveOptions(),
