@@ -124,6 +124,8 @@ def main(argv=None) -> int:
         "plain": (None, "on"),
         "cross maps, 8 tokens": (wc.RecordingPlan(text_positions=tuple(range(8)), **big), "on"),
         "sink statistics (single sweep)": (wc.RecordingPlan(record_cross=False, record_sink_stats=True, **big), "on"),
+        "sink statistics, no key max": (wc.RecordingPlan(record_cross=False, record_sink_stats=True,
+                                                         record_key_max=False, **big), "on"),
         "sink statistics (row pass forced)": (wc.RecordingPlan(record_cross=False, record_sink_stats=True, **big),
                                               "off"),
         "cross maps + sink statistics": (wc.RecordingPlan(text_positions=tuple(range(8)), record_sink_stats=True,
@@ -200,12 +202,15 @@ def main(argv=None) -> int:
     ft = grid.frame_tokens
     scale = 128 ** -0.5
     sweep_cond = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 34, lse=lse[1:]), 10, 3)[0]
+    sweep_cond_no_max = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 34, lse=lse[1:],
+                                                         key_max=False), 10, 3)[0]
     sweep_both = timed(lambda: wc.sink_statistics(qh, kh, scale, ft, 1 << 34, lse=lse), 10, 3)[0]
     two_pass_cond = timed(lambda: wc.sink_statistics(qh[1:], kh[1:], scale, ft, 1 << 34), 10, 3)[0]
     cross = timed(lambda: wc.cross_attention_probs(qh[1:], ch[1:], list(range(8)), scale), 10, 3)[0]
     per_block = {"comfy_attention_batch2_ms": comfy_both, "comfy_attention_cond_ms": comfy_cond,
                  "comfy_cross_attention_cond_ms": comfy_cross, "cudnn_with_lse_batch2_ms": cudnn_lse,
-                 "sweep_cond_ms": sweep_cond, "sweep_both_rows_ms": sweep_both, "two_pass_cond_ms": two_pass_cond,
+                 "sweep_cond_ms": sweep_cond, "sweep_cond_no_key_max_ms": sweep_cond_no_max,
+                 "sweep_both_rows_ms": sweep_both, "two_pass_cond_ms": two_pass_cond,
                  "cross_kernel_cond_ms": cross}
     full = {}
     for label, kw in (("cross maps, 8 tokens", dict(text_positions=tuple(range(8)))),
@@ -222,6 +227,8 @@ def main(argv=None) -> int:
           f"{comfy_cond:.2f} ms; cuDNN with log-sum-exp (batch 2) {cudnn_lse:.2f} ms")
     print(f"  sink statistics, single sweep: cond row {sweep_cond:.2f} ms ({sweep_cond / comfy_cond:.2f}x the "
           f"call for that row), both rows {sweep_both:.2f} ms ({sweep_both / comfy_both:.2f}x)")
+    print(f"  sink statistics without the key max (record_key_max off): cond row {sweep_cond_no_max:.2f} ms "
+          f"({sweep_cond_no_max / comfy_cond:.2f}x)")
     print(f"  sink statistics, two passes (row pass + column pass): cond row {two_pass_cond:.2f} ms "
           f"({two_pass_cond / comfy_cond:.2f}x)")
     print(f"  tracked-token cross maps {cross:.3f} ms (ComfyUI's cross-attention call, cond row {comfy_cross:.3f} ms)")

@@ -2,7 +2,11 @@
 32,760 tokens, frames of 1,560) or Wan 14B's at 720p (40 heads, 75,600 tokens, frames of 3,600) and print the
 fastest; kernels.ROW_CONFIG / COL_CONFIG / SWEEP_CONFIG hold the chosen ones, kernels.sweep_splits the splits.
 
-    python bench/tune_kernels.py [row] [column] [sweep] [--size 1.3b|14b]
+    python bench/tune_kernels.py [row] [column] [sweep] [variants] [pinned] [--size 1.3b|14b] [--no-key-max]
+
+``variants``: the sweep's per-key reductions side by side at the shipped block shape: per-key sums on tensor cores
+or float32 shuffles, with and without the per-key max (what each statistic costs). ``pinned``: what the per-block
+pinned host copies of a recorded step cost, against one pinned buffer per step carved into views.
 """
 import os
 import sys
@@ -16,16 +20,18 @@ from wan_capture.stats import kernels  # noqa: E402
 
 ROW = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2),
        (128, 64, 4, 2), (64, 64, 4, 3)]
-SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (64, 64, 4, 3), (256, 64, 8, 2), (128, 64, 8, 2)]
+SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (64, 64, 4, 3), (256, 64, 8, 2), (128, 64, 8, 2),
+         (128, 32, 4, 3), (64, 128, 4, 3)]
 SWEEP_SPLITS = [None, 8, 16, 32]  # None: kernels.sweep_splits
 COL = [(64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 2),
        (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+KEY_MAX = "--no-key-max" not in sys.argv  # sweep timings without the per-key max (record_key_max off)
 SIZES = {"1.3b": (32760, 1560, 12), "14b": (75600, 3600, 40)}
 
 
 def main(argv):
     size = argv[argv.index("--size") + 1] if "--size" in argv else "1.3b"
-    only = [a for a in argv if a in ("row", "column", "sweep")]
+    only = [a for a in argv if a in ("row", "column", "sweep", "variants", "pinned")]
     torch.manual_seed(0)
     tokens, ft, heads = SIZES[size]
     dim = heads * 128
@@ -43,10 +49,14 @@ def main(argv):
     print(f"{size}: cuDNN attention, this row: {ref:.2f} ms; splits chosen for the sweep: "
           f"{kernels.sweep_splits(tokens, -(-tokens // ft), heads, ft, 128, q.device)}")
     best = {}
+    if "variants" in only:
+        variants(q, k, scale, layout, ft, lse, ref)
+    if "pinned" in only:
+        pinned(tokens)
     runs = [("row", [(c, None) for c in ROW], lambda c, s: kernels.row_pass(q, k, scale, layout, ft, True, config=c)),
             ("column", [(c, None) for c in COL], lambda c, s: kernels.column_pass(q, k, scale, layout, ft, lse, config=c)),
             ("sweep", [(c, s) for c in SWEEP for s in SWEEP_SPLITS],
-             lambda c, s: kernels.sweep(q, k, scale, layout, ft, lse, config=c, splits=s))]
+             lambda c, s: kernels.sweep(q, k, scale, layout, ft, lse, config=c, splits=s, key_max=KEY_MAX))]
     for name, cases, fn in runs:
         if only and name not in only:
             continue
@@ -61,6 +71,54 @@ def main(argv):
                 best[name] = (c, s, ms)
     for name, (c, s, ms) in best.items():
         print(f"best {name}: {c} splits {s or 'auto'} {ms:.2f} ms ({ms / ref:.3f}x cuDNN)")
+
+
+def variants(q, k, scale, layout, ft, lse, ref):
+    """The sweep at the shipped shape with each per-key reduction, checked equal to the float32 one."""
+    base = kernels.sweep(q, k, scale, layout, ft, lse, tensor_core_sums=False)
+    for tc in (False, True):
+        for kmax in (True, False):
+            got = kernels.sweep(q, k, scale, layout, ft, lse, tensor_core_sums=tc, key_max=kmax)
+            err = float((got[0] - base[0]).norm() / base[0].norm())
+            ms = triton.testing.do_bench(lambda: kernels.sweep(q, k, scale, layout, ft, lse, tensor_core_sums=tc,
+                                                               key_max=kmax), warmup=50, rep=300,
+                                         return_mode="median")
+            print(f"variant sums on {'tensor cores' if tc else 'float32 shuffles'}, key max "
+                  f"{'on' if kmax else 'off'}: {ms:.2f} ms ({ms / ref:.3f}x cuDNN); received vs float32 sums "
+                  f"{err:.1e}", flush=True)
+
+
+def pinned(tokens, blocks=30):
+    """One recorded step's host copies (cross maps of 8 tokens in float16 and sink statistics, per block, one
+    video): a pinned buffer each (what the collector does) against views of one pinned buffer per step."""
+    import time
+    sizes = [tokens * 8 * 2, tokens * 4, tokens * 4] * blocks  # bytes: cross maps, received, key max
+    srcs = [torch.empty(n // 2, dtype=torch.float16, device="cuda") for n in sizes]
+    torch.cuda.synchronize()
+
+    def each():
+        return [torch.empty(s.shape, dtype=s.dtype, pin_memory=True).copy_(s, non_blocking=True) for s in srcs]
+
+    def pooled():
+        slab = torch.empty(sum(s.numel() for s in srcs), dtype=torch.float16, pin_memory=True)
+        out, at = [], 0
+        for s in srcs:
+            out.append(slab[at:at + s.numel()].view(s.shape).copy_(s, non_blocking=True))
+            at += s.numel()
+        return out
+
+    for name, fn in (("a pinned buffer per copy", each), ("one pinned buffer per step", pooled)):
+        keep = []
+        for _ in range(3):
+            keep.append(fn())
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            keep.append(fn())  # kept, as a take keeps them: nothing returns to the pinned cache
+        torch.cuda.synchronize()
+        print(f"pinned host copies of one step ({len(srcs)} arrays, {sum(sizes) / 2**20:.1f} MiB): {name} "
+              f"{(time.perf_counter() - t) / 10 * 1000:.2f} ms", flush=True)
+        del keep
 
 
 if __name__ == "__main__":

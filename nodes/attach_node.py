@@ -45,7 +45,7 @@ def options_from(kw: dict) -> dict:
                 store_per_block=kw["store_per_block"], store_per_head=kw["store_per_head"],
                 storage_dtype=kw["storage_dtype"], spatial_downsample_factor=kw["spatial_downsample_factor"],
                 memory_budget_mb=kw["memory_budget_mb"], chunk_budget_mb=kw["chunk_budget_mb"],
-                record_image_context=kw["image_context"], image_context_set=True)
+                record_image_context=kw["image_context"], image_context_set=True, record_key_max=kw["key_max"])
 
 
 def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=None,
@@ -189,6 +189,9 @@ class AttentionRecordingOptions(io.ComfyNode):
                 io.Int.Input("chunk_budget_mb", default=int(d["chunk_budget_mb"]), min=1, max=1 << 16,
                              optional=True,
                              tooltip="Attention scores held at once on the GPU while computing statistics."),
+                io.Boolean.Input("key_max", default=True, optional=True,
+                                 tooltip="With sink statistics, also the max pre-softmax score each key receives "
+                                         "(off: about 7-10% less time in the sink statistics' GPU kernel)."),
                 io.Boolean.Input("image_context", default=True, optional=True,
                                  tooltip="i2v / FLF2V / Fun camera models: also record each query's attention mass "
                                          "on the CLIP-vision image tokens, per step and block (on: where the model "

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import naive_probs, naive_scores, naive_sink  # noqa: E402
 from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics  # noqa: E402
+from wan_capture.stats import kernels  # noqa: E402
 from wan_capture.stats.statistics import kernels_for  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4}  # relative error vs float64 on the same inputs
@@ -52,6 +53,17 @@ def case(device, dtype, r, h, lq, lk, d, ft, layout_kw, positions, seed):
     out["sweep_key_max"] = rel(sw.key_max, key_max)
     out["sweep_frame_mass"] = rel(sw.frame_mass, mass)
     out["sweep_entropy"] = rel(sw.entropy, ent)
+    # the sweep's two per-key reductions, each forced: tensor-core sums of float16 halves, and float32 shuffles
+    fk = -(-lk // ft)
+    if fk <= kernels.MAX_FRAMES:
+        flat = lse.reshape(r * h, lq)
+        for name, tc in (("tc", True), ("f32", False)):
+            recv, kmax, _, _ = kernels.sweep(q, k, scale, layout, ft, flat, tensor_core_sums=tc)
+            out[f"sweep_{name}_received"] = rel(recv.reshape(r, h, lk) / lq, received)
+            out[f"sweep_{name}_key_max"] = rel(kmax.reshape(r, h, lk), key_max)
+        recv, kmax, mass_rows, _ = kernels.sweep(q, k, scale, layout, ft, flat, key_max=False)
+        assert kmax is None
+        out["sweep_no_key_max_received"] = rel(recv.reshape(r, h, lk) / lq, received)
     if not layout_kw.get("causal"):
         got = cross_attention_probs(q, k, positions, scale)
         out["cross"] = rel(got, p[..., positions])

@@ -149,3 +149,24 @@ def test_parse_index_list():
         parse_index_list("3-x", "blocks")
     with pytest.raises(PlanError, match=r"heads \[3\] do not exist"):
         RecordingPlan(text_positions=(0,), heads=(3,), store_per_head=True).selected_heads(3)
+
+
+def test_kernels_key_max_off_records_the_rest_identically_and_says_so(tmp_path):
+    """record_key_max off (the cheaper sink statistics): the other statistics are the same arrays, no key_max is
+    kept or saved, and asking for it says how it was recorded."""
+    from wan_capture import AttentionAnalyzer, SaveOptions, save_take
+    from wan_capture import NotRecorded
+    from wan_capture.recording import FolderRecording
+    full, _ = run(RecordingPlan(text_positions=(2,), record_sink_stats=True, storage_dtype="float32"))
+    cheap, _ = run(RecordingPlan(text_positions=(2,), record_sink_stats=True, storage_dtype="float32",
+                                 record_key_max=False))
+    f, c = full.latest.sink[(1, "cond")], cheap.latest.sink[(1, "cond")]
+    assert "key_max" in f and sorted(c) == ["entropy", "frame_mass", "received"]
+    assert all(torch.equal(c[n], f[n]) for n in c)
+    save_take(cheap.latest, str(tmp_path), "cheap", SaveOptions(storage_dtype="float32"))
+    maps = str(tmp_path / "cheap" / "attention_maps")
+    video = AttentionAnalyzer(maps).list_videos()[0]
+    rec = FolderRecording.open(maps, video)
+    assert torch.equal(torch.from_numpy(rec.sink(1, "received")), f["received"][0])
+    with pytest.raises(NotRecorded, match="no self-attention statistics for step 1"):
+        rec.sink(1, "key_max")

@@ -77,6 +77,9 @@ class RecordingPlan:
         record_cross: keep the text cross-attention maps of the tracked positions.
         record_sink_stats: keep self-attention sink statistics (attention received and max score per key,
             query-frame x key-frame mass, entropy per query frame).
+        record_key_max: with the sink statistics, also the max pre-softmax score each key receives. Off: no
+            ``key_max`` arrays, and the GPU sweep skips that per-key max (7% of its time at Wan 1.3B's shape, 10%
+            at 14B's: bench/README.md).
         window: an exact window of pre-softmax scores and probabilities (:class:`FrameWindow`), or None.
         record_image_context: i2v/FLF2V/camera models: the image tokens' share of each query's attention and each
             CLIP-vision token's attention received.
@@ -101,6 +104,7 @@ class RecordingPlan:
     negative_sums: Tuple[Tuple[int, ...], ...] = ()
     record_cross: bool = True
     record_sink_stats: bool = False
+    record_key_max: bool = True
     window: Optional[FrameWindow] = None
     record_image_context: bool = False
     blocks: Optional[Tuple[int, ...]] = None

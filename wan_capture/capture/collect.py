@@ -222,9 +222,12 @@ class Collector:
         if call.chunk is not None:
             store.key_frames[(call.chunk, call.step, call.block)] = frames
         if p.record_sink_stats:
-            st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, p.chunk_budget_bytes, layout, lse=lse)
+            st = _stats.sink_statistics(qb, kb, scale, layout.frame_tokens, p.chunk_budget_bytes, layout, lse=lse,
+                                        key_max=p.record_key_max)
             for name in SINK_NAMES:
                 value = getattr(st, name)
+                if value is None:  # the key max, not asked for
+                    continue
                 reduce = "max" if name == "key_max" else "mean"
                 if not p.store_per_head:
                     value = value.amax(dim=1, keepdim=True) if reduce == "max" else value.mean(dim=1, keepdim=True)

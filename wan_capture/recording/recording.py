@@ -177,9 +177,11 @@ class Recording:
         if not parts:
             raise NotRecorded(f"no self-attention statistics for step {step} ({branch}) in any chunk; steps per chunk: "
                               f"{held}")
+        if name not in parts[0]:  # the key max, recorded with record_key_max off
+            raise NotRecorded(f"no {name} for step {step} ({branch}): it was recorded with record_key_max off")
         early = name != "key_max"
         if early:
-            parts = [{**p, **{n: pick(p[n]) for n in SINK_NAMES}} for p in parts]
+            parts = [{**p, **{n: pick(p[n]) for n in SINK_NAMES if n in p}} for p in parts]
         frames, ft = self._video_frames(parts)
         self._check_assembly(parts[0]["received"].shape[:-1], frames, ft)
         whole = assemble_chunks(parts, frames, ft)[name]
@@ -226,7 +228,7 @@ class Recording:
         key = ArrayKey("sink", SINK_NAMES[0], step, branch, chunk=chunk)
         meta = self.metadata(key)
         arrays = {n: np.asarray(self.get(ArrayKey("sink", n, step, branch, chunk=chunk)), np.float32)
-                  for n in SINK_NAMES}
+                  for n in SINK_NAMES if self.has(ArrayKey("sink", n, step, branch, chunk=chunk))}
         return {**arrays, "query_frames": meta["query_frames"], "key_frames": chunk_key_frames(meta)}
 
     def window(self, step: int, block: int, branch: str = "cond") -> dict:

@@ -30,6 +30,7 @@ def assemble_chunks(chunks: Iterable[dict], frames: int, frame_tokens: int) -> D
     recv_sum = np.zeros(lead + (frames, frame_tokens), dtype=np.float64)
     recv_n = np.zeros((frames,), dtype=np.int64)
     kmax = np.full(lead + (frames, frame_tokens), -np.inf, dtype=np.float32)
+    with_max = all("key_max" in c for c in chunks)  # recorded with record_key_max off: no key max
     for c in chunks:
         qf, kf = list(c["query_frames"]), list(c["key_frames"])
         fm = np.asarray(c["frame_mass"], dtype=np.float32)
@@ -40,17 +41,20 @@ def assemble_chunks(chunks: Iterable[dict], frames: int, frame_tokens: int) -> D
                     if 0 <= g < frames:
                         mass[..., f, g] += fm[..., i, j]
         rc = np.asarray(c["received"], dtype=np.float64).reshape(lead + (len(kf), frame_tokens))
-        kc = np.asarray(c["key_max"], dtype=np.float32).reshape(lead + (len(kf), frame_tokens))
+        kc = np.asarray(c["key_max"], dtype=np.float32).reshape(lead + (len(kf), frame_tokens)) if with_max else None
         for j, g in enumerate(kf):
             if 0 <= g < frames:
                 recv_sum[..., g, :] += rc[..., j, :]
                 recv_n[g] += 1
-                kmax[..., g, :] = np.maximum(kmax[..., g, :], kc[..., j, :])
+                if with_max:
+                    kmax[..., g, :] = np.maximum(kmax[..., g, :], kc[..., j, :])
     with np.errstate(invalid="ignore", divide="ignore"):
         received = (recv_sum / recv_n[:, None]).astype(np.float32)
     kmax[..., recv_n == 0, :] = np.nan
-    return {"frame_mass": mass, "entropy": entropy, "received": received.reshape(lead + (frames * frame_tokens,)),
-            "key_max": kmax.reshape(lead + (frames * frame_tokens,))}
+    out = {"frame_mass": mass, "entropy": entropy, "received": received.reshape(lead + (frames * frame_tokens,))}
+    if with_max:
+        out["key_max"] = kmax.reshape(lead + (frames * frame_tokens,))
+    return out
 
 
 def sink_frames_of(events: Sequence[dict]) -> List[int]:

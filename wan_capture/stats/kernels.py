@@ -28,6 +28,8 @@ MASK_NONE = tl.constexpr(0)
 MASK_TOKEN = tl.constexpr(1)
 MASK_FRAME = tl.constexpr(2)
 MAX_FRAMES = 128  # key frames the kernels keep per-query sums for (row pass: in registers; sweep: in memory)
+SUM_COLS = tl.constexpr(16)  # columns of the ones matrix the sweep's per-key sums multiply by (tl.dot's minimum)
+P_SHIFT = 12  # the sweep's tensor-core sums work on 2^P_SHIFT x p: float16-normal down to p = 2^-26
 
 
 @triton.jit
@@ -229,16 +231,23 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
 
 
 @triton.jit
-def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2, accp, accs, RB, KB,
+def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2, accp, accs, RB, KB, ones,
                 frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, TC_SUM: tl.constexpr, KEY_MAX: tl.constexpr):
     """One key tile against the program's query tile, as [keys, queries]. Per-key sums reduce along the cheap axis
     and are added to the program's own per-key rows in memory (``RB``/``KB``, loaded before the dot so that their
-    latency hides behind it); per-query sums accumulate elementwise and are reduced once per query tile."""
+    latency hides behind it); per-query sums accumulate elementwise and are reduced once per query tile.
+
+    ``TC_SUM``: the per-key sum over the tile's queries is a matrix product on tensor cores, ``p @ ones`` (``ones``:
+    ``[queries, SUM_COLS]``, 1 in column 0), with ``p`` split into two float16 halves, ``hi + lo``, so the sum keeps
+    22 bits (float32 accumulation). ``lse2`` then carries ``P_SHIFT``: every ``p`` here is ``2^P_SHIFT`` times the
+    probability, which keeps it a normal float16 (probabilities of 1/75,600 and less are common); the caller scales
+    the sums back, exactly (a power of two)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kmask = offs_n < k_hi
     recv = tl.load(RB + offs_n, mask=kmask, other=0.0)
-    kmax = tl.load(KB + offs_n, mask=kmask, other=float("-inf"))
+    if KEY_MAX:
+        kmax = tl.load(KB + offs_n, mask=kmask, other=float("-inf"))
     if MASKED:
         k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kmask[:, None], other=0.0)
     else:
@@ -257,15 +266,23 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2,
         p = tl.exp2(s * c - lse2[None, :])
         accs += p * s
     accp += p
-    tl.store(RB + offs_n, recv + tl.sum(p, 1), mask=kmask)
-    tl.store(KB + offs_n, tl.maximum(kmax, tl.max(s, 1)), mask=kmask)
+    if TC_SUM:
+        hi = p.to(tl.float16)
+        lo = (p - hi.to(tl.float32)).to(tl.float16)
+        per_key = tl.sum(tl.dot(lo, ones, tl.dot(hi, ones)), 1)  # column 0 holds the sum, the others 0
+    else:
+        per_key = tl.sum(p, 1)
+    tl.store(RB + offs_n, recv + per_key, mask=kmask)
+    if KEY_MAX:
+        tl.store(KB + offs_n, tl.maximum(kmax, tl.max(s, 1)), mask=kmask)
     return accp, accs
 
 
 @triton.jit
 def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
                   q_offset, frame_tokens, Fk, q_per_split, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, TC_SUM: tl.constexpr,
+                  KEY_MAX: tl.constexpr, P_SHIFT: tl.constexpr):
     # the splits of one key frame are neighbours in launch order, so the programs running at once share few key
     # frames and those stay in L2 (at Wan 14B's 720p frames, 0.9 MB a head, that decides the speed)
     split = tl.program_id(0)
@@ -292,15 +309,18 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     # the frame's last, partial key tile and a partial query tile follow in masked loops of their own
     q_full = q_lo if CAUSAL != MASK_NONE else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
     n_hot = n_full if CAUSAL == MASK_NONE else k_lo
+    # the B operand of the tensor-core per-key sums: 1 in column 0 (the sum), 0 elsewhere (columns for tl.dot)
+    ones = ((tl.arange(0, BLOCK_M)[:, None] >= 0) & (tl.arange(0, SUM_COLS)[None, :] == 0)).to(tl.float16)
     for start_m in range(q_lo, q_full, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634 - P_SHIFT
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, n_hot, BLOCK_N):
             accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m, offs_m, lse2, accp, accs,
-                                     RB, KB, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_N)
+                                     RB, KB, ones, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_N, TC_SUM,
+                                     KEY_MAX)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0))
         tl.store(PS + out, tl.sum(accs, 0))
@@ -310,11 +330,12 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
             offs_m = start_m + tl.arange(0, BLOCK_M)
             qmask = offs_m < q_hi
             q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634 - P_SHIFT
             accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
-                                     accs, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N)
+                                     accs, RB, KB, ones, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N,
+                                     TC_SUM, KEY_MAX)
             out = (pid_bh * Fk + fk) * Lq + offs_m
             tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
             tl.store(PS + out, tl.load(PS + out) + tl.sum(accs, 0))
@@ -323,12 +344,13 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qmask = offs_m < q_hi
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634 - P_SHIFT
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, k_hi, BLOCK_N):
             accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
-                                     accp, accs, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N)
+                                     accp, accs, RB, KB, ones, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N,
+                                     TC_SUM, KEY_MAX)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
         tl.store(PS + out, tl.sum(accs, 0), mask=qmask)
@@ -479,9 +501,13 @@ def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
     return (2 * frames * lq + 2 * splits * lk) * 4
 
 
-def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None):
+def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, tensor_core_sums=False, key_max=True):
     """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
-    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``."""
+    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``.
+
+    ``tensor_core_sums``: the per-key sums on tensor cores (see ``_sweep_tile``), off by default: exact, but 2.6x
+    slower on an H200 with Triton 3.6 (bench/README.md). ``key_max`` False: no per-key max (None): what the plan's
+    ``record_key_max`` off asks for."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     ft = frame_tokens or lk
@@ -491,18 +517,24 @@ def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None):
         splits = sweep_splits(lq, fk, r * h, ft, d, q.device)
     per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
     splits = triton.cdiv(lq, per)
+    ieee = _ieee(q)
+    tc = bool(tensor_core_sums)
+    shift = P_SHIFT if tc else 0
     dev = q.device
     mass = torch.zeros(r * h, fk, lq, device=dev, dtype=torch.float32)  # causal programs skip unseen queries
     ps = torch.zeros_like(mass)
     recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)  # one row per split, summed after
-    kmax = torch.full((splits, r * h, lk), float("-inf"), device=dev, dtype=torch.float32)
+    kmax = torch.full((splits if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
+                      dtype=torch.float32)
     lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
     _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, ps, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
                                        layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
-                                       IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps,
-                                       num_stages=stages)
-    entropy = lse - scale * ps.sum(dim=1)
-    return recv.sum(dim=0), kmax.amax(dim=0) * scale, mass, entropy
+                                       IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, D=d, TC_SUM=tc, KEY_MAX=bool(key_max),
+                                       P_SHIFT=shift, num_warps=warps, num_stages=stages)
+    unshift = 2.0 ** -shift  # exact: the sums were of 2^shift x p
+    entropy = lse - scale * ps.sum(dim=1) * unshift
+    received = recv.sum(dim=0) * unshift
+    return received, (kmax.amax(dim=0) * scale if key_max else None), mass * unshift, entropy
 
 
 def sink_statistics(q, k, scale, frame_tokens, layout):

@@ -80,14 +80,15 @@ class SinkStats(NamedTuple):
     """Self-attention sink statistics of one attention call, per row and head.
 
     received: ``[R, H, Lk]`` mean over queries of each key's probability column (attention received).
-    key_max: ``[R, H, Lk]`` maximum pre-softmax score ``q.k*scale`` each key gets from any query that sees it.
+    key_max: ``[R, H, Lk]`` maximum pre-softmax score ``q.k*scale`` each key gets from any query that sees it (None
+    when not asked for).
     frame_mass: ``[R, H, Fq, Fk]`` for query frame fq, mean over its queries of the probability mass on key frame fk
     (each row sums to 1). entropy: ``[R, H, Fq]`` mean softmax entropy (nats) of the queries of each frame.
     Query frames are absolute: row fq is frame ``q_frame0 + fq``.
     """
 
     received: torch.Tensor
-    key_max: torch.Tensor
+    key_max: Optional[torch.Tensor]
     frame_mass: torch.Tensor
     entropy: torch.Tensor
     q_frame0: int
@@ -229,8 +230,10 @@ def _frames(length: int, offset: int, frame_tokens: int) -> Tuple[torch.Tensor, 
 
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens: int,
                     chunk_bytes: int = 256 << 20, layout: KeyLayout = KeyLayout(),
-                    lse: Optional[torch.Tensor] = None) -> SinkStats:
+                    lse: Optional[torch.Tensor] = None, key_max: bool = True) -> SinkStats:
     """Received attention and max score per key, frame x frame mass and entropy per query frame.
+
+    ``key_max`` False: no max score per key (None); the GPU's single sweep then skips that reduction.
 
     ``lse``: each query's log-sum-exp ``[R, H, Lq]`` (natural log of the sum of ``exp(q.k*scale)`` over the visible
     keys), as the model's own attention kernel returned it; with it the GPU kernels need one sweep over the keys
@@ -240,8 +243,11 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     # the kernels keep per-query sums for every key frame: past MAX_FRAMES the chunked torch path bounds memory
     if kern is not None and -(-k.shape[2] // frame_tokens) <= kern.MAX_FRAMES:
         if lse is not None:
-            return _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse)
-        return _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
+            st = _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse, key_max)
+        else:
+            st = _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
+        return st if key_max else st._replace(key_max=None)
+    want_max = key_max
     qf, kf = _flat(q, k)
     r, h = q.shape[:2]
     rh, lq, lk = qf.shape[0], qf.shape[1], kf.shape[1]
@@ -272,8 +278,8 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     received /= lq
     mass /= counts[None, :, None]
     entropy /= counts[None, :]
-    return SinkStats(received.view(r, h, lk), key_max.view(r, h, lk), mass.view(r, h, fq, fk),
-                     entropy.view(r, h, fq), q_frame0)
+    return SinkStats(received.view(r, h, lk), key_max.view(r, h, lk) if want_max else None,
+                     mass.view(r, h, fq, fk), entropy.view(r, h, fq), q_frame0)
 
 
 def _frame_means(x: torch.Tensor, offset: int, frame_tokens: int, frames: int) -> torch.Tensor:
@@ -305,9 +311,10 @@ def _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head:
         mass = _frame_means(mass_rows, layout.q_offset, frame_tokens, fq).transpose(1, 2)
         ent = _frame_means(ent_rows, layout.q_offset, frame_tokens, fq)
         hs = h1 - h0
-        parts.append((received.view(r, hs, lk), key_max.view(r, hs, lk), mass.reshape(r, hs, fq, fk),
-                      ent.view(r, hs, fq)))
-    return SinkStats(*(torch.cat([p[i] for p in parts], dim=1) for i in range(4)), q_frame0)
+        parts.append((received.view(r, hs, lk), None if key_max is None else key_max.view(r, hs, lk),
+                      mass.reshape(r, hs, fq, fk), ent.view(r, hs, fq)))
+    cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts], dim=1) for i in range(4)]
+    return SinkStats(*cat, q_frame0)
 
 
 def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout) -> SinkStats:
@@ -321,7 +328,7 @@ def _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layou
     return _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head, run)
 
 
-def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse) -> SinkStats:
+def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout, lse, key_max=True) -> SinkStats:
     r, h, lq = q.shape[:3]
     lk = k.shape[2]
     if tuple(lse.shape[:3]) != (r, h, lq):
@@ -330,9 +337,9 @@ def _sink_statistics_sweep(kern, q, k, scale, frame_tokens, chunk_bytes, layout,
     splits = kern.sweep_splits(lq, fk, r * h, frame_tokens, q.shape[3], q.device)
 
     def run(h0, h1):
-        received, key_max, mass, ent = kern.sweep(q[:, h0:h1], k[:, h0:h1], scale, layout, frame_tokens,
-                                                  lse[:, h0:h1], splits=splits)
-        return received / lq, key_max, mass, ent
+        received, kmax, mass, ent = kern.sweep(q[:, h0:h1], k[:, h0:h1], scale, layout, frame_tokens,
+                                               lse[:, h0:h1], splits=splits, key_max=key_max)
+        return received / lq, kmax, mass, ent
 
     per_head = r * kern.sweep_bytes(lq, lk, fk, splits)  # what the sweep allocates for one head
     return _sink_statistics_by_heads(q, k, frame_tokens, chunk_bytes, layout, per_head, run)
