@@ -126,7 +126,8 @@ class _CausalSession:
         out = self.rope(*args, **kwargs)
         if self.recording:
             a = self.rope_signature.bind(*args, **kwargs).arguments
-            self.observer.observe_rope(self.slot, a["x"], out, int(a.get("start_frame", 0)),
+            x = next(iter(a.values()))  # the tensor rotated: the function's first parameter
+            self.observer.observe_rope(self.slot, x, out, int(a.get("start_frame", 0)),
                                        self.parts[0].evaluation.grid.frame_tokens)
         return out
 
