@@ -15,8 +15,10 @@ AttentionRecorder = io.Custom("ATTENTION_RECORDER")
 TokenTracking = io.Custom("WAN_TOKEN_TRACKING")
 RecordingOptions = io.Custom("WAN_RECORDING_OPTIONS")
 
-RECORD = {"cross attention": (True, False), "sink statistics": (False, True),
-          "cross attention + sink statistics": (True, True)}
+# record -> (cross maps, sink statistics, the max score per key with them)
+RECORD = {"cross attention": (True, False, True), "sink statistics": (False, True, True),
+          "cross attention + sink statistics": (True, True, True),
+          "sink statistics, no key max": (False, True, False)}
 RECORD_ALIASES = {"both": "cross attention + sink statistics", "cross": "cross attention", "sinks": "sink statistics"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RecordingPlan)}
 
@@ -45,7 +47,7 @@ def options_from(kw: dict) -> dict:
                 store_per_block=kw["store_per_block"], store_per_head=kw["store_per_head"],
                 storage_dtype=kw["storage_dtype"], spatial_downsample_factor=kw["spatial_downsample_factor"],
                 memory_budget_mb=kw["memory_budget_mb"], chunk_budget_mb=kw["chunk_budget_mb"],
-                record_image_context=kw["image_context"], image_context_set=True, record_key_max=kw["key_max"])
+                record_image_context=kw["image_context"], image_context_set=True)
 
 
 def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=None,
@@ -59,7 +61,7 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
     record = RECORD_ALIASES.get(record, record)
     if record not in RECORD:
         raise PlanError(f"record must be one of {list(RECORD)} (or 'both'), got {record!r}")
-    cross, sink = RECORD[record]
+    cross, sink, key_max = RECORD[record]
     if cross and tracking is None and not opts.get("text_positions") and opts.get("branch", "cond") != "uncond":
         raise PlanError("RecordingPlan.text_positions: record is 'cross attention' but no words are tracked: connect "
                         "a Weighted Token Tracker to token_tracking (or give text_positions in Attention Recording "
@@ -75,7 +77,8 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
     return RecordingPlan(text_positions=positions, negative_positions=negative.positions if negative else None,
                          text_sums=tracking.summed if tracking is not None else (),
                          negative_sums=negative.summed if negative is not None else (),
-                         record_cross=cross, record_sink_stats=sink, steps=step_list, storage_interval=interval,
+                         record_cross=cross, record_sink_stats=sink, record_key_max=key_max, steps=step_list,
+                         storage_interval=interval,
                          blocks=parse_index_list(blocks, "blocks"), extra=extra, **opts)
 
 
@@ -114,7 +117,8 @@ class AttachAttentionRecorder(io.ComfyNode):
                                             "negative prompt."),
                 io.Combo.Input("record", options=list(RECORD), default="cross attention", optional=True,
                                tooltip="cross attention: each tracked word's map over the video. sink statistics: "
-                                       "self-attention received and max score per key, frame x frame mass, entropy."),
+                                       "self-attention received and max score per key, frame x frame mass, entropy "
+                                       "('no key max': without the max score, 7-10% less GPU time for them)."),
                 steps_input("record"),
                 io.String.Input("blocks", default="all", optional=True,
                                 tooltip="Transformer blocks to record: 'all' or a list like '0-9,20'."),
@@ -189,9 +193,6 @@ class AttentionRecordingOptions(io.ComfyNode):
                 io.Int.Input("chunk_budget_mb", default=int(d["chunk_budget_mb"]), min=1, max=1 << 16,
                              optional=True,
                              tooltip="Attention scores held at once on the GPU while computing statistics."),
-                io.Boolean.Input("key_max", default=True, optional=True,
-                                 tooltip="With sink statistics, also the max pre-softmax score each key receives "
-                                         "(off: about 7-10% less time in the sink statistics' GPU kernel)."),
                 io.Boolean.Input("image_context", default=True, optional=True,
                                  tooltip="i2v / FLF2V / Fun camera models: also record each query's attention mass "
                                          "on the CLIP-vision image tokens, per step and block (on: where the model "

@@ -292,3 +292,13 @@ def test_frames_mismatch_save_progress_says_files_not_steps(tmp_path, monkeypatc
     done, total = map(int, sent[-1][0].split()[-1].split("/"))
     # every file counted once, the summary twice (written first marked partial, then complete)
     assert done == total == len(files) + 1
+
+
+@needs_comfy
+def test_key_max_off_chosen_on_the_attach_node(tmp_path):
+    """The cheaper sink statistics are one choice of the Attach node's record: no key max is recorded."""
+    pack, _, _, _ = recorded_t2v(tmp_path)
+    build_plan = importlib.import_module(pack.__name__ + ".nodes.attach_node").build_plan
+    plan = build_plan("sink statistics, no key max", "all", "all")
+    assert plan.record_sink_stats and not plan.record_key_max and not plan.record_cross
+    assert build_plan("sink statistics", "all", "all").record_key_max
