@@ -51,7 +51,8 @@ class CausalWanSelfAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.local_attn_size, self.sink_size = local_attn_size, sink_size
         self.max_attention_size = 32760 if local_attn_size == -1 else local_attn_size * frame_tokens
-        self.buggy_eviction = buggy_eviction  # evicts the newest cached frames: the bug class the event log exposes
+        # bugs the event log exposes: True evicts the newest cached frames; "over_sink" rolls the cache over its sink
+        self.buggy_eviction = buggy_eviction
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None):
@@ -69,12 +70,13 @@ class CausalWanSelfAttention(nn.Module):
         g_end, l_end = int(kv_cache["global_end_index"].item()), int(kv_cache["local_end_index"].item())
         if self.local_attn_size != -1 and end > g_end and s + l_end > size:
             evict = s + l_end - size
-            if self.buggy_eviction:  # overwrite the newest frames instead of shifting out the oldest
+            if self.buggy_eviction is True:  # overwrite the newest frames instead of shifting out the oldest
                 local_end = l_end + end - g_end - evict
             else:
-                roll = l_end - evict - sink
+                keep = 0 if self.buggy_eviction == "over_sink" else sink
+                roll = l_end - evict - keep
                 for name in ("k", "v"):
-                    kv_cache[name][:, sink:sink + roll] = kv_cache[name][:, sink + evict:sink + evict + roll].clone()
+                    kv_cache[name][:, keep:keep + roll] = kv_cache[name][:, keep + evict:keep + evict + roll].clone()
                 local_end = l_end + end - g_end - evict
         else:
             local_end = l_end + end - g_end

@@ -312,3 +312,28 @@ def test_causal_plan_fields_apply_budget_aggregation_and_downsampling(monkeypatc
         with record(model, RecordingPlan(text_positions=(1,), record_sink_stats=True, memory_budget_mb=0.001, store_per_head=True)) as rec:
             causal_generate(model, noise, ctx, 2, TIMESTEPS, cache_frames=CACHE)
     assert (tiny_causal.attention, tiny_causal.flash_attention) == originals and rec.latest.status == "partial"
+
+
+def test_causal_sink_flags_an_overwritten_sink_and_an_inert_one(monkeypatch):
+    """A cache that rolls over its sink slots is flagged where it happens; a configured sink in a cache that never
+    evicts (a global cache) is flagged as behaving like none."""
+    torch.manual_seed(0)
+    noise, ctx = torch.randn(1, 16, FRAMES, H, W), torch.randn(1, 20, 4096)
+    flagged = {}
+    for name, kw in (("over_sink", dict(local_attn_size=CACHE, buggy_eviction="over_sink")),
+                     ("global", dict(local_attn_size=-1)), ("right", dict(local_attn_size=CACHE))):
+        model = tiny_causal.CausalWanModel(dim=256, num_heads=2, num_layers=2, sink_size=SINK, frame_tokens=FT,
+                                           **kw).eval()
+        with record(model, plan()) as rec:
+            causal_generate(model, noise, ctx, CHUNK, TIMESTEPS, cache_frames=CACHE if kw["local_attn_size"] > 0
+                            else None)
+        by_kind = {}
+        for e in rec.latest.kv_events:
+            for f in e.get("flags", ()):
+                by_kind.setdefault(f.split(":")[0], set()).add(e["chunk"])
+        flagged[name] = {kind: sorted(chunks) for kind, chunks in by_kind.items()}
+    # the roll over the sink: the sink slot held frame 0, then another frame, from the first eviction on
+    assert flagged["over_sink"]["sink overwritten"] and min(flagged["over_sink"]["sink overwritten"]) == 4
+    assert set(flagged["global"]) == {"sink inert"} and flagged["global"]["sink inert"] == [2, 4, 6, 8]
+    # the right policy: the sink is inert only until the first eviction (chunk 4 evicts frame 1), never overwritten
+    assert set(flagged["right"]) == {"sink inert"} and flagged["right"]["sink inert"] == [2]
