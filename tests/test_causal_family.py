@@ -247,7 +247,7 @@ def _rolling(project, monkeypatch):
     return take
 
 
-@needs("causal-forcing")
+@needs("causal-forcing-long")
 def test_causal_forcing_long_video_records_exactly_with_the_re_roped_anchor(monkeypatch):
     """Causal-Forcing's ``long_video/wan/``: Rolling Forcing's design."""
     _rolling("causal-forcing-long", monkeypatch)
