@@ -170,6 +170,8 @@ class Recording:
         the assembly is refused (ArrayTooLarge) past ``assembly_limit`` bytes.
         """
         pick = pick or (lambda a: np.asarray(a, dtype=np.float32))
+        if name == "key_max" and self.keys_of("sink") and not any(k.name == "key_max" for k in self.keys_of("sink")):
+            raise NotRecorded(f"no key_max for step {step} ({branch}): it was recorded with record_key_max off")
         if not self.causal:
             return pick(self.stored(ArrayKey("sink", name, step, branch), "self-attention statistics"))
         held = self.chunk_steps(branch)
