@@ -97,6 +97,7 @@ class Recording:
         return cached
 
     def has(self, key: ArrayKey) -> bool:
+        """Whether the recording holds ``key`` (its keys are read once)."""
         cached = getattr(self, "_key_set", None)
         if cached is None:
             cached = self._key_set = set(self._keys())
@@ -125,10 +126,7 @@ class Recording:
         return self.get(key)
 
     def _float(self, key: ArrayKey, what: str) -> np.ndarray:
-        if not self.has(key):
-            steps = sorted({k.step for k in self.keys_of(key.stat, key.branch)})
-            raise NotRecorded(f"no {what} for step {key.step} ({key.branch}); recorded steps: {steps}")
-        return np.asarray(self.get(key), dtype=np.float32)
+        return np.asarray(self.stored(key, what), dtype=np.float32)
 
     def cross(self, label: str, step: int, branch: str = "cond") -> np.ndarray:
         """``[blocks, heads, spatial, pieces]`` of a word at one step."""
