@@ -232,8 +232,8 @@ class _CausalSession:
         first = kv[0] if isinstance(kv[0], dict) else {}
         end = first.get("global_end_index")
         kind = "context" if context_pass else "denoise"
+        empty = end is not None and int(end.reshape(-1)[0]) == 0
         if end is not None:
-            empty = int(end.reshape(-1)[0]) == 0
             new = empty and self.progressed
             self.progressed = self.progressed or not empty
         else:
@@ -244,7 +244,7 @@ class _CausalSession:
             self.recorder.begin_pass(None, self.info)
             self.tracker = PipelineTracker(self.recorder, self.info, self.branch_order)
             self.observer = KVCacheObserver()
-            self.caches, self.progressed = {}, end is not None and int(end.reshape(-1)[0]) != 0
+            self.caches, self.progressed = {}, False  # its cache is empty (or, CausVid's, starts over)
             self.calls = 0
         self.last = (chunk, kind)
         self.branch = self.caches.setdefault(id(first), self.branch_order[len(self.caches) % len(self.branch_order)])

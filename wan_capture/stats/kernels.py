@@ -52,6 +52,19 @@ def _visible(offs_q_abs, offs_k, Lk, frame_tokens, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _q_tile(Q, sq_r, sq_h, sq_l, sq_d, H, Lq, pid_m, pid_bh, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """The query tile ``pid_m`` of row-head ``pid_bh`` (rows past ``Lq`` read as 0): ``(row, head, query offsets,
+    feature offsets, q)``."""
+    r = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+                mask=offs_m[:, None] < Lq, other=0.0)
+    return r, h, offs_m, offs_d, q
+
+
+@triton.jit
 def _row_tile(q, kbase, sk_l, sk_d, offs_d, start_n, q_abs, m, l, u, fm, cols, Lk, frame_tokens, c,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, WANT_MASS: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_N: tl.constexpr):
@@ -95,12 +108,7 @@ def _row_kernel(Q, K, LSE, ENT, MASS, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, 
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, FKP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    r = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
-                mask=offs_m[:, None] < Lq, other=0.0)
+    r, h, offs_m, offs_d, q = _q_tile(Q, sq_r, sq_h, sq_l, sq_d, H, Lq, pid_m, pid_bh, BLOCK_M, D)
     kbase = K + r * sk_r + h * sk_h
     q_abs = offs_m + q_offset
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -204,12 +212,7 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
                   TP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    r = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
-                mask=offs_m[:, None] < Lq, other=0.0)
+    r, h, offs_m, offs_d, q = _q_tile(Q, sq_r, sq_h, sq_l, sq_d, H, Lq, pid_m, pid_bh, BLOCK_M, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):

@@ -247,7 +247,6 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
         else:
             st = _sink_statistics_kernels(kern, q, k, scale, frame_tokens, chunk_bytes, layout)
         return st if key_max else st._replace(key_max=None)
-    want_max = key_max
     qf, kf = _flat(q, k)
     r, h = q.shape[:2]
     rh, lq, lk = qf.shape[0], qf.shape[1], kf.shape[1]
@@ -257,13 +256,13 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     fk = -(-lk // frame_tokens)
     pad = fk * frame_tokens - lk
     received = torch.zeros(rh, lk, dtype=torch.float32, device=dev)
-    key_max = torch.full((rh, lk), float("-inf"), dtype=torch.float32, device=dev)
+    kmax = torch.full((rh, lk), float("-inf"), dtype=torch.float32, device=dev)
     mass = torch.zeros(rh, fq, fk, dtype=torch.float32, device=dev)
     entropy = torch.zeros(rh, fq, dtype=torch.float32, device=dev)
     for rs, qs in _chunks(rh, lq, lk, chunk_bytes):
         s, vis = _scores(qf, kf, rs, qs, scale, layout)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        key_max[rs] = torch.maximum(key_max[rs], s.amax(dim=1))
+        kmax[rs] = torch.maximum(kmax[rs], s.amax(dim=1))
         p = torch.exp(s - lse)
         received[rs] += p.sum(dim=1)
         # entropy = lse - sum_j p_j s_j; hidden keys have p = 0 and s = -inf, so zero their s first
@@ -278,7 +277,7 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, frame_tokens
     received /= lq
     mass /= counts[None, :, None]
     entropy /= counts[None, :]
-    return SinkStats(received.view(r, h, lk), key_max.view(r, h, lk) if want_max else None,
+    return SinkStats(received.view(r, h, lk), kmax.view(r, h, lk) if key_max else None,
                      mass.view(r, h, fq, fk), entropy.view(r, h, fq), q_frame0)
 
 

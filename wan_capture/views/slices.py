@@ -62,6 +62,14 @@ def token_slice(maps_dir: str, video: str, token: str, step: int, branch: str = 
     return np.ascontiguousarray(data.mean(axis=-1).reshape(f, h, w), dtype=np.float32), meta
 
 
+def _word_bytes(summary: dict, word: dict) -> int:
+    """The largest one step of a word's maps can be, from the recording's geometry: blocks x heads x map cells x
+    the word's pieces, float32."""
+    pieces = max(1, len(word.get("positions") or [1]))
+    cells = int(np.prod(summary.get("map_grid") or [0], dtype=np.int64))
+    return len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * pieces * 4
+
+
 def _bounded_by_metadata(an: AttentionAnalyzer, rec: FolderRecording, token: str, step: int, branch: str) -> dict:
     """The step's metadata; the reader then decompresses nothing larger than the array the recording's geometry
     allows for this word (blocks x heads x map cells x its pieces, float32 at most) nor than its metadata says: a
@@ -71,9 +79,7 @@ def _bounded_by_metadata(an: AttentionAnalyzer, rec: FolderRecording, token: str
     if token not in words:
         raise NotRecorded(f"no tracked word {token!r} ({branch}); tracked: {sorted(words)}")
     meta = rec.metadata(ArrayKey("cross", token, step, branch))
-    pieces = max(1, len((words.get(token) or {}).get("positions") or [1]))
-    cells = int(np.prod(summary.get("map_grid") or [0], dtype=np.int64))
-    geometry = len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * pieces * 4
+    geometry = _word_bytes(summary, words[token])
     shape = meta.get("attention_shape") or []
     claimed = int(np.prod(shape, dtype=np.int64)) * 4 if _is_shape(shape) else geometry
     an.max_bytes = min(MAX_SLICE_BYTES, geometry, claimed) + 4096
@@ -130,12 +136,10 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
                             f"{len(labels) * len(steps)} arrays, over {MAX_PROBE_ARRAYS}")
     out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
     words = {t["label"]: t for t in rec.words(branch)}
-    cells = int(np.prod(rec.summary.get("map_grid") or [0], dtype=np.int64))
     for label in labels:
         rows = []
         # a compressed file is read whole: bounded by the recording's geometry for this word (the gzip-bomb guard)
-        pieces = max(1, len((words.get(label) or {}).get("positions") or [1]))
-        an.max_bytes = min(MAX_SLICE_BYTES, len(rec.blocks) * len(rec.heads) * cells * pieces * 4) + 4096
+        an.max_bytes = min(MAX_SLICE_BYTES, _word_bytes(rec.summary, words[label])) + 4096
         for step in steps:
             rows.append(rec.cross_cell(label, step, cell, branch).mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
