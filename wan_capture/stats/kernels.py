@@ -9,9 +9,9 @@
   keys only.
 * ``sweep`` (one program per query split x key frame, query tiles outer, the frame's key tiles inner): the single
   sweep used when each query's log-sum-exp is already known (returned by the model's own attention kernel): per
-  query the mass and the ``sum p*s`` on that key frame (so frame mass and entropy need no second sweep), per key the
-  received attention and max score, added tile by tile to rows the program alone owns (one row per split, summed
-  afterwards). No atomics, so the results are deterministic.
+  query the mass and the ``sum p*log2 p`` on that key frame (so frame mass and entropy need no second sweep), per
+  key the received attention and max score, added tile by tile to rows the program alone owns (one row per split,
+  summed afterwards). Each row has one writer, so the results are deterministic.
 
 Scores are ``tl.dot`` of the model's own bf16/fp16 q and k with float32 accumulation (float32 inputs use IEEE
 float32, never TF32), kept in base-2 units inside the kernels (``exp2``), reported in natural units.
@@ -23,13 +23,12 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 # which keys a query sees (the kernels' CAUSAL argument): all, those up to its own token, or up to its own frame
 MASK_NONE = tl.constexpr(0)
 MASK_TOKEN = tl.constexpr(1)
 MASK_FRAME = tl.constexpr(2)
 MAX_FRAMES = 128  # key frames the kernels keep per-query sums for (row pass: in registers; sweep: in memory)
-SUM_COLS = tl.constexpr(16)  # columns of the ones matrix the sweep's per-key sums multiply by (tl.dot's minimum)
-P_SHIFT = 12  # the sweep's tensor-core sums work on 2^P_SHIFT x p: float16-normal down to p = 2^-26
 
 
 @triton.jit
@@ -234,21 +233,21 @@ def _cross_kernel(Q, K, POS, OUT, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d
 
 
 @triton.jit
-def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2, accp, accs, RB, KB, ones,
-                frame_tokens, c, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_N: tl.constexpr, TC_SUM: tl.constexpr, KEY_MAX: tl.constexpr):
-    """One key tile against the program's query tile, as [keys, queries]. Per-key sums reduce along the cheap axis
-    and are added to the program's own per-key rows in memory (``RB``/``KB``, loaded before the dot so that their
-    latency hides behind it); per-query sums accumulate elementwise and are reduced once per query tile.
+def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2, accp, accx, RB, KB, frame_tokens, c,
+                CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                KEY_MAX: tl.constexpr):
+    """One key tile against the program's query tile, as [keys, queries].
 
-    ``TC_SUM``: the per-key sum over the tile's queries is a matrix product on tensor cores, ``p @ ones`` (``ones``:
-    ``[queries, SUM_COLS]``, 1 in column 0), with ``p`` split into two float16 halves, ``hi + lo``, so the sum keeps
-    22 bits (float32 accumulation). ``lse2`` then carries ``P_SHIFT``: every ``p`` here is ``2^P_SHIFT`` times the
-    probability, which keeps it a normal float16 (probabilities of 1/75,600 and less are common); the caller scales
-    the sums back, exactly (a power of two)."""
+    Per query, the mass ``p`` and ``p * x`` accumulate elementwise (reduced once per query tile), where
+    ``x = log2 p = s*c - lse2`` is the exponent already at hand: ``-sum p*x`` is the entropy in bits, so no raw score
+    needs to stay live past the exponent (keeping ``s`` for ``p*s`` cost registers and 3-6% of the sweep on an
+    H200).
+    Per key, the tile's sum over its queries is added to the program's own row ``RB`` with a relaxed atomic add: no
+    other program touches that row and one thread adds each key's partial sums, in program order, so the result is
+    deterministic; it replaces a load before the dot and a store after it (faster on an H200, bench/README.md).
+    The max score per key is read before the dot (its latency hides behind it) and written after."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kmask = offs_n < k_hi
-    recv = tl.load(RB + offs_n, mask=kmask, other=0.0)
     if KEY_MAX:
         kmax = tl.load(KB + offs_n, mask=kmask, other=float("-inf"))
     if MASKED:
@@ -263,29 +262,24 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2,
         if CAUSAL == MASK_FRAME:
             valid = valid & ((offs_n[:, None] // frame_tokens) <= (q_abs[None, :] // frame_tokens))
         s = tl.where(valid, s, float("-inf"))
-        p = tl.exp2(s * c - lse2[None, :])
-        accs += p * tl.where(valid, s, 0.0)
-    else:
-        p = tl.exp2(s * c - lse2[None, :])
-        accs += p * s
+    if KEY_MAX:  # reduced first, so that s is dead once x is computed
+        smax = tl.max(s, 1)
+    x = s * c - lse2[None, :]
+    p = tl.exp2(x)
+    if MASKED:
+        x = tl.where(valid, x, 0.0)  # hidden keys: p = 0 and x = -inf
     accp += p
-    if TC_SUM:
-        hi = p.to(tl.float16)
-        lo = (p - hi.to(tl.float32)).to(tl.float16)
-        per_key = tl.sum(tl.dot(lo, ones, tl.dot(hi, ones)), 1)  # column 0 holds the sum, the others 0
-    else:
-        per_key = tl.sum(p, 1)
-    tl.store(RB + offs_n, recv + per_key, mask=kmask)
+    accx += p * x
+    tl.atomic_add(RB + offs_n, tl.sum(p, 1), mask=kmask, sem="relaxed")
     if KEY_MAX:
-        tl.store(KB + offs_n, tl.maximum(kmax, tl.max(s, 1)), mask=kmask)
-    return accp, accs
+        tl.store(KB + offs_n, tl.maximum(kmax, smax), mask=kmask)
+    return accp, accx
 
 
 @triton.jit
-def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
+def _sweep_kernel(Q, K, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
                   q_offset, frame_tokens, Fk, q_per_split, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, TC_SUM: tl.constexpr,
-                  KEY_MAX: tl.constexpr, P_SHIFT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr):
     # the splits of one key frame are neighbours in launch order, so the programs running at once share few key
     # frames and those stay in L2 (at Wan 14B's 720p frames, 0.9 MB a head, that decides the speed)
     split = tl.program_id(0)
@@ -304,7 +298,7 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     kbase = K + r * sk_r + h * sk_h
     qbase = Q + r * sq_r + h * sq_h
     # this split's per-key received sums and max scores: rows of its own, so no other program touches them and the
-    # results are deterministic. Each query tile updates every key once; the barrier after it orders those
+    # results are deterministic. Each query tile updates every key once; the barrier after it orders the max's
     # read-modify-writes across the program's threads.
     RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
     KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
@@ -312,51 +306,46 @@ def _sweep_kernel(Q, K, LSE, MASS, PS, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     # the frame's last, partial key tile and a partial query tile follow in masked loops of their own
     q_full = q_lo if CAUSAL != MASK_NONE else q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
     n_hot = n_full if CAUSAL == MASK_NONE else k_lo
-    # the B operand of the tensor-core per-key sums: 1 in column 0 (the sum), 0 elsewhere (columns for tl.dot)
-    ones = ((tl.arange(0, BLOCK_M)[:, None] >= 0) & (tl.arange(0, SUM_COLS)[None, :] == 0)).to(tl.float16)
     for start_m in range(q_lo, q_full, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634 - P_SHIFT
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, n_hot, BLOCK_N):
-            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m, offs_m, lse2, accp, accs,
-                                     RB, KB, ones, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_N, TC_SUM,
-                                     KEY_MAX)
+            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m, offs_m, lse2, accp, accx,
+                                     RB, KB, frame_tokens, c, CAUSAL, False, IEEE, BLOCK_N, KEY_MAX)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0))
-        tl.store(PS + out, tl.sum(accs, 0))
+        tl.store(PX + out, tl.sum(accx, 0))
         tl.debug_barrier()
     if n_hot < k_hi:  # the frame's partial key tile against the full query tiles: added to what they stored
         for start_m in range(q_lo, q_full, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             qmask = offs_m < q_hi
             q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634 - P_SHIFT
+            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
             accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
-                                     accs, RB, KB, ones, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N,
-                                     TC_SUM, KEY_MAX)
+            accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
+                                     accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
             out = (pid_bh * Fk + fk) * Lq + offs_m
             tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
-            tl.store(PS + out, tl.load(PS + out) + tl.sum(accs, 0))
+            tl.store(PX + out, tl.load(PX + out) + tl.sum(accx, 0))
             tl.debug_barrier()
     for start_m in range(q_full, q_hi, BLOCK_M):  # a partial query tile (or every tile under a causal mask)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qmask = offs_m < q_hi
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634 - P_SHIFT
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
         accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        accs = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, k_hi, BLOCK_N):
-            accp, accs = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
-                                     accp, accs, RB, KB, ones, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N,
-                                     TC_SUM, KEY_MAX)
+            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
+                                     accp, accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
-        tl.store(PS + out, tl.sum(accs, 0), mask=qmask)
+        tl.store(PX + out, tl.sum(accx, 0), mask=qmask)
         tl.debug_barrier()
 
 
@@ -504,13 +493,10 @@ def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
     return (2 * frames * lq + 2 * splits * lk) * 4
 
 
-def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, tensor_core_sums=False, key_max=True):
+def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, key_max=True):
     """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
-    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``.
-
-    ``tensor_core_sums``: the per-key sums on tensor cores (see ``_sweep_tile``), off by default: exact, but 2.6x
-    slower on an H200 with Triton 3.6 (bench/README.md). ``key_max`` False: no per-key max (None): what the plan's
-    ``record_key_max`` off asks for."""
+    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``. ``key_max`` False: no per-key max (None):
+    what the plan's ``record_key_max`` off asks for."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     ft = frame_tokens or lk
@@ -520,24 +506,21 @@ def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, tens
         splits = sweep_splits(lq, fk, r * h, ft, d, q.device)
     per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
     splits = triton.cdiv(lq, per)
-    ieee = _ieee(q)
-    tc = bool(tensor_core_sums)
-    shift = P_SHIFT if tc else 0
     dev = q.device
-    mass = torch.zeros(r * h, fk, lq, device=dev, dtype=torch.float32)  # causal programs skip unseen queries
-    ps = torch.zeros_like(mass)
+    # every (frame, query) entry is written unless a causal mask skips queries that see none of a frame
+    alloc = torch.empty if layout.causal is None else torch.zeros
+    mass = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
+    px = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
     recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)  # one row per split, summed after
     kmax = torch.full((splits if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
                       dtype=torch.float32)
     lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
-    _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, ps, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
+    _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
                                        layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
-                                       IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, D=d, TC_SUM=tc, KEY_MAX=bool(key_max),
-                                       P_SHIFT=shift, num_warps=warps, num_stages=stages)
-    unshift = 2.0 ** -shift  # exact: the sums were of 2^shift x p
-    entropy = lse - scale * ps.sum(dim=1) * unshift
-    received = recv.sum(dim=0) * unshift
-    return received, (kmax.amax(dim=0) * scale if key_max else None), mass * unshift, entropy
+                                       IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max),
+                                       num_warps=warps, num_stages=stages)
+    entropy = px.sum(dim=1) * -LN2  # -sum p log p, from the sums of p * log2 p
+    return recv.sum(dim=0), (kmax.amax(dim=0) * scale if key_max else None), mass, entropy
 
 
 def sink_statistics(q, k, scale, frame_tokens, layout):
