@@ -118,7 +118,7 @@ class AttachAttentionRecorder(io.ComfyNode):
                 io.Combo.Input("record", options=list(RECORD), default="cross attention", optional=True,
                                tooltip="cross attention: each tracked word's map over the video. sink statistics: "
                                        "self-attention received and max score per key, frame x frame mass, entropy "
-                                       "('no key max': without the max score, 7-10% less GPU time for them)."),
+                                       "('no key max': without the max score, 10-11% less GPU time for them)."),
                 steps_input("record"),
                 io.String.Input("blocks", default="all", optional=True,
                                 tooltip="Transformer blocks to record: 'all' or a list like '0-9,20'."),
