@@ -298,8 +298,8 @@ def _sweep_kernel(Q, K, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
     kbase = K + r * sk_r + h * sk_h
     qbase = Q + r * sq_r + h * sq_h
     # this split's per-key received sums and max scores: rows of its own, so no other program touches them and the
-    # results are deterministic. Each query tile updates every key once; the barrier after it orders the max's
-    # read-modify-writes across the program's threads.
+    # results are deterministic. Each query tile updates every key once; the barrier after it orders, across the
+    # program's threads, the max's read-modify-writes and the per-query stores the partial key tile reads back.
     RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
     KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
     # the hot loop has no masks: full query tiles against the frame's full key tiles (bidirectional attention);
