@@ -37,7 +37,8 @@ def run_browser(url: str, timeout: int = 600) -> dict:
     if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core")):
         subprocess.run(["npm", "install", "--prefix", NODE_DIR, "--no-audit", "--no-fund", "playwright-core@1"],
                        check=True, capture_output=True, timeout=300)
-    shutil.copy(os.path.join(ROOT, "tests", SCRIPT), os.path.join(NODE_DIR, SCRIPT))
+    for name in (SCRIPT, "browser_launch.mjs"):  # the script imports the shared launch from beside it
+        shutil.copy(os.path.join(ROOT, "tests", name), os.path.join(NODE_DIR, name))
     out = subprocess.run(["node", os.path.join(NODE_DIR, SCRIPT), url], capture_output=True, text=True,
                          timeout=timeout)
     if out.returncode:

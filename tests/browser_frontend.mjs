@@ -1,15 +1,11 @@
 // Opens the real ComfyUI frontend in Debian's chromium, loads a UI workflow, reports what the graph holds.
 // Usage: node browser_frontend.mjs URL WORKFLOW_JSON OUT_PNG
-import { chromium } from "playwright-core";
+import { launch } from "./browser_launch.mjs";
 import { readFileSync } from "fs";
 
 const [url, workflowPath, shot] = process.argv.slice(2);
 const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ")));

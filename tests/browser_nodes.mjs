@@ -1,14 +1,10 @@
 // The pack's nodes in the real ComfyUI frontend at default zoom: each one created, laid out in columns, measured
 // and shot. Prints one JSON line. Usage: node browser_nodes.mjs URL OUT_PNG
-import { chromium } from "playwright-core";
+import { launch } from "./browser_launch.mjs";
 
 const [url, shot] = process.argv.slice(2);
 const W = 1920, H = 1200;
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: W, height: H } });
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 12).join(" | ")));

@@ -1,13 +1,9 @@
 // The viewer's tools in Debian's chromium: a click on the frame probes that point over steps, playback advances
 // frames, words side by side, the legend bar, PNG export. Prints one JSON line. Usage: node browser_probe.mjs URL OUT_PNG
-import { chromium } from "playwright-core";
+import { launch } from "./browser_launch.mjs";
 
 const [url, shot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e)));

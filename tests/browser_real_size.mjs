@@ -1,14 +1,10 @@
 // The standalone viewer on a real-size recording in Debian's chromium: the time to the first picture, to each
 // step / frame / block / word / colormap / alpha change, to a point probe, and the playback rate; then the pixels
 // of one picture for the test to check. Prints one JSON line. Usage: node browser_real_size.mjs URL
-import { chromium } from "playwright-core";
+import { launch } from "./browser_launch.mjs";
 
 const [url] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e)));

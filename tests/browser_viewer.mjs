@@ -1,13 +1,9 @@
 // Drives the standalone viewer in Debian's chromium: opens a recording, reads the canvas, moves the step slider,
 // reads it again, keeps a screenshot. Prints one JSON line. Usage: node browser_viewer.mjs URL OUT_PNG
-import { chromium } from "playwright-core";
+import { launch } from "./browser_launch.mjs";
 
 const [url, shot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage();
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e)));

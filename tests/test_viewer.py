@@ -89,7 +89,8 @@ def browser(script_name: str, *args: str, timeout: int = 240) -> dict:
     """Run one of tests/browser_*.mjs in Debian's chromium (copied beside playwright-core in .cache/node): its JSON
     line, after checking it exited cleanly and saw no page errors."""
     script = os.path.join(NODE_DIR, script_name)
-    shutil.copy(os.path.join(ROOT, "tests", script_name), script)
+    for name in (script_name, "browser_launch.mjs"):  # the scripts import the shared launch from beside them
+        shutil.copy(os.path.join(ROOT, "tests", name), os.path.join(NODE_DIR, name))
     out = subprocess.run(["node", script, *args], capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
