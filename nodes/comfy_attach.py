@@ -9,6 +9,7 @@ original) run as before, and nothing is left behind after sampling.
 * ``optimized_attention_override``: every attention call; its position inside the block gives its kind (Wan calls
   self-attention, then for i2v image cross-attention, then text cross-attention). An override installed before ours
   is called through.
+* ComfyUI's own causal Wan (``ar_model.CausalWanModel``): per-evaluation block hooks (:mod:`.comfy_causal`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..wan_capture.capture.lse_attention import LseAttention
 from ..wan_capture.model_info import ModelInfo, describe_model
 from ..wan_capture.capture.time_layout import TimeLayout, vace_reference_frames
 from ..wan_capture.capture.tracker import CallTracker, Evaluation
+from .comfy_causal import ComfyCausal, check_comfy_causal, is_comfy_causal
 
 KEY = "wan_attention_capture"
 
@@ -33,6 +35,7 @@ class _Comfy(CallTracker):
         super().__init__(recorder, info, kinds)
         self.model_sampling, self.previous = model_sampling, previous_override
         self.lse_attention = LseAttention()
+        self.causal: Optional[ComfyCausal] = None  # ComfyUI's own causal Wan (comfy_causal)
 
 
 def wan_diffusion_model(model_patcher):
@@ -119,18 +122,24 @@ def _make_outer_sample(state: _Comfy):
     return outer_sample
 
 
-def _make_forward(state: _Comfy):
+def _make_forward(state: _Comfy, apply_model: bool = False):
+    """The per-evaluation wrapper: of the DiT (``DIFFUSION_MODEL``), or of ``BaseModel.apply_model``
+    (``APPLY_MODEL``, for ComfyUI's causal Wan, whose chunked path never reaches its ``DIFFUSION_MODEL`` wrappers)."""
     def forward(executor, *args, **kwargs):
         x = args[0]
         to = _transformer_options(args, kwargs)
         if state.recorder.active is None or x.dim() != 5:
             return executor(*args, **kwargs)
+        if apply_model:
+            dm, context = executor.class_obj.diffusion_model, args[3] if len(args) > 3 else kwargs.get("c_crossattn")
+        else:
+            dm, context = executor.class_obj, args[2] if len(args) > 2 else kwargs.get("context")
         t, h, w = x.shape[-3:]
         time_dim_concat = args[4] if len(args) > 4 and hasattr(args[4], "shape") else kwargs.get("time_dim_concat")
         lead = trail = 0
         if time_dim_concat is not None:  # Phantom: subject frames appended after the video's
             trail = time_dim_concat.shape[-3]
-        if "reference_latent" in kwargs and getattr(executor.class_obj, "ref_conv", None) is not None:
+        if "reference_latent" in kwargs and getattr(dm, "ref_conv", None) is not None:
             lead = 1  # Wan 2.2 Fun: the reference latent goes in front
         grid = Grid.from_latent((t + lead + trail, h, w), state.info.patch_size)
         take = state.recorder.active
@@ -138,15 +147,24 @@ def _make_forward(state: _Comfy):
             take.time_layout = TimeLayout(vace_reference_frames(kwargs.get("vace_context")), lead, trail)
         sigmas = to.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else float("nan")
+        causal, chunk = state.causal, None
+        if causal is not None:  # ComfyUI's causal Wan: a chunk of the video against its KV cache
+            causal.begin(take, to.get("ar_state"))
+            chunk = causal.start_frame
         step, exact = state.locate(sigma)
+        if chunk is not None and step is not None:
+            take.step_pass.setdefault(step, causal.step_pass(sigma))
         timestep = None
         if state.model_sampling is not None and sigmas is not None:
             timestep = float(state.model_sampling.timestep(sigmas.flatten()[:1].float().cpu())[0])
         branches = branch_rows(to.get("cond_or_uncond"), x.shape[0])
-        check_contexts(state, args[2] if len(args) > 2 else kwargs.get("context"), branches)
-        state.begin_evaluation(Evaluation(step, exact, sigma, timestep, branches, grid))
+        check_contexts(state, context, branches)
+        state.begin_evaluation(Evaluation(step, exact, sigma, timestep, branches, grid, chunk))
         try:
-            return executor(*args, **kwargs)
+            if causal is None:
+                return executor(*args, **kwargs)
+            with causal.hooks(dm, to):
+                return executor(*args, **kwargs)
         finally:
             state.end_evaluation()
     return forward
@@ -206,7 +224,8 @@ def _make_override(state: _Comfy):
         if (state.previous is None and len(args) <= 4 and kwargs.get("mask") is None
                 and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape") and args[0].is_cuda):
             attend_lse = lambda: state.lse_attention(args[0], args[1], args[2], heads, attend)  # noqa: E731
-        return state.tap(args[0], args[1], heads, attend, attend_lse=attend_lse)
+        layout = state.causal.self_layout(args[0], args[1]) if state.causal is not None else None
+        return state.tap(args[0], args[1], heads, attend, layout=layout, attend_lse=attend_lse)
     return override
 
 
@@ -218,7 +237,8 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
     ``transformer_options`` dict of a Wan DiT called directly (benchmarks: give ``info``; there is no sampling pass,
     so call ``recorder.begin_pass``/``end_pass`` around the evaluations). Installs an ``optimized_attention_override``
     (calling through an earlier one), per-block ``dit``/``double_block`` patches, a ``DIFFUSION_MODEL`` wrapper and,
-    on a patcher, an ``OUTER_SAMPLE`` wrapper.
+    on a patcher, an ``OUTER_SAMPLE`` wrapper (ComfyUI's causal Wan: an ``APPLY_MODEL`` wrapper in place of
+    ``DIFFUSION_MODEL``, see :mod:`.comfy_causal`).
     """
     patcher = not isinstance(target, dict)
     if patcher and (info is None or kinds is None):
@@ -231,6 +251,10 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
     if patcher and model_sampling is None:
         model_sampling = getattr(target.model, "model_sampling", None)
     state = _Comfy(recorder, info, kinds, model_sampling, to.get("optimized_attention_override"))
+    dm = getattr(getattr(target, "model", None), "diffusion_model", None) if patcher else None
+    if dm is not None and is_comfy_causal(dm):
+        check_comfy_causal(dm)
+        state.causal = ComfyCausal(state)
     # which weights: two Attach nodes sharing one recorder over different models are experts (Wan 2.2 A14B)
     state.weights = id(getattr(getattr(target, "model", None), "diffusion_model", None)) if patcher else None
     to["optimized_attention_override"] = _make_override(state)
@@ -238,7 +262,10 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
     patches = {i: _make_block_patch(state, i, replace.get(("double_block", i))) for i in range(info.num_blocks)}
     if patcher:
         target.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _make_outer_sample(state))
-        target.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _make_forward(state))
+        if state.causal is not None:  # its chunks bypass the DiT's wrappers; apply_model sees every evaluation
+            target.add_wrapper_with_key(patcher_extension.WrappersMP.APPLY_MODEL, KEY, _make_forward(state, True))
+        else:
+            target.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _make_forward(state))
         for i, patch in patches.items():
             target.set_model_patch_replace(patch, "dit", "double_block", i)
     else:

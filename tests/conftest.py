@@ -20,6 +20,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if self_forcing_path() is None and sf_skipped:
         terminalreporter.write_line(f"!!! {SF_NOT_FOUND} ({sf_skipped} Self-Forcing tests skipped) !!!", red=True,
                                     bold=True)
+    from devtools.comfy_ar import AR_NOT_FOUND
+    ar_skipped = sum(AR_NOT_FOUND in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
+    if ar_skipped:
+        terminalreporter.write_line(f"!!! {AR_NOT_FOUND} ({ar_skipped} tests skipped) !!!", red=True, bold=True)
     for project in LOCATIONS:
         if project == "self-forcing" or project_path(project) is not None:
             continue

@@ -1,7 +1,10 @@
 """Test and demo helper nodes (never part of the shipped pack): tiny random Wan models inside a running ComfyUI.
 
 `TinyWanModels` gives MODEL, CLIP and VAE built on the fly (a 2-block Wan DiT, a one-layer umt5 over a
-sentencepiece model trained in milliseconds, a random Wan VAE); `TinyClipVisionOutput` stands in for CLIP vision.
+sentencepiece model trained in milliseconds, a random Wan VAE); `TinyClipVisionOutput` stands in for CLIP vision;
+`TinyCausalWanModel` is ComfyUI's own causal Wan (2026) with the same tiny weights. On trees older than that model
+the `ar_video` sampler and the AR video nodes are added here too (`devtools.comfy_ar`: upstream's files where
+COMFY_AR_SOURCES has them, else the stand-in).
 """
 import functools
 import os
@@ -14,6 +17,7 @@ from comfy_api.latest import ComfyExtension, io
 
 # loaded by ComfyUI as a custom node of its own (a symlink): the pack root holds devtools/
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+import devtools.comfy_ar as car  # noqa: E402
 import devtools.tiny_comfy as tc  # noqa: E402
 
 
@@ -61,9 +65,42 @@ class TinyClipVisionOutput(io.ComfyNode):
                                                    image_embeds=torch.randn(1, 1024, generator=g)))
 
 
+@functools.lru_cache(maxsize=None)
+def _causal(source, blocks, seed):
+    folder = tempfile.mkdtemp(prefix="tiny_causal_wan_")
+    return car.causal_patcher(tc.tiny_wan_checkpoint(os.path.join(folder, "t2v.safetensors"), "t2v", blocks, seed=seed),
+                              source)
+
+
+class TinyCausalWanModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TinyCausalWanModel", display_name="Tiny Causal Wan Model (tests)", category="testing",
+            inputs=[io.Combo.Input("source", options=["standin-int", "standin-tensor", "a41ffd2", "b05044d"],
+                                   default="standin-int"),
+                    io.Int.Input("blocks", default=2, min=1, max=8), io.Int.Input("seed", default=0, min=0)],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, source, blocks, seed):
+        return io.NodeOutput(_causal(source, blocks, seed))
+
+
+def _ar_video_nodes():
+    """The AR video nodes and sampler where this ComfyUI lacks them (upstream's files if found, else the stand-in)."""
+    import nodes
+    if "SamplerARVideo" in nodes.NODE_CLASS_MAPPINGS:
+        return []
+    real = car.ar_sources() is not None
+    car.install_sampler(real)
+    mod = car.nodes_module(real)
+    return [mod.EmptyARVideoLatent, mod.SamplerARVideo, mod.ARVideoI2V]
+
+
 class _Extension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyWanModels, TinyClipVisionOutput]
+        return [TinyWanModels, TinyClipVisionOutput, TinyCausalWanModel] + _ar_video_nodes()
 
 
 async def comfy_entrypoint():

@@ -125,6 +125,10 @@ def describe_refusal(model) -> str:
     attn = blocks[0].self_attn
     if design_of(model) is not None:
         return ""
+    if type(model).__module__.startswith("comfy.ldm.wan") and callable(getattr(model, "forward_block", None)):
+        return (f"{type(model).__module__}.{type(model).__name__} is ComfyUI's own causal Wan: it is recorded inside "
+                "ComfyUI, by the Attach Attention Recorder node on the MODEL that the ar_video sampler "
+                "(SamplerARVideo) samples, not by wan_capture.record()")
     params = list(inspect.signature(type(attn).forward).parameters)[1:]
     known = "; ".join(f"{d.projects}: forward({', '.join(d.parameters)}), attributes {list(d.attributes)}"
                       for d in DESIGNS)

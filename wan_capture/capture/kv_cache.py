@@ -104,14 +104,16 @@ class KVCacheObserver:
     # -- one attention call -------------------------------------------------------------------------------
     def observe(self, slot: Hashable, k: torch.Tensor, queries: int, query_start: int, frame_tokens: int,
                 writers: Sequence[str], sink_keys: Optional[torch.Tensor] = None,
-                pinned_keys: Optional[torch.Tensor] = None, sink_configured: bool = False
-                ) -> Tuple[Tuple[int, ...], dict]:
+                pinned_keys: Optional[torch.Tensor] = None, sink_configured: bool = False,
+                rope_start: Optional[int] = None) -> Tuple[Tuple[int, ...], dict]:
         """Key frames of one call and its log entry.
 
         ``k [B, Lk, ...]``: the keys attended to, in cache order, the call's own ``queries`` tokens last (they start
         at absolute token ``query_start``); ``writers``: what wrote each of the call's own frames (``"step 2"``,
         ``"context"``); ``sink_keys``/``pinned_keys``: the content of the cache's sink and pinned slots as stored
-        (None: the design has none); ``sink_configured``: the model was told to keep sinks.
+        (None: the design has none); ``sink_configured``: the model was told to keep sinks; ``rope_start``: the RoPE
+        frame position of the call's first own frame where the model passes it (ComfyUI's ``start_frame``), for
+        models whose RoPE function is not observed (-1 then).
         """
         lk = k.shape[1]
         if lk % frame_tokens or queries % frame_tokens or query_start % frame_tokens or queries > lk:
@@ -127,7 +129,7 @@ class KVCacheObserver:
         own = []
         for i, s in enumerate(sigs[len(sigs) - n_new:]):
             frame, rotated = first + i, self.rope.get(slot, {}).get(s)
-            position = rotated[1] if rotated is not None else -1
+            position = rotated[1] if rotated is not None else (-1 if rope_start is None else int(rope_start) + i)
             self._register(slot, frame, [s] + ([rotated[0]] if rotated is not None else []), writers[i], position)
             own.append((frame, writers[i], position))
         key_frames = tuple(f for f, _, _ in cached) + tuple(f for f, _, _ in own)

@@ -44,11 +44,20 @@ class PassLog:
         self.passes.append((self.total_steps, [0.0] if sigmas is None else list(sigmas)))
         self.weights.append(weights)
 
+    def restart_dynamic(self) -> None:
+        """The last pass numbers its steps as its sigmas first appear (a causal sampler runs the schedule once per
+        chunk, and a clean-context pass at sigma 0), instead of by the schedule; only before it recorded a step."""
+        offset, _ = self.passes[-1]
+        if any(step >= offset for step in self.step_sigmas):
+            raise RuntimeError("a pass can number its steps dynamically only before it records one")
+        self.passes[-1] = (offset, [0.0])
+        self.dynamic = True
+
     def locate(self, sigma: float) -> Tuple[Optional[int], bool]:
         """Global step of an evaluation at ``sigma`` in the last pass, and whether it is the step's own sigma."""
         offset, sigmas = self.passes[-1]
         if self.dynamic:
-            return self.dynamic_steps.setdefault(float(sigma), len(self.dynamic_steps)), True
+            return offset + self.dynamic_steps.setdefault(float(sigma), len(self.dynamic_steps)), True
         step, exact = step_of(sigma, sigmas)
         return (None, False) if step is None else (offset + step, exact)
 
