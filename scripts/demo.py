@@ -5,7 +5,9 @@ API, and print where the heatmaps and arrays are.
     python scripts/demo.py --unet wan2.1_t2v_1.3B_fp16.safetensors --clip umt5_xxl_fp8_e4m3fn_scaled.safetensors \\
         --vae wan_2.1_vae.safetensors [--base-directory <folder with models/>] [--gpu]
 
-ComfyUI is found at COMFYUI_PATH or two folders up (the pack in <ComfyUI>/custom_nodes/).
+ComfyUI is found at COMFYUI_PATH, two folders up (the pack in <ComfyUI>/custom_nodes/) or ~/ComfyUI. Without it the
+same kind of recording runs through the Python API on a tiny official Wan model (devtools/python_demo.py), into
+``--out`` (default out/demo_python).
 """
 from __future__ import annotations
 
@@ -39,10 +41,14 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", help="Wan 2.1 VAE file in models/vae")
     ap.add_argument("--base-directory", help="ComfyUI base directory holding models/ (default: a temporary one)")
     ap.add_argument("--prompt", default="a beautiful (flower:2.5) near a (tree:1.5), gentle wind, sunny garden")
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo_python"),
+                    help="output folder of the demo without ComfyUI")
     args = ap.parse_args(argv)
     if tiny_comfy.COMFYUI is None:
-        print(tiny_comfy.NOT_FOUND, file=sys.stderr)
-        return 2
+        print("ComfyUI not found (COMFYUI_PATH, two folders up, ~/ComfyUI): running the demo through the Python API "
+              "instead")
+        from devtools.python_demo import main as python_demo
+        return python_demo(args.out)
     real = all((args.unet, args.clip, args.vae))
     with open(WORKFLOW) as f:
         workflow = json.load(f)

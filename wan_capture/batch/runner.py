@@ -159,6 +159,15 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
     return manifest
 
 
+def progress_label(class_type: Optional[str]) -> str:
+    """What a node's progress bar counts, for the runner's progress line."""
+    if class_type == "WanSaveAttention":
+        return "Save Attention Maps: files written"
+    if class_type and ("Sampler" in class_type or class_type.startswith("KSampler")):
+        return f"{class_type}: sampling steps"
+    return f"{class_type or 'node'}: progress"
+
+
 class _Batch:
     """The shared queue of a batch and its servers' workers (see :func:`run_batch`)."""
 
@@ -185,7 +194,8 @@ class _Batch:
 
         def progress(p):
             if p.max:
-                print(f"\r  {job.video_id} on {url}: step {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
+                what = progress_label(self.workflow.get(str(p.node), {}).get("class_type"))
+                print(f"\r  {job.video_id} on {url}: {what} {p.value}/{p.max}", end="", file=sys.stderr, flush=True)
         try:
             entry = await client.run(session, prepare(self.workflow, job, self.batch_name), progress)
             reports = saved_files(entry)

@@ -1,0 +1,41 @@
+"""``make demo``'s script on a machine without ComfyUI (the Python API path) and with it (the HTTP API path)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attention_analyzer import AttentionAnalyzer
+from devtools.tiny_comfy import COMFYUI, NOT_FOUND
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_anywhere_without_comfyui(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["HOME"] = str(tmp_path / "home")  # no ~/ComfyUI
+    os.makedirs(env["HOME"])
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out)], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "ComfyUI not found" in done.stdout and "custom_nodes/" in done.stdout.splitlines()[-1]
+    an = AttentionAnalyzer(str(out / "demo" / "attention_maps"))
+    video = an.list_videos()[0]
+    assert an.list_tokens(video) == ["pos001", "pos004", "pos007"]
+    assert an.load_all_steps(video, "pos004").shape[0] == 3  # [steps, blocks, heads, spatial, pieces]
+    assert an.list_self_attention_steps(video) == [0, 1, 2]
+    pngs = list((out / "demo" / "heatmaps").rglob("*.png"))
+    assert len(pngs) == 4 * 9 and all(p.stat().st_size > 0 for p in pngs)  # 3 positions + received, 9 frames each
+    assert (out / "sink_report" / "series.csv").stat().st_size > 0
+
+
+@pytest.mark.skipif(COMFYUI is None, reason=NOT_FOUND)
+def test_demo_anywhere_with_comfyui_names_what_progress_counts(tmp_path):
+    env = dict(os.environ, COMFYUI_PATH=COMFYUI)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"),
+                           "--base-directory", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "KSampler: sampling steps 3/3" in done.stderr
+    assert "Save Attention Maps: files written" in done.stderr and "step 1/" not in done.stderr
+    assert AttentionAnalyzer(str(tmp_path / "output" / "demo" / "attention_maps")).list_videos()
