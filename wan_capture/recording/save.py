@@ -16,6 +16,7 @@ last file of the video is in place, and stays partial when the take itself was i
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -294,17 +295,32 @@ def _is_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
+SWAP_ATTEMPTS = 20  # another replacing save may put its folder at the name between our move-aside and our rename
+
+
 def _swap_in(work: str, final: str) -> None:
     """Put the finished folder ``work`` at ``final``, replacing whatever was there as a whole (an empty folder, the
-    name this save claimed, is replaced by the rename itself)."""
-    old = None
-    if os.path.lexists(final) and not _is_empty_dir(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{_owner()}-", dir=os.path.dirname(final))
-        os.rmdir(old)
-        os.rename(final, old)
-    os.rename(work, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    name this save claimed, is replaced by the rename itself). When another save replacing the same name puts its
+    folder there in between, that one is moved aside in turn: the later rename wins, whole, and never fails."""
+    for _ in range(SWAP_ATTEMPTS):
+        old = None
+        if os.path.lexists(final) and not _is_empty_dir(final):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{_owner()}-", dir=os.path.dirname(final))
+            os.rmdir(old)
+            try:
+                os.rename(final, old)
+            except FileNotFoundError:  # the other save moved it aside first
+                old = None
+        try:
+            os.rename(work, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    raise StorageError(f"could not put the recording at {final}: other saves kept replacing it ({SWAP_ATTEMPTS} tries)")
 
 
 def _claim(root: str, video_id: str) -> str:
