@@ -4,6 +4,10 @@ VENV ?= .venv
 # ComfyUI is found at COMFYUI_PATH, two folders up (<ComfyUI>/custom_nodes/<pack>), or ~/ComfyUI.
 COMFYUI_PATH ?= $(shell for d in ../.. $(HOME)/ComfyUI; do [ -f $$d/comfy/model_patcher.py ] && cd $$d && pwd && break; done)
 export COMFYUI_PATH
+# hiddenswitch's ComfyUI 0.12.1 in a Python of its own (its pins conflict with 0.3.64's; devtools/install_comfyui_newer.sh):
+# its ComfyUI tests run there too, where both are found
+COMFYUI_NEWER_PATH ?= $(shell d=$(HOME)/ComfyUI-0.12.1; [ -d $$d/comfy_compatibility ] && echo $$d)
+COMFYUI_NEWER_PYTHON ?= $(shell p=$(HOME)/comfyui-0.12.1-venv/bin/python; [ -x $$p ] && echo $$p)
 BIN := $(VENV)/bin
 
 .PHONY: test demo bench setup
@@ -21,7 +25,16 @@ $(VENV)/.comfy: $(VENV)/.core
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	@rm -f .cache/junit-*.xml; mkdir -p .cache
+	$(BIN)/python -m pytest -q tests --junitxml=.cache/junit-main.xml; main=$$?; \
+	if [ -n "$(COMFYUI_NEWER_PATH)" ] && [ -n "$(COMFYUI_NEWER_PYTHON)" ]; then \
+	  echo "ComfyUI tests on $(COMFYUI_NEWER_PATH) (hiddenswitch 0.12.1)"; \
+	  COMFYUI_PATH=$(COMFYUI_NEWER_PATH) WAN_CAPTURE_COMFYUI_ONLY=1 $(COMFYUI_NEWER_PYTHON) -m pytest -q tests \
+	    -p no:cacheprovider --junitxml=.cache/junit-newer.xml; newer=$$?; \
+	else \
+	  echo "!!! ComfyUI 0.12.1 (hiddenswitch) NOT FOUND: set COMFYUI_NEWER_PATH and COMFYUI_NEWER_PYTHON (see devtools/install_comfyui_newer.sh) to run the ComfyUI tests on it too !!!"; newer=0; \
+	fi; \
+	$(BIN)/python devtools/test_summary.py .cache/junit-*.xml; [ $$main -eq 0 ] && [ $$newer -eq 0 ]
 
 demo: setup
 	$(BIN)/python scripts/demo.py

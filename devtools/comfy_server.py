@@ -34,9 +34,13 @@ def start(comfyui: str, base_dir: str, tiny_nodes: bool = True, port: int = 0, t
     port = port or free_port()
     log_path = os.path.join(base_dir, "comfyui.log")
     log = open(log_path, "w")
-    cmd = [sys.executable, os.path.join(comfyui, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", base_dir, "--disable-auto-launch"]
-    proc = subprocess.Popen(cmd, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
+    args = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base_dir, "--disable-auto-launch"]
+    if os.path.isdir(os.path.join(comfyui, "comfy_compatibility")):
+        # hiddenswitch's ComfyUI loads custom nodes from the base directory only through its entry point
+        cmd, cwd = [os.path.join(os.path.dirname(sys.executable), "comfyui")] + args, base_dir
+    else:
+        cmd, cwd = [sys.executable, os.path.join(comfyui, "main.py")] + args, comfyui
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

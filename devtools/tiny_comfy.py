@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,25 @@ NOT_FOUND = ("ComfyUI NOT FOUND: set COMFYUI_PATH=<ComfyUI checkout> (or install
              "<ComfyUI>/custom_nodes/) to run the ComfyUI tests")
 
 
+def is_hiddenswitch(path: Optional[str] = COMFYUI) -> bool:
+    """hiddenswitch's pip-installable ComfyUI (0.12.1): its own layout and entry point (shared/comfyui/README.md)."""
+    return bool(path) and os.path.isdir(os.path.join(path, "comfy_compatibility"))
+
+
+def core_nodes(name: str):
+    """A core node module by what exists: ``comfy_extras.nodes_wan`` (upstream) or ``comfy_extras.nodes.nodes_wan``
+    (hiddenswitch)."""
+    import importlib
+    for module in (f"comfy_extras.{name}", f"comfy_extras.nodes.{name}"):
+        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None:
+            try:
+                return importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+    raise ModuleNotFoundError(f"this ComfyUI has no core node module {name}")
+
+
 def load_comfy(cpu: bool = True):
     """Import ComfyUI's backend and this pack as ComfyUI loads custom nodes; returns the pack module."""
     if COMFYUI is None:
@@ -41,7 +61,14 @@ def load_comfy(cpu: bool = True):
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
     comfy.cli_args.args.cpu = cpu
-    import utils.install_util  # noqa: F401  as main.py does: before nodes.py puts comfy/ (and its utils.py) on sys.path
+    if is_hiddenswitch():  # top-level nodes, folder_paths, server exist only in its vanilla environment
+        from comfy_compatibility.vanilla import prepare_vanilla_environment
+        prepare_vanilla_environment()
+        import folder_paths
+        import tempfile
+        folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="comfy_temp_"))  # its default is the working folder
+    elif importlib.util.find_spec("utils.install_util") is not None:
+        import utils.install_util  # noqa: F401  as main.py does: before nodes.py puts comfy/ (its utils.py) on sys.path
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
     spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(ROOT, "__init__.py"),
@@ -169,7 +196,9 @@ def tiny_clip(spiece: bytes, workdir: str, seed: int = 0):
         json.dump(config, f)
 
     class TinyUMT5(comfy.sd1_clip.SDClipModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
+        # hiddenswitch's SD1ClipModel passes its own textmodel_json_config: this model keeps its tiny one
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={},
+                     textmodel_json_config=None, **kwargs):
             super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=path, dtype=dtype,
                              special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
                              enable_attention_masks=True, zero_out_masked=True, model_options=model_options)

@@ -7,12 +7,14 @@ original) run as before, and nothing is left behind after sampling.
 * ``DIFFUSION_MODEL`` wrapper: one model evaluation; the latent grid, the step (from the sigma), the cond/uncond rows.
 * ``dit``/``double_block`` replace patch per block: the block index (Wan sets none in ``transformer_options``).
 * ``optimized_attention_override``: every attention call; its position inside the block gives its kind (Wan calls
-  self-attention, then for i2v image cross-attention, then text cross-attention). An override installed before ours
-  is called through.
+  self-attention, then for i2v image cross-attention, then text cross-attention). Another override is called
+  through, whichever was installed first, per-module backends and tensor containers are honoured
+  (:mod:`.comfy_dispatch`); re-asserted at ``OUTER_SAMPLE`` and ``ON_PREPARE_STATE``.
 * ComfyUI's own causal Wan (``ar_model.CausalWanModel``): per-evaluation block hooks (:mod:`.comfy_causal`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import comfy.patcher_extension as patcher_extension
@@ -24,6 +26,7 @@ from ..wan_capture.model_info import ModelInfo, describe_model
 from ..wan_capture.capture.time_layout import TimeLayout, vace_reference_frames
 from ..wan_capture.capture.tracker import CallTracker, Evaluation
 from .comfy_causal import ComfyCausal, check_comfy_causal, is_comfy_causal
+from .comfy_dispatch import Dispatch, backend_modules
 
 KEY = "wan_attention_capture"
 
@@ -31,11 +34,22 @@ KEY = "wan_attention_capture"
 class _Comfy(CallTracker):
     """The call tracker plus what the ComfyUI patch points need: the sampling's sigmas and an earlier override."""
 
-    def __init__(self, recorder: Recorder, info: ModelInfo, kinds, model_sampling, previous_override):
+    def __init__(self, recorder: Recorder, info: ModelInfo, kinds, model_sampling, previous_override, dm=None):
         super().__init__(recorder, info, kinds)
-        self.model_sampling, self.previous = model_sampling, previous_override
+        self.model_sampling = model_sampling
+        self.dispatch = Dispatch(previous_override, backend_modules(dm), lambda previous: _make_override(self, previous))
         self.lse_attention = LseAttention()
         self.causal: Optional[ComfyCausal] = None  # ComfyUI's own causal Wan (comfy_causal)
+        self.calls_seen = 0  # attention calls that reached the recorder in the evaluation in flight
+
+
+# Wan models of ComfyUI whose token streams the recorder cannot lay out yet: refused at Attach, saying why
+UNSUPPORTED = {
+    "WanModel_S2V": "Wan 2.2 S2V calls its blocks without transformer_options (no attention call would reach the "
+                    "recorder) and appends reference and motion (FramePack) tokens after the video tokens",
+    "AnimateWanModel": "Wan 2.2 Animate samples a latent that carries the reference image's frames in front of the "
+                       "video (WanAnimateToVideo's trim_latent), which the recorder cannot tell from video frames",
+}
 
 
 def wan_diffusion_model(model_patcher):
@@ -50,6 +64,10 @@ def wan_diffusion_model(model_patcher):
             "Attach Attention Recorder works on Wan video models (Wan 2.1 / 2.2 in ComfyUI), but got "
             f"{type(model_patcher).__name__} holding {type(base).__name__} / {type(dm).__name__}. "
             "Connect the MODEL output of a Wan checkpoint or diffusion-model loader.")
+    why = UNSUPPORTED.get(type(dm).__name__)
+    if why:
+        raise TypeError(f"Attach Attention Recorder does not support {type(base).__name__} / {type(dm).__name__} yet: "
+                        f"{why}. Sample it without the recorder")
     return dm
 
 
@@ -103,15 +121,20 @@ def _make_outer_sample(state: _Comfy):
         guider = getattr(executor, "class_obj", None)
         last: dict = {}
         args, kwargs = _watch_x0(args, kwargs, last)
+        # a node applied after Attach may have put its own override on the hook: the recorder goes back on top
+        state.dispatch.install(getattr(guider, "model_options", {}).get("transformer_options"))
+        state.dispatch.kernels.clear()
         sampling = {"seed": seed, "cfg": getattr(guider, "cfg", None), "guider": type(guider).__name__}
-        state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),
-                                  sampling=sampling, weights=state.weights)
+        take = state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),
+                                         sampling=sampling, weights=state.weights)
         try:
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, marked partial
+            take.log.sampling["attention"] = state.dispatch.describe()
             state.recorder.end_pass(error=e)
             state.end_evaluation()
             raise
+        take.log.sampling["attention"] = state.dispatch.describe()
         take = state.recorder.end_pass(output_fingerprint=fingerprint(out))
         reference = take.time_layout.reference if take is not None else 0
         if reference and out.dim() == 5:  # VACE: users pass on the latent TrimVideoLatent makes of it
@@ -134,17 +157,28 @@ def _make_forward(state: _Comfy, apply_model: bool = False):
             dm, context = executor.class_obj.diffusion_model, args[3] if len(args) > 3 else kwargs.get("c_crossattn")
         else:
             dm, context = executor.class_obj, args[2] if len(args) > 2 else kwargs.get("context")
+        # last word on the hook: this evaluation's options, after every ON_PREPARE_STATE callback has run
+        state.dispatch.install(to)
+        if to.get("context_window") is not None:
+            raise ValueError("Attach Attention Recorder cannot record a sampling with context windows (ComfyUI's "
+                             "context windows evaluate the video in windows of frames, each as if it were the whole "
+                             "video): remove the context windows node to record, or sample without the recorder")
         t, h, w = x.shape[-3:]
         time_dim_concat = args[4] if len(args) > 4 and hasattr(args[4], "shape") else kwargs.get("time_dim_concat")
         lead = trail = 0
+        streams = ["", ""]
         if time_dim_concat is not None:  # Phantom: subject frames appended after the video's
-            trail = time_dim_concat.shape[-3]
-        if "reference_latent" in kwargs and getattr(dm, "ref_conv", None) is not None:
-            lead = 1  # Wan 2.2 Fun: the reference latent goes in front
+            trail, streams[1] = time_dim_concat.shape[-3], "Phantom subject images"
+        reference = kwargs.get("reference_latent")
+        if reference is not None and getattr(dm, "ref_conv", None) is not None:
+            lead, streams[0] = 1, "Wan 2.2 Fun reference"  # the reference latent goes in front
+        elif reference is not None and type(dm).__name__ == "HumoWanModel" and reference.shape[-2:] == x.shape[-2:]:
+            trail, streams[1] = trail + reference.shape[-3], "HuMo reference frames"  # after the video, RoPE next
         grid = Grid.from_latent((t + lead + trail, h, w), state.info.patch_size)
         take = state.recorder.active
         if take.grid is None:
-            take.time_layout = TimeLayout(vace_reference_frames(kwargs.get("vace_context")), lead, trail)
+            take.time_layout = TimeLayout(vace_reference_frames(kwargs.get("vace_context")), lead, trail, *streams)
+        inputs = tuple(n for n in EXTRA_INPUTS if _given(kwargs.get(n)))
         sigmas = to.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else float("nan")
         causal, chunk = state.causal, None
@@ -159,15 +193,36 @@ def _make_forward(state: _Comfy, apply_model: bool = False):
             timestep = float(state.model_sampling.timestep(sigmas.flatten()[:1].float().cpu())[0])
         branches = branch_rows(to.get("cond_or_uncond"), x.shape[0])
         check_contexts(state, context, branches)
-        state.begin_evaluation(Evaluation(step, exact, sigma, timestep, branches, grid, chunk))
+        state.begin_evaluation(Evaluation(step, exact, sigma, timestep, branches, grid, chunk, inputs))
+        state.calls_seen = 0
         try:
-            if causal is None:
-                return executor(*args, **kwargs)
-            with causal.hooks(dm, to):
-                return executor(*args, **kwargs)
+            with contextlib.ExitStack() as hooks:
+                if causal is not None:
+                    hooks.enter_context(causal.hooks(dm, to))
+                if state.dispatch.backend_modules:
+                    hooks.enter_context(state.dispatch.module_hooks())
+                out = executor(*args, **kwargs)
+            if state.calls_seen == 0 and step is not None:
+                raise TypeError(
+                    f"{state.info.model_type} / {type(dm).__name__}: none of its attention calls reached Attach "
+                    "Attention Recorder (its blocks get no transformer_options), so nothing of it can be recorded: "
+                    "this model is not supported yet. Sample it without the recorder")
+            return out
         finally:
             state.end_evaluation()
     return forward
+
+
+def _given(value) -> bool:
+    """A tensor input, or a list of them (Bernini's context_latents)."""
+    if isinstance(value, (list, tuple)):
+        return any(hasattr(v, "shape") for v in value)
+    return hasattr(value, "shape")
+
+
+# conditioning inputs of ComfyUI's Wan models that may add tokens beside the video's (named in refusals)
+EXTRA_INPUTS = ("reference_latent", "reference_motion", "context_latents", "time_dim_concat", "vace_context",
+                "pose_latents", "face_pixel_values", "audio_embed", "control_video")
 
 
 def check_contexts(state: _Comfy, context, branches) -> None:
@@ -210,22 +265,55 @@ def _make_block_patch(state: _Comfy, index: int, existing):
     return block
 
 
-def _make_override(state: _Comfy):
-    def override(func, *args, **kwargs):
-        def attend():
-            if state.previous is not None:
-                return state.previous(func, *args, **kwargs)
-            return func(*args, **kwargs)
+def _noop():
+    return None
 
-        heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
-        attend_lse = None
-        # ComfyUI's plain call (no mask, default reshapes) and no earlier override: the log-sum-exp can come from the
-        # same attention kernel, verified bit-identical once per shape (wan_capture.capture.lse_attention)
-        if (state.previous is None and len(args) <= 4 and kwargs.get("mask") is None
-                and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape") and args[0].is_cuda):
-            attend_lse = lambda: state.lse_attention(args[0], args[1], args[2], heads, attend)  # noqa: E731
-        layout = state.causal.self_layout(args[0], args[1]) if state.causal is not None else None
-        return state.tap(args[0], args[1], heads, attend, layout=layout, attend_lse=attend_lse)
+
+def _make_override(state: _Comfy, previous):
+    """The recorder's override over ``previous`` (the one on the hook when it was installed), with a
+    ``container_function`` for calls made with tensor containers (see :mod:`.comfy_dispatch`)."""
+    d = state.dispatch
+
+    @contextlib.contextmanager
+    def entered():
+        d.depth += 1
+        try:
+            yield d.depth == 1
+        finally:
+            d.depth -= 1
+
+    def override(func, *args, **kwargs):
+        with entered() as outer:
+            if not outer:  # a node chained onto the recorder called it back: pass through
+                return d.attend(previous, func, args, kwargs)
+            state.calls_seen += 1
+            d.note(previous)
+            heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
+            attend = lambda: d.attend(previous, func, args, kwargs)  # noqa: E731
+            attend_lse = None
+            # ComfyUI's plain call (no mask, default reshapes) and nothing else computing it: the log-sum-exp can come
+            # from the same attention kernel, verified bit-identical once per shape (wan_capture.capture.lse_attention)
+            if (d.plain(previous) and len(args) <= 4 and kwargs.get("mask") is None
+                    and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape") and args[0].is_cuda):
+                attend_lse = lambda: state.lse_attention(args[0], args[1], args[2], heads, attend)  # noqa: E731
+            layout = state.causal.self_layout(args[0], args[1]) if state.causal is not None else None
+            if layout is not None:  # a chunk against its KV cache: the statistics kernels compute its log-sum-exp
+                attend_lse = None
+            return state.tap(args[0], args[1], heads, attend, layout=layout, attend_lse=attend_lse)
+
+    def containers(*args, **kwargs):
+        with entered() as outer:
+            if outer:  # record from the containers' tensors, let go of them, then the kernel consumes the containers
+                state.calls_seen += 1
+                d.note(previous)
+                heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
+                q, k = args[0].peek(), args[1].peek()
+                layout = state.causal.self_layout(q, k) if state.causal is not None else None
+                state.tap(q, k, heads, _noop, layout=layout)
+                del q, k
+            return d.attend_containers(previous, args, kwargs)
+
+    override.container_function = containers
     return override
 
 
@@ -250,18 +338,22 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
     to = target.model_options.setdefault("transformer_options", {}) if patcher else target
     if patcher and model_sampling is None:
         model_sampling = getattr(target.model, "model_sampling", None)
-    state = _Comfy(recorder, info, kinds, model_sampling, to.get("optimized_attention_override"))
     dm = getattr(getattr(target, "model", None), "diffusion_model", None) if patcher else None
+    state = _Comfy(recorder, info, kinds, model_sampling, to.get("optimized_attention_override"), dm)
     if dm is not None and is_comfy_causal(dm):
         check_comfy_causal(dm)
         state.causal = ComfyCausal(state)
     # which weights: two Attach nodes sharing one recorder over different models are experts (Wan 2.2 A14B)
     state.weights = id(getattr(getattr(target, "model", None), "diffusion_model", None)) if patcher else None
-    to["optimized_attention_override"] = _make_override(state)
+    state.dispatch.install(to)
     replace = to.get("patches_replace", {}).get("dit", {})
     patches = {i: _make_block_patch(state, i, replace.get(("double_block", i))) for i in range(info.num_blocks)}
     if patcher:
         target.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _make_outer_sample(state))
+        # ComfyUI of 2026 passes each evaluation's model_options here (core's convention: re-assert the override)
+        target.add_callback_with_key(patcher_extension.CallbacksMP.ON_PREPARE_STATE, KEY,
+                                     lambda patcher, timestep, model_options=None: state.dispatch.install(
+                                         (model_options or {}).get("transformer_options")))
         if state.causal is not None:  # its chunks bypass the DiT's wrappers; apply_model sees every evaluation
             target.add_wrapper_with_key(patcher_extension.WrappersMP.APPLY_MODEL, KEY, _make_forward(state, True))
         else:

@@ -39,3 +39,22 @@ def wait_idle(url, timeout=120):
             return
         time.sleep(0.3)
     raise TimeoutError("the server queue did not drain")
+
+
+def execution_errors(entry) -> list:
+    """The execution errors of a ``/history`` entry as dicts with ``exception_message``: upstream ComfyUI lists
+    ``[event, {...}]`` pairs, hiddenswitch's lists strings ``"execution_error: <message>"``."""
+    out = []
+    for m in entry.get("status", {}).get("messages", []):
+        if isinstance(m, str):
+            if m.startswith("execution_error:"):
+                out.append({"exception_message": m[len("execution_error:"):].strip()})
+        elif m and m[0] == "execution_error":
+            out.append(m[1])
+    return out
+
+
+def error_of(entry) -> str:
+    """The last execution error's message of a ``/history`` entry ('' when none)."""
+    errors = execution_errors(entry)
+    return errors[-1].get("exception_message", "") if errors else ""

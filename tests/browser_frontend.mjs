@@ -11,17 +11,17 @@ const errors = [];
 page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ")));
 page.on("console", (m) => { if (m.type() === "error" && /wan|viewer/i.test(m.text())) errors.push(m.text()); });
 await page.goto(url);
-await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager !== undefined, null, { timeout: 90000 });
-await page.waitForFunction(() => (window.app.extensions || []).some((e) => e.name === "wan_attention_capture.viewer"), null, { timeout: 30000 });
+await page.waitForFunction(() => (window.app || window.comfyAPI?.app?.app) && (window.app || window.comfyAPI?.app?.app).graph && (window.app || window.comfyAPI?.app?.app).extensionManager !== undefined, null, { timeout: 90000 });
+await page.waitForFunction(() => ((window.app || window.comfyAPI?.app?.app).extensions || []).some((e) => e.name === "wan_attention_capture.viewer"), null, { timeout: 30000 });
 await page.waitForTimeout(1500);
 const startup = errors.splice(0);  // errors the frontend raises on its own, before our workflow is loaded
 const result = await page.evaluate(async (wf) => {
-  await window.app.loadGraphData(wf);
-  const nodes = window.app.graph._nodes || window.app.graph.nodes;
+  await (window.app || window.comfyAPI?.app?.app).loadGraphData(wf);
+  const nodes = (window.app || window.comfyAPI?.app?.app).graph._nodes || (window.app || window.comfyAPI?.app?.app).graph.nodes;
   const save = nodes.find((n) => n.type === "WanSaveAttention");
   return {
     types: nodes.map((n) => n.type).sort(),
-    links: Object.keys(window.app.graph.links || {}).length || (window.app.graph.links?.size ?? 0),
+    links: Object.keys((window.app || window.comfyAPI?.app?.app).graph.links || {}).length || ((window.app || window.comfyAPI?.app?.app).graph.links?.size ?? 0),
     saveWidgets: save ? save.widgets.map((w) => w.name) : null,
     hasViewer: !!(save && save.wanViewer),
   };

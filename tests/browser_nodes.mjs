@@ -9,13 +9,13 @@ const page = await browser.newPage({ viewport: { width: W, height: H } });
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 12).join(" | ")));
 await page.goto(url);
-await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, { timeout: 90000 });
-await page.waitForFunction(() => (window.app.extensions || []).some((e) => e.name === "wan_attention_capture.viewer"), null, { timeout: 30000 });
+await page.waitForFunction(() => (window.app || window.comfyAPI?.app?.app) && (window.app || window.comfyAPI?.app?.app).graph && window.LiteGraph, null, { timeout: 90000 });
+await page.waitForFunction(() => ((window.app || window.comfyAPI?.app?.app).extensions || []).some((e) => e.name === "wan_attention_capture.viewer"), null, { timeout: 30000 });
 await page.waitForTimeout(1500);
 await page.keyboard.press("Escape");  // the first-run template dialog
 const startup = errors.splice(0);  // errors the frontend raises on its own at startup
 const result = await page.evaluate(async () => {
-  const app = window.app, LG = window.LiteGraph;
+  const app = (window.app || window.comfyAPI?.app?.app), LG = window.LiteGraph;
   app.graph.clear();
   const defs = await (await fetch("/object_info")).json();
   const types = Object.keys(defs).filter((t) => defs[t].category?.startsWith("Wan Attention Capture")

@@ -48,3 +48,20 @@ def comfy_server(tmp_path_factory):
     proc, url, log = cs.start(COMFYUI, str(base))
     yield types.SimpleNamespace(url=url, base=base, output=base / "output", log=log, pid=proc.pid)
     cs.stop(proc)
+
+
+def needs_comfyui(item) -> bool:
+    """A test of ComfyUI: it skips without it (needs_comfy) or runs a server (comfy_server)."""
+    if "comfy_server" in getattr(item, "fixturenames", ()):
+        return True
+    return any(m.kwargs.get("reason") == NOT_FOUND for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """WAN_CAPTURE_COMFYUI_ONLY=1: only the ComfyUI tests (the run against a second ComfyUI tree, whose Python has
+    ComfyUI's packages, not necessarily the core tests' official Wan code or diffusers)."""
+    if os.environ.get("WAN_CAPTURE_COMFYUI_ONLY") != "1":
+        return
+    keep = [i for i in items if needs_comfyui(i)]
+    config.hook.pytest_deselected(items=[i for i in items if not needs_comfyui(i)])
+    items[:] = keep

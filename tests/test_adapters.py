@@ -1,9 +1,6 @@
 """Adapters outside ComfyUI: tiny random instances of the official WanModel and diffusers' WanTransformer3DModel,
 and a causal KV-cache run chunk by chunk, all against an independent float64 recomputation."""
 import importlib.util
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -17,15 +14,8 @@ HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 def official_module():
     """wan.modules.model without the packages' __init__ files (the official t5.py touches CUDA at import)."""
-    if "wan.modules.model" not in sys.modules:
-        root = list(importlib.util.find_spec("wan").submodule_search_locations)[0]
-        for name, path in (("wan", root), ("wan.modules", os.path.join(root, "modules"))):
-            if name not in sys.modules:
-                pkg = types.ModuleType(name)
-                pkg.__path__ = [path]
-                sys.modules[name] = pkg
-    import wan.modules.model as wm
-    return wm
+    from devtools.python_demo import official_wan
+    return official_wan()
 
 
 def heads(x):

@@ -220,7 +220,8 @@ def test_vace_reference_frame_is_left_out_of_the_overlay_after_trim(pack, tmp_pa
     overlay's frame i is the map of the latent frame that decodes to frame i, and the metadata says so."""
     import folder_paths
     import nodes
-    from comfy_extras.nodes_wan import TrimVideoLatent, WanVaceToVideo
+    from devtools.tiny_comfy import core_nodes
+    TrimVideoLatent, WanVaceToVideo = core_nodes("nodes_wan").TrimVideoLatent, core_nodes("nodes_wan").WanVaceToVideo
     from wan_capture import AttentionAnalyzer
     from wan_capture.grid import latent_frame_of
     from wan_capture.views.masks import attention_masks

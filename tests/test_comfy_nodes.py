@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from api_util import run_prompt
+from api_util import error_of, run_prompt
 from comfy_harness import (empty_latent, ksampler, load_comfy, load_model, needs_comfy, recording_options, tiny_clip,
                            tiny_spiece_model, tiny_wan_checkpoint)
 from devtools.tiny_workflow import to_tiny
@@ -133,7 +133,7 @@ def test_api_prompt_with_only_essential_inputs_runs_and_retired_nodes_say_what_c
         "11": {"class_type": "WanAttentionMask", "inputs": {"recorder": ["5", 1], "samples": ["7", 0]}},
     }
     entry = run_prompt(comfy_server.url, prompt)
-    assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1][1].get("exception_message")
+    assert entry["status"]["status_str"] == "success", error_of(entry)
     saved = entry["outputs"]["8"]["attention_maps"][0]
     assert saved["status"] == "complete" and any("token_flower/step_001.npy" in f for f in saved["files"])
     assert entry["outputs"]["10"]["images"]
@@ -141,7 +141,7 @@ def test_api_prompt_with_only_essential_inputs_runs_and_retired_nodes_say_what_c
                                    "inputs": {"view": "token overlay", "tokens": "", "steps": "all"}},
            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     entry = run_prompt(comfy_server.url, old)
-    message = entry["status"]["messages"][-1][1].get("exception_message", "")
+    message = error_of(entry)
     assert entry["status"]["status_str"] == "error" and "replaced in 0.2.0" in message
     assert "Attention Heatmap" in message and "Attention Matrix" in message
 

@@ -221,7 +221,8 @@ def test_node_schema_and_execute(pack, models):
 
 
 def test_sampler_custom_advanced_records_and_returns_the_same_latent(pack, models):
-    from comfy_extras import nodes_custom_sampler as cs
+    from devtools.tiny_comfy import core_nodes
+    cs = core_nodes("nodes_custom_sampler")
     pos, neg = conditioning("t2v", 1), conditioning("t2v", 2)
     latent = empty_latent("t2v")
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from api_util import get, run_prompt
+from api_util import error_of, get, run_prompt
 from devtools.tiny_workflow import to_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def test_api_twin_runs_end_to_end_tiny(comfy_server, name):
     api = json.load(open(os.path.join(EXAMPLES, "api", f"{name}.json")))
     variant = "i2v" if "i2v" in name else "t2v"
     entry = run_prompt(comfy_server.url, to_tiny(api, variant))
-    assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1][1].get("exception_message")
+    assert entry["status"]["status_str"] == "success", error_of(entry)
     saved = [r for out in entry["outputs"].values() for r in out.get("attention_maps", [])]
     assert saved and all(r["status"] == "complete" for r in saved)
     summary = json.load(open(comfy_server.output / saved[0]["subfolder"] / "summary.json"))

@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
-from api_util import get, run_prompt
+from api_util import execution_errors, get, run_prompt
 from devtools.tiny_workflow import to_tiny
 from test_viewer import fetch
 
@@ -237,7 +237,7 @@ def test_load_confined_views_never_read_outside_the_output_folder(comfy_server, 
         runs.append(1)
         view["2"]["inputs"]["alpha"] = 0.5 + len(runs) / 100  # a new input each time: ComfyUI runs the view again
         entry = run_prompt(url, view)
-        errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        errors = execution_errors(entry)
         return errors[0]["exception_message"] if errors else None
     assert error_of() is None  # the untouched recording views fine
     try:

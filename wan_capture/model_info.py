@@ -28,6 +28,7 @@ class ModelInfo:
     latent_channels: int = 16
     in_channels: int = 16
     variant: str = BIDIRECTIONAL  # or "causal": chunks of frames against a KV cache
+    extra_calls: Tuple[str, ...] = ()  # a block's calls after its cross-attention (HuMo: audio), not recorded
 
     @property
     def causal(self) -> bool:
@@ -43,11 +44,14 @@ class ModelInfo:
     def call_kinds(self) -> Tuple[str, ...]:
         """The kinds of a block's attention calls, in Wan's order: self-attention, then the cross-attention."""
         from .capture.call import SELF
-        return (SELF,) + self.cross_kinds
+        return (SELF,) + self.cross_kinds + tuple(self.extra_calls)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"], d["vae_stride"] = list(self.patch_size), list(self.vae_stride)
+        extra = d.pop("extra_calls")
+        if extra:  # only models that have them (HuMo): every other model's metadata is as before
+            d["extra_calls"] = list(extra)
         return d
 
 
@@ -84,8 +88,10 @@ def describe_model(dm, model_type: Optional[str] = None) -> ModelInfo:
                                  or getattr(cross, "k_img", None) is not None)
     name = type(dm).__name__
     vae_spatial = 16 if out_dim == 48 else 8  # the Wan 2.2 TI2V VAE compresses 16x, Wan 2.1's 8x
+    from .capture.call import CROSS_AUDIO
+    extra = (CROSS_AUDIO,) if hasattr(block0, "audio_cross_attn_wrapper") else ()  # HuMo's audio attention
     return ModelInfo(
         model_type=model_type or name, diffusion_model=name, num_blocks=len(blocks), num_heads=heads,
         head_dim=dim // heads, dim=dim, patch_size=patch, vae_stride=(4, vae_spatial, vae_spatial),
         cross_attention="i2v" if i2v else "t2v", latent_channels=out_dim, in_channels=in_channels,
-        variant=CAUSAL if name.startswith("Causal") else BIDIRECTIONAL)
+        variant=CAUSAL if name.startswith("Causal") else BIDIRECTIONAL, extra_calls=extra)

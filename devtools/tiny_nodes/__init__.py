@@ -7,6 +7,7 @@ the `ar_video` sampler and the AR video nodes are added here too (`devtools.comf
 COMFY_AR_SOURCES has them, else the stand-in).
 """
 import functools
+import importlib.util
 import os
 import sys
 import tempfile
@@ -105,3 +106,9 @@ class _Extension(ComfyExtension):
 
 async def comfy_entrypoint():
     return _Extension()
+
+
+# hiddenswitch's ComfyUI logs an ERROR for a package without NODE_CLASS_MAPPINGS (upstream loads the entry point only
+# where it is absent): see the pack's __init__.py
+if importlib.util.find_spec("comfy_compatibility") is not None:
+    NODE_CLASS_MAPPINGS: dict = {}

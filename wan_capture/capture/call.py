@@ -9,6 +9,9 @@ from ..stats.statistics import KeyLayout
 
 SELF, CROSS_TEXT, CROSS_IMAGE = "self", "cross_text", "cross_image"
 KINDS = (SELF, CROSS_TEXT, CROSS_IMAGE)
+# attention calls a model makes that are known and deliberately not recorded, with what the summary says of them
+CROSS_AUDIO = "cross_audio"
+NOT_RECORDED = {CROSS_AUDIO: "audio cross-attention (HuMo): its keys are audio tokens, grouped per frame; not recorded"}
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class Take:
         self.batch: Optional[int] = None  # rows per branch: one per video
         self.time_layout = TimeLayout()  # latent frames that are references or context, not video frames
         self.skipped: Counter = Counter()
+        self.not_recorded: Dict[str, str] = {}  # kinds of attention call deliberately not recorded -> why
         self.kv_events: List[dict] = []  # causal Wan: the KV-cache log
         self.step_pass: Dict[int, str] = {}  # causal Wan: "denoise" or "context"
         self.kv_design: Dict[str, str] = {}  # causal Wan: the cache design recorded (adapters.cache_designs)
@@ -145,6 +146,7 @@ class Take:
         t.log = self.log.truncated(passes)
         t.store = self.store.before(self.log.boundary(passes))
         t.grid, t.text_len, t.batch, t.time_layout = self.grid, self.text_len, self.batch, self.time_layout
+        t.not_recorded = dict(self.not_recorded)
         t.status = "complete"
         t.budget.reserved = t.nbytes()
         return t
@@ -171,4 +173,5 @@ class Take:
             "blocks": list(self.blocks), "heads": list(self.heads), "text_positions": list(self.plan.text_positions),
             "text_len": self.text_len, "model": self.model, "sampling": self.log.sampling,
             "skipped": dict(self.skipped), "chunks": sorted(self.store.chunk_grids) or None,
+            **({"not_recorded": dict(self.not_recorded)} if self.not_recorded else {}),
         }

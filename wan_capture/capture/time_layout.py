@@ -7,7 +7,8 @@ Wan models may see more frames along time than the video they produce:
   ``vace_context`` a reference frame is all zeros past its first 16 channels (its "reactive" half is the latent of
   zeros and its mask is 0), which no video frame is (its reactive half encodes the control video plus 0.5).
 * Context frames that never reach the output latent: the reference latent of models with ``ref_conv`` (Wan 2.2 Fun
-  control) goes in front, Phantom's ``time_dim_concat`` subject images go at the end.
+  control) goes in front, Phantom's ``time_dim_concat`` subject images and HuMo's reference frames go at the end
+  (``context_streams`` in the summary names them).
 
 Attention is recorded over every frame the model saw; alignment with decoded frames leaves these out.
 """
@@ -29,14 +30,21 @@ class TimeLayout:
     reference: int = 0
     lead: int = 0
     trail: int = 0
+    lead_stream: str = ""  # what the lead / trail frames are (their token stream), for the summary
+    trail_stream: str = ""
 
     def as_meta(self) -> dict:
-        return {"reference_latent_frames": self.reference, "context_latent_frames": [self.lead, self.trail]}
+        meta = {"reference_latent_frames": self.reference, "context_latent_frames": [self.lead, self.trail]}
+        if self.lead_stream or self.trail_stream:
+            meta["context_streams"] = [self.lead_stream, self.trail_stream]
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TimeLayout":
         lead, trail = meta.get("context_latent_frames") or (0, 0)
-        return cls(int(meta.get("reference_latent_frames") or 0), int(lead), int(trail))
+        lead_stream, trail_stream = meta.get("context_streams") or ("", "")
+        return cls(int(meta.get("reference_latent_frames") or 0), int(lead), int(trail), str(lead_stream),
+                   str(trail_stream))
 
 
 def vace_reference_frames(vace_context) -> int:

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
+from .call import CROSS_IMAGE, CROSS_TEXT, NOT_RECORDED, SELF, AttentionCall
 from ..grid import Grid
 from ..model_info import ModelInfo
 from .budget import IMAGE_TOKENS
@@ -38,6 +38,12 @@ class Evaluation:
     branches: Tuple[str, ...]
     grid: Grid
     chunk: Optional[int] = None  # causal Wan: absolute latent frame of the chunk's first query frame
+    inputs: Tuple[str, ...] = ()  # extra conditioning inputs the host saw (named when tokens do not fit the grid)
+
+
+class UnknownTokensError(ValueError):
+    """A model's attention calls carry tokens the latent grid does not explain (a token stream the recorder does
+    not know): refused, since recording them would label those tokens as video frames."""
 
 
 class CallTracker:
@@ -95,11 +101,28 @@ class CallTracker:
             kind = cross_kind(k.shape[1])  # hosts may call a block's image and text attention in either order
         if kind == SELF and layout is None and k.shape[1] != q.shape[1]:
             kind = None  # not the self-attention this position should hold: never guess from lengths
+        if kind in NOT_RECORDED:  # a known call the plan never records (HuMo's audio): said in the summary
+            self.recorder.active.not_recorded.setdefault(kind, NOT_RECORDED[kind])
+            return attend()
         if kind is None or q.dim() != 3:
             self.recorder.active.skipped["unrecognised_attention_calls"] += 1
             return attend()
         ev = self.evaluation
+        if layout is None and ev.chunk is None and q.shape[1] != ev.grid.tokens:
+            raise UnknownTokensError(self._unknown_tokens(q.shape[1], kind))
         call = AttentionCall(block=self.block, kind=kind, step=ev.step, sigma=ev.sigma, branches=ev.branches,
                              grid=ev.grid, heads=int(heads), timestep=ev.timestep,
                              layout=layout if layout is not None else KeyLayout(), chunk=ev.chunk, scale=scale)
         return self.recorder.tap(call, q, k, attend, exact_step=ev.exact, attend_lse=attend_lse)
+
+    def _unknown_tokens(self, tokens: int, kind: str) -> str:
+        ev, info = self.evaluation, self.info
+        grid = ev.grid
+        extra = f"{tokens - grid.tokens:+d} tokens"
+        source = (f"from its input(s) {', '.join(ev.inputs)}" if ev.inputs else "from an input the recorder does not "
+                  "know")
+        return (f"{info.model_type} / {info.diffusion_model}: its {kind} attention carries {tokens} query tokens, but "
+                f"the latent grid it was given ({grid.frames}x{grid.height}x{grid.width}) has {grid.tokens}: "
+                f"{extra} of a token stream {source}. Recording them would label those tokens as video frames, so "
+                "this model (or this input) is not supported by Attach Attention Recorder yet; sample without the "
+                "recorder, or without that input")

@@ -126,6 +126,10 @@ class MemoryRecording(Recording):
         }
         if take.status != "complete":
             out["partial_reason"] = f"recording {take.status}: {take.error}"
+        if take.not_recorded:  # attention calls the model made that no array holds (HuMo's audio), and why
+            out["not_recorded"] = dict(take.not_recorded)
+        if take.log.sampling.get("attention"):
+            out["attention"] = dict(take.log.sampling["attention"])
         if take.store.keys("cross"):
             for branch, tracking in self.trackings.items():
                 out["tokens" if branch == "cond" else "negative_tokens"] = [word_json(w) for w in tracking.words]
