@@ -1,14 +1,19 @@
 // Opens the real ComfyUI frontend in Debian's chromium, loads a UI workflow, reports what the graph holds.
 // Usage: node browser_frontend.mjs URL WORKFLOW_JSON OUT_PNG
-import { launch } from "./browser_launch.mjs";
+import { launch, offline } from "./browser_launch.mjs";
 import { readFileSync } from "fs";
 
 const [url, workflowPath, shot] = process.argv.slice(2);
 const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
 const browser = await launch();
-const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+const page = await offline(await browser.newPage({ viewport: { width: 1600, height: 1000 } }));
 const errors = [];
-page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ")));
+const frontend = [];  // errors raised inside the frontend's own bundle (/assets/), no frame of an extension's code
+page.on("pageerror", (e) => {
+  const text = String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ");
+  const own = /\/extensions\/|wan|viewer/i.test(String(e.stack || e)) || !/\/assets\//.test(String(e.stack || ""));
+  (own ? errors : frontend).push(text);
+});
 page.on("console", (m) => { if (m.type() === "error" && /wan|viewer/i.test(m.text())) errors.push(m.text()); });
 await page.goto(url);
 await page.waitForFunction(() => (window.app || window.comfyAPI?.app?.app) && (window.app || window.comfyAPI?.app?.app).graph && (window.app || window.comfyAPI?.app?.app).extensionManager !== undefined, null, { timeout: 90000 });
@@ -29,5 +34,5 @@ const result = await page.evaluate(async (wf) => {
 await page.keyboard.press("Escape");  // the first-run template dialog
 await page.waitForTimeout(500);
 await page.screenshot({ path: shot });
-console.log(JSON.stringify({ ...result, errors, startup }));
+console.log(JSON.stringify({ ...result, errors, startup, frontend }));
 await browser.close();

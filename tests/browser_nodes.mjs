@@ -1,11 +1,11 @@
 // The pack's nodes in the real ComfyUI frontend at default zoom: each one created, laid out in columns, measured
 // and shot. Prints one JSON line. Usage: node browser_nodes.mjs URL OUT_PNG
-import { launch } from "./browser_launch.mjs";
+import { launch, offline } from "./browser_launch.mjs";
 
 const [url, shot] = process.argv.slice(2);
 const W = 1920, H = 1200;
 const browser = await launch();
-const page = await browser.newPage({ viewport: { width: W, height: H } });
+const page = await offline(await browser.newPage({ viewport: { width: W, height: H } }));
 const errors = [];
 page.on("pageerror", (e) => errors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 12).join(" | ")));
 await page.goto(url);

@@ -122,20 +122,9 @@ def test_viewer_in_chromium_draws_the_array(comfy_server, recording, tmp_path):
 
 
 
-# hiddenswitch 0.12.1 ships frontend 1.58.1, whose editor never finishes setting up its graph in this offline headless
-# Chromium ("ComfyApp graph accessed before initialization", without the pack too): the editor tests cannot run there
-EDITOR_158 = ("frontend 1.58.1 (hiddenswitch 0.12.1) does not finish initialising its editor offline in headless "
-              "Chromium, with or without this pack: the editor's browser tests run on frontend 1.27 (ComfyUI 0.3.64)")
-
-
-def needs_editor():
-    from devtools.tiny_comfy import is_hiddenswitch
-    if is_hiddenswitch():
-        pytest.skip(EDITOR_158)
 
 def test_frontend_loads_an_example_and_the_save_node_has_the_viewer(comfy_server):
     """The real ComfyUI frontend: our extension registers, a UI example loads whole, the Save node carries the viewer."""
-    needs_editor()
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
     example = os.path.join(ROOT, "example_workflows", "wan21_t2v_attention.json")
@@ -320,7 +309,6 @@ def test_point_probe_playback_side_by_side_legend_and_png_export_in_chromium(com
 
 def test_screenshot_every_node_fully_on_screen_at_default_zoom(comfy_server):
     """Each node of the pack, created in the real frontend at zoom 1, fits the screen with all its inputs."""
-    needs_editor()
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
     shot = os.path.join(ROOT, ".cache", "nodes_screenshot.png")
@@ -341,7 +329,6 @@ def test_screenshot_every_node_fully_on_screen_at_default_zoom(comfy_server):
 def test_a_0_1_0_workflow_loads_with_retired_nodes_that_say_what_replaced_them(comfy_server):
     """A UI workflow saved with 0.1.0 (tests/data) loads in the real frontend without errors; its old nodes are
     there, marked retired, with descriptions naming the nodes that replace them (queued, they stop with that)."""
-    needs_editor()
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
     old = os.path.join(ROOT, "tests", "data", "workflow_0.1.0_t2v.json")
