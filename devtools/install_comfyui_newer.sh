@@ -18,5 +18,5 @@ otel=(opentelemetry-api==1.26.0 opentelemetry-sdk==1.26.0 opentelemetry-proto==1
       opentelemetry-instrumentation-aiohttp-server==0.47b0 opentelemetry-instrumentation-aiohttp-client==0.47b0
       opentelemetry-instrumentation-asyncio==0.47b0 opentelemetry-instrumentation-urllib3==0.47b0)
 "$pip" install -q torch==2.14.1 torchvision==0.29.1 torchaudio "setuptools<81" "protobuf<5" sentencepiece==0.2.0 \
-    "${otel[@]}" -e "$tree" pytest safetensors
+    "${otel[@]}" -e "$tree" pytest safetensors comfyui-workflow-templates-json==0.1.123
 echo "installed: COMFYUI_NEWER_PATH=$tree COMFYUI_NEWER_PYTHON=$venv/bin/python"

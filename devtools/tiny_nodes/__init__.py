@@ -43,7 +43,7 @@ class TinyWanModels(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="TinyWanModels", display_name="Tiny Wan Models (tests)", category="testing",
-            inputs=[io.Combo.Input("variant", options=["t2v", "i2v", "ti2v"], default="t2v"),
+            inputs=[io.Combo.Input("variant", options=["t2v", "i2v", "ti2v", "vace"], default="t2v"),
                     io.Int.Input("blocks", default=2, min=1, max=8), io.Int.Input("seed", default=0, min=0)],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
@@ -88,6 +88,34 @@ class TinyCausalWanModel(io.ComfyNode):
         return io.NodeOutput(_causal(source, blocks, seed))
 
 
+class TinyAttentionSpy(io.ComfyNode):
+    """Keeps the q and k of every attention call of the MODEL (and its rows' cond/uncond order), one file per call
+    in output/<folder>/: what the tests recompute in float64."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="TinyAttentionSpy", display_name="Tiny Attention Spy (tests)", category="testing",
+                         inputs=[io.Model.Input("model"), io.String.Input("folder", default="attention_spy")],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, folder):
+        import folder_paths
+        out = os.path.join(folder_paths.get_output_directory(), folder)
+        os.makedirs(out, exist_ok=True)
+        m = model.clone()
+        to = m.model_options.setdefault("transformer_options", {})
+        previous = to.get("optimized_attention_override")
+        def spy(func, *args, **kwargs):  # numbered at the call: spies of several models write one sequence
+            order = list((kwargs.get("transformer_options") or {}).get("cond_or_uncond") or [0])
+            torch.save({"q": args[0].detach().cpu(), "k": args[1].detach().cpu(),
+                        "heads": int(kwargs["heads"] if "heads" in kwargs else args[3]), "order": order},
+                       os.path.join(out, f"call_{len(os.listdir(out)):05d}.pt"))
+            return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        to["optimized_attention_override"] = spy
+        return io.NodeOutput(m)
+
+
 def _ar_video_nodes():
     """The AR video nodes and sampler where this ComfyUI lacks them (upstream's files if found, else the stand-in)."""
     import nodes
@@ -101,7 +129,7 @@ def _ar_video_nodes():
 
 class _Extension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyWanModels, TinyClipVisionOutput, TinyCausalWanModel] + _ar_video_nodes()
+        return [TinyWanModels, TinyClipVisionOutput, TinyCausalWanModel, TinyAttentionSpy] + _ar_video_nodes()
 
 
 async def comfy_entrypoint():
