@@ -9,7 +9,7 @@ original) run as before, and nothing is left behind after sampling.
 * ``optimized_attention_override``: every attention call; its position inside the block gives its kind (Wan calls
   self-attention, then for i2v image cross-attention, then text cross-attention). Another override is called
   through, whichever was installed first, per-module backends and tensor containers are honoured
-  (:mod:`.comfy_dispatch`); re-asserted at ``OUTER_SAMPLE`` and ``ON_PREPARE_STATE``.
+  (:mod:`.comfy_dispatch`); re-asserted at ``ON_PREPARE_STATE`` and on each evaluation's options.
 * ComfyUI's own causal Wan (``ar_model.CausalWanModel``): per-evaluation block hooks (:mod:`.comfy_causal`).
 """
 from __future__ import annotations
@@ -121,8 +121,6 @@ def _make_outer_sample(state: _Comfy):
         guider = getattr(executor, "class_obj", None)
         last: dict = {}
         args, kwargs = _watch_x0(args, kwargs, last)
-        # a node applied after Attach may have put its own override on the hook: the recorder goes back on top
-        state.dispatch.install(getattr(guider, "model_options", {}).get("transformer_options"))
         state.dispatch.kernels.clear()
         sampling = {"seed": seed, "cfg": getattr(guider, "cfg", None), "guider": type(guider).__name__}
         take = state.recorder.begin_pass(sigmas.tolist(), state.info, input_fingerprint=fingerprint(latent_image),

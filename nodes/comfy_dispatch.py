@@ -1,8 +1,8 @@
 """The recorder's attention override inside ComfyUI's attention dispatch (``wrap_attn``), whatever else is there.
 
 * **Chaining** (core's convention, ``comfy_extras/nodes_sparse_attention.py``): the recorder calls the override that
-  was on the hook under it, and puts itself back on top when sampling starts (``OUTER_SAMPLE``) and at every
-  ``ON_PREPARE_STATE`` (ComfyUI of 2026 passes the evaluation's ``model_options`` there), so a node applied after
+  was on the hook under it, and puts itself back on top at every ``ON_PREPARE_STATE`` (ComfyUI of 2026 passes the
+  evaluation's ``model_options`` there) and on each evaluation's own options, so a node applied after
   Attach (Model Attention Backend, block-sparse attention, any pack) cannot silently unhook it. A node that chained
   onto the recorder calls it again from inside: that inner call passes straight through (to what was under the
   recorder at Attach), so nothing is recorded twice and the model computes what it would have without the recorder.
@@ -53,7 +53,7 @@ class Dispatch:
         self.depth = 0  # > 0 while one of the recorder's overrides runs: a call back into one passes through
         self.backend_modules = backend_modules  # modules of the model that carry their own attention function
         self.module = None  # the one of them running now
-        self.kernels: dict = {}  # what computed the model's attention in the pass (for the summary)
+        self.kernels: set = set()  # what computed the model's attention in the pass (for the summary)
 
     # -- the hook ------------------------------------------------------------------------------------
     def install(self, transformer_options: Optional[dict]) -> None:
@@ -79,11 +79,11 @@ class Dispatch:
     def note(self, previous: Optional[Callable]) -> None:
         """Remember which kernel computes this (outer) call, for the summary."""
         if previous is not None:
-            self.kernels.setdefault(f"another attention override, called under the recorder: {_name(previous)}", 0)
+            self.kernels.add(f"another attention override, called under the recorder: {_name(previous)}")
         elif module_backend(self.module) is not None:
-            self.kernels.setdefault(f"the attention module's own backend: {_name(module_backend(self.module))}", 0)
+            self.kernels.add(f"the attention module's own backend: {_name(module_backend(self.module))}")
         else:
-            self.kernels.setdefault("the model's own attention call", 0)
+            self.kernels.add("the model's own attention call")
 
     def describe(self) -> dict:
         """Which kernels computed the model's attention in this pass, for the summary."""
