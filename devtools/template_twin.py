@@ -95,9 +95,12 @@ def tiny_variant(wf: dict) -> Tuple[Optional[str], str]:
     """The tiny model a twin can use, from the template's model files, or None and why not."""
     names = " ".join(str(v).lower() for n in all_nodes(wf) if n["type"] in MODEL_LOADERS
                      for v in (n.get("widgets_values") or [])[:1])
-    for marker, why in (("fun", "Wan Fun control/inpaint/camera"), ("alpha", "Wan alpha (RGBA VAE)"),
-                        ("wan2.2_i2v", "Wan 2.2 i2v A14B (t2v cross-attention over image channels)"), ("camera", "Wan camera"), ("ati", "Wan ATI"),
-                        ("wanmove", "WanMove"), ("scail", "SCAIL"), ("s2v", "S2V"), ("animate", "Animate"),
+    for marker, variant in (("wan2.1_fun_inp", "i2v"), ("wan2.1_fun_control", "fun_control"), ("ati", "i2v"),
+                            ("wanmove", "i2v"), ("wan2.2_i2v", "i2v22")):
+        if marker in names:  # an architecture of a tiny variant under another file name
+            return variant, ""
+    for marker, why in (("fun", "Wan 2.2 Fun control/inpaint and Fun camera"), ("alpha", "Wan alpha (RGBA VAE)"),
+                        ("camera", "Wan camera"), ("scail", "SCAIL"), ("s2v", "S2V"), ("animate", "Animate"),
                         ("bernini", "Bernini"), ("dancer", "Dancer"), ("infinitetalk", "InfiniteTalk"),
                         ("causal_forcing", "causal Wan (its own twin: pytest -k core_causal)")):
         if marker in names:

@@ -85,6 +85,8 @@ VARIANTS = {
     "i2v": (dict(model_type="i2v", in_dim=36, out_dim=16), 16),
     "ti2v": (dict(model_type="t2v", in_dim=48, out_dim=48), 48),
     "vace": (dict(in_dim=16, out_dim=16, vace_layers=1, vace_in_dim=96), 16),  # VaceWanModel: 1 VACE block
+    "i2v22": (dict(model_type="t2v", in_dim=36, out_dim=16), 16),  # Wan 2.2 i2v A14B: image channels, no CLIP vision
+    "fun_control": (dict(model_type="i2v", in_dim=48, out_dim=16), 16),  # Wan 2.1 Fun control: control channels too
 }
 
 

@@ -43,7 +43,7 @@ class TinyWanModels(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="TinyWanModels", display_name="Tiny Wan Models (tests)", category="testing",
-            inputs=[io.Combo.Input("variant", options=["t2v", "i2v", "ti2v", "vace"], default="t2v"),
+            inputs=[io.Combo.Input("variant", options=list(tc.VARIANTS), default="t2v"),
                     io.Int.Input("blocks", default=2, min=1, max=8), io.Int.Input("seed", default=0, min=0)],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
