@@ -21,7 +21,9 @@ $(VENV)/.core: requirements.txt requirements-dev.txt
 
 $(VENV)/.comfy: $(VENV)/.core
 	grep -vE '^(torch|torchvision|torchaudio)[[:space:]]*$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfyui-requirements.txt
-	$(BIN)/pip install -q -r $(VENV)/comfyui-requirements.txt
+	# --no-warn-conflicts: wan22 is installed without its requirements on purpose (flash-attn and others it needs only
+	# for its own pipelines); pip would print that as an ERROR a newcomer reads as a failed install
+	$(BIN)/pip install -q --no-warn-conflicts -r $(VENV)/comfyui-requirements.txt
 	touch $@
 
 test: setup
@@ -37,7 +39,7 @@ test: setup
 	$(BIN)/python devtools/test_summary.py .cache/junit-*.xml; [ $$main -eq 0 ] && [ $$newer -eq 0 ]
 
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m scripts.demo
 
 bench: setup
-	$(BIN)/python bench/cpu_recording.py
+	$(BIN)/python -m bench.cpu_recording

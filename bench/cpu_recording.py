@@ -1,6 +1,6 @@
 """CPU benchmark: tiny Wan sampling through real ComfyUI, plain and recording, side by side in one run.
 
-    python bench/cpu_recording.py [--repeats 5] [--blocks 4] [--frames 17] [--size 128]
+    python -m bench.cpu_recording [--repeats 5] [--blocks 4] [--frames 17] [--size 128]
 
 Reports the median wall time of each configuration and its ratio to plain sampling. Recording configurations
 record on every block and every step: cross-attention maps of 8 text positions, sink statistics, and both.
@@ -15,8 +15,7 @@ import tempfile
 import time
 from importlib import import_module
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pack root: devtools/
-import devtools.tiny_comfy as tc  # noqa: E402
+import devtools.tiny_comfy as tc
 
 
 def main(argv=None) -> int:

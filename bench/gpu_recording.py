@@ -1,6 +1,6 @@
 """GPU benchmark: Wan-shaped denoising steps, plain and recording, side by side in one run.
 
-    COMFYUI_PATH=... python bench/gpu_recording.py [--size 1.3b|14b] [--blocks N] [--repeats 5] [--json out.json]
+    COMFYUI_PATH=... python -m bench.gpu_recording [--size 1.3b|14b] [--blocks N] [--repeats 5] [--json out.json]
 
 Runs ComfyUI's real ``WanModel`` class with random weights in bf16, one CFG batch of 2 per step (cond + uncond):
 ``1.3b`` is Wan 2.1 1.3B (dim 1536, 12 heads of 128, 30 blocks) at 81 frames of 480x832 = 21x30x52 = 32,760 tokens;
@@ -28,7 +28,8 @@ PACK = "wan_attention_capture"
 
 
 def load(comfyui: str):
-    sys.path.insert(0, comfyui)
+    from devtools.comfy_path import use_comfyui
+    use_comfyui(comfyui)
     import comfy.options
     comfy.options.enable_args_parsing(False)
     spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),

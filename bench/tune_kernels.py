@@ -2,20 +2,18 @@
 32,760 tokens, frames of 1,560) or Wan 14B's at 720p (40 heads, 75,600 tokens, frames of 3,600) and print the
 fastest; kernels.ROW_CONFIG / COL_CONFIG / SWEEP_CONFIG hold the chosen ones, kernels.sweep_splits the splits.
 
-    python bench/tune_kernels.py [row] [column] [sweep] [variants] [pinned] [--size 1.3b|14b] [--no-key-max]
+    python -m bench.tune_kernels [row] [column] [sweep] [variants] [pinned] [--size 1.3b|14b] [--no-key-max]
 
 ``variants``: the sweep at the shipped block shape with and without the per-key max (what that statistic costs). ``pinned``: what the per-block
 pinned host copies of a recorded step cost, against one pinned buffer per step carved into views.
 """
-import os
 import sys
 
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wan_capture import KeyLayout  # noqa: E402
-from wan_capture.stats import kernels  # noqa: E402
+from wan_capture import KeyLayout
+from wan_capture.stats import kernels
 
 ROW = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2),
        (128, 64, 4, 2), (64, 64, 4, 3)]

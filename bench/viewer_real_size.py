@@ -7,7 +7,7 @@ time to the first picture, per step / frame / block / word / colormap / alpha ch
 probe, and the playback rate. The goals: first picture under 0.5 s, every change under 50 ms, the probe under 50 ms,
 playback at Wan's 16 frames per second.
 
-    python bench/viewer_real_size.py [--json bench/results_viewer_real_size.json]
+    python -m bench.viewer_real_size [--json bench/results_viewer_real_size.json]
 
 Needs ComfyUI (``COMFYUI_PATH``), node, npm and /usr/bin/chromium.
 """
@@ -23,10 +23,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from devtools import comfy_server, real_size  # noqa: E402
-from devtools.tiny_comfy import COMFYUI, NOT_FOUND  # noqa: E402
+from devtools import comfy_server, real_size
+from devtools.tiny_comfy import COMFYUI, NOT_FOUND
 
 NODE_DIR = os.path.join(ROOT, ".cache", "node")
 SCRIPT = "browser_real_size.mjs"

@@ -19,7 +19,7 @@ from wan_capture.capture.take import Take
 from wan_capture.grid import Grid
 from wan_capture.model_info import ModelInfo
 from wan_capture.recording import MemoryRecording
-from wan_capture.recording.keys import ArrayKey
+from wan_capture.keys import ArrayKey
 from wan_capture.recording.save import save_recording
 
 SHAPE_1_3B = (21, 30, 52)  # latent frames, rows, columns of 81 frames at 480x832

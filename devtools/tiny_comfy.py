@@ -55,8 +55,8 @@ def load_comfy(cpu: bool = True):
     """Import ComfyUI's backend and this pack as ComfyUI loads custom nodes; returns the pack module."""
     if COMFYUI is None:
         raise RuntimeError(NOT_FOUND)
-    if COMFYUI not in sys.path:
-        sys.path.insert(0, COMFYUI)
+    from devtools.comfy_path import use_comfyui
+    use_comfyui(COMFYUI)
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
@@ -87,6 +87,13 @@ VARIANTS = {
     "vace": (dict(in_dim=16, out_dim=16, vace_layers=1, vace_in_dim=96), 16),  # VaceWanModel: 1 VACE block
     "i2v22": (dict(model_type="t2v", in_dim=36, out_dim=16), 16),  # Wan 2.2 i2v A14B: image channels, no CLIP vision
     "fun_control": (dict(model_type="i2v", in_dim=48, out_dim=16), 16),  # Wan 2.1 Fun control: control channels too
+    # Wan 2.2 Fun control A14B: control + image latents and the mask (16 + 32 + 4), the reference image's own
+    # patch embedding (ref_conv: its tokens go in front of the video's)
+    "fun22": (dict(model_type="t2v", in_dim=52, out_dim=16, in_dim_ref_conv=16), 16),
+    "fun22_5b": (dict(model_type="t2v", in_dim=148, out_dim=48, in_dim_ref_conv=48), 48),  # the same on 2.2's VAE
+    "fun_inp_5b": (dict(model_type="t2v", in_dim=100, out_dim=48), 48),  # Wan 2.2 Fun inpaint 5B: image + mask
+    "camera": (dict(model_type="camera", in_dim=32, out_dim=16), 16),  # Wan 2.1 Fun camera (CLIP vision)
+    "camera22": (dict(model_type="camera_2.2", in_dim=36, out_dim=16), 16),  # Wan 2.2 Fun camera A14B
 }
 
 
@@ -96,7 +103,8 @@ def tiny_wan_checkpoint(path: str, variant: str = "t2v", blocks: int = 2, dim: i
     import comfy.ops
     import safetensors.torch
     kwargs, _ = VARIANTS[variant]
-    model = (wan.VaceWanModel if variant == "vace" else wan.WanModel)(dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=blocks, text_dim=4096,
+    model_class = {"vace": wan.VaceWanModel, "camera": wan.CameraWanModel, "camera22": wan.CameraWanModel}
+    model = model_class.get(variant, wan.WanModel)(dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=blocks, text_dim=4096,
                          operations=comfy.ops.disable_weight_init, **kwargs)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -224,7 +232,7 @@ def tiny_clip(spiece: bytes, workdir: str, seed: int = 0):
 def tiny_vae(variant: str = "t2v", seed: int = 0):
     """ComfyUI's real Wan VAE (2.1, or 2.2 for ti2v) with random weights: decodes to the right shape, not a picture."""
     import comfy.sd
-    if variant == "ti2v":
+    if VARIANTS[variant][1] == 48:
         import comfy.ldm.wan.vae2_2 as wv
         model = wv.WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                           temperal_downsample=[False, True, True], dropout=0.0)

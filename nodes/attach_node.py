@@ -82,18 +82,13 @@ def build_plan(record: str, steps: str, blocks: str, tracking=None, negative=Non
                          blocks=parse_index_list(blocks, "blocks"), extra=extra, **opts)
 
 
-def with_image_context(plan: RecordingPlan, model, options: Optional[dict]):
-    """Image context on where the model has it (i2v, FLF2V, Fun camera) unless the options turn it off; asked for
-    on a model without it, it is left out and the returned note says so (shown on the Attach node)."""
+def with_image_context(plan: RecordingPlan, model, options: Optional[dict]) -> RecordingPlan:
+    """Image context recorded where the model has it (i2v, FLF2V, Fun camera), silently left out where it has none
+    (the Options node's default is on: a t2v graph is not told of what it never had); the Options node's
+    ``image_context`` off turns it off."""
     has = model_info(model)[0].cross_attention == "i2v"
-    asked = (options or {}).get("record_image_context") if (options or {}).get("image_context_set") else None
-    if asked is None:
-        return dataclasses.replace(plan, record_image_context=has), None
-    if asked and not has:
-        return dataclasses.replace(plan, record_image_context=False), (
-            "image_context: this model attends to no CLIP-vision image tokens (not an i2v, FLF2V or camera model); "
-            "nothing of it is recorded")
-    return plan, None
+    off = (options or {}).get("image_context_set") and not (options or {}).get("record_image_context")
+    return dataclasses.replace(plan, record_image_context=has and not off)
 
 
 class AttachAttentionRecorder(io.ComfyNode):
@@ -109,12 +104,12 @@ class AttachAttentionRecorder(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 model (after LoRAs and ModelSampling nodes)."),
                 TokenTracking.Input("token_tracking", optional=True,
-                                    tooltip="Which words of the positive prompt to record: connect a Weighted Token "
-                                            "Tracker fed with the same prompt as the positive CLIP Text Encode."),
+                                    tooltip="Which words to record: connect the Weighted Token Tracker whose "
+                                            "'positive' (and 'negative') outputs feed the sampler. With its "
+                                            "negative_text set, the negative prompt's words are recorded too."),
                 TokenTracking.Input("negative_tracking", optional=True,
-                                    tooltip="Words of the negative prompt, for the uncond rows' cross-attention "
-                                            "(branch uncond/both in the options): a second tracker fed with the "
-                                            "negative prompt."),
+                                    tooltip="Older wiring only: a second tracker of the negative prompt. Leave empty "
+                                            "when the tracker above has negative_text."),
                 io.Combo.Input("record", options=list(RECORD), default="cross attention", optional=True,
                                tooltip="cross attention: each tracked word's map over the video. sink statistics: "
                                        "self-attention received and max score per key, frame x frame mass, entropy "
@@ -131,6 +126,7 @@ class AttachAttentionRecorder(io.ComfyNode):
                                                 "recording with steps numbered across both."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), AttentionRecorder.Output(display_name="recorder")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],  # which Attach nodes share this one's recorder
         )
 
     @classmethod
@@ -148,12 +144,22 @@ class AttachAttentionRecorder(io.ComfyNode):
                 negative_tracking = token_tracking.negative  # one tracker tracked both prompts: record both branches
                 if (options or {}).get("branch", "cond") == "cond":
                     options = {**(options or {}), "branch": "both"}
-            plan, note = with_image_context(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
-                                                       negative_tracking, options), model, options)
+            plan = with_image_context(build_plan(kw["record"], kw["steps"], kw["blocks"], token_tracking,
+                                                 negative_tracking, options), model, options)
             recorder = Recorder(plan)
-            if note:
-                return io.NodeOutput(attach_recorder(model, recorder), recorder, ui={"text": [note]})
+            recorder.attach(None, expected=1 + len(_sharing(cls)))
         return io.NodeOutput(attach_recorder(model, recorder), recorder)
+
+
+def _sharing(cls) -> list:
+    """The Attach nodes of the prompt being run whose ``share_recorder`` is this node's recorder (Wan 2.2 A14B's
+    second expert), known before they run."""
+    hidden = getattr(cls, "hidden", None)
+    prompt, me = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+    if not isinstance(prompt, dict) or me is None:
+        return []
+    return [nid for nid, n in prompt.items() if isinstance(n, dict) and n.get("class_type") == "WanAttachRecorder"
+            and (n.get("inputs") or {}).get("share_recorder") == [str(me), 1]]
 
 
 class AttentionRecordingOptions(io.ComfyNode):
@@ -173,7 +179,8 @@ class AttentionRecordingOptions(io.ComfyNode):
                                 tooltip="Attention heads to record: 'all' or a list like '0-3'."),
                 io.Combo.Input("branch", options=["cond", "uncond", "both"], default=d["branch"], optional=True,
                                tooltip="Which CFG rows to record: the positive prompt's (cond), the negative's "
-                                       "(uncond) or both. Uncond cross maps need negative_tracking on the Attach node."),
+                                       "(uncond) or both. Uncond cross maps need the tracker's negative_text "
+                                       "(a tracker with it records both by default)."),
                 io.String.Input("window_query_frames", default="", optional=True,
                                 tooltip="Exact self-attention window (pre-softmax scores and probabilities): query "
                                         "latent frames, e.g. '0' or '2-3'. Empty: no window."),
@@ -195,8 +202,8 @@ class AttentionRecordingOptions(io.ComfyNode):
                              tooltip="Attention scores held at once on the GPU while computing statistics."),
                 io.Boolean.Input("image_context", default=True, optional=True,
                                  tooltip="i2v / FLF2V / Fun camera models: also record each query's attention mass "
-                                         "on the CLIP-vision image tokens, per step and block (on: where the model "
-                                         "has image context; without Options it is on for such models)."),
+                                         "on the CLIP-vision image tokens, per step and block. On: where the model "
+                                         "has image context (other models have none to record); off: never."),
             ],
             outputs=[RecordingOptions.Output(display_name="options")],
         )

@@ -343,6 +343,7 @@ def install_recorder(target, recorder: Recorder, info: Optional[ModelInfo] = Non
         state.causal = ComfyCausal(state)
     # which weights: two Attach nodes sharing one recorder over different models are experts (Wan 2.2 A14B)
     state.weights = id(getattr(getattr(target, "model", None), "diffusion_model", None)) if patcher else None
+    recorder.attach(state.weights)
     state.dispatch.install(to)
     replace = to.get("patches_replace", {}).get("dit", {})
     patches = {i: _make_block_patch(state, i, replace.get(("double_block", i))) for i in range(info.num_blocks)}

@@ -9,7 +9,7 @@ import os
 import folder_paths
 from aiohttp import web
 
-from ..wan_capture.recording.analyzer import ArrayTooLarge, DamagedFileError
+from ..wan_capture.recording.reader import ArrayTooLarge, DamagedFileError
 from ..wan_capture.recording.confine import OutsideRoot, confined
 from ..wan_capture.views.select import SelectionError
 from ..wan_capture.views.slices import (frame_mass_slice, point_probe, reader, sink_slice,

@@ -1,8 +1,8 @@
 """First recording in one command: start ComfyUI headless with this pack, run the Wan 2.1 t2v example through the
 API, and print where the heatmaps and arrays are.
 
-    python scripts/demo.py                      # tiny random models built on the fly: runs anywhere, in seconds
-    python scripts/demo.py --unet wan2.1_t2v_1.3B_fp16.safetensors --clip umt5_xxl_fp8_e4m3fn_scaled.safetensors \\
+    python -m scripts.demo                      # tiny random models built on the fly: runs anywhere, in seconds
+    python -m scripts.demo --unet wan2.1_t2v_1.3B_fp16.safetensors --clip umt5_xxl_fp8_e4m3fn_scaled.safetensors \\
         --vae wan_2.1_vae.safetensors [--base-directory <folder with models/>] [--gpu]
 
 ComfyUI is found at COMFYUI_PATH, two folders up (the pack in <ComfyUI>/custom_nodes/) or ~/ComfyUI. Without it the
@@ -22,14 +22,12 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-from devtools import comfy_server  # noqa: E402
-from devtools import tiny_comfy  # noqa: E402
-from devtools.tiny_workflow import to_tiny  # noqa: E402
+from devtools import comfy_server
+from devtools import tiny_comfy
+from devtools.tiny_workflow import to_tiny
 
-from wan_capture import AttentionAnalyzer  # noqa: E402
-from wan_capture.batch.runner import plan_jobs, run_batch  # noqa: E402
+from wan_capture import AttentionAnalyzer
+from wan_capture.batch.runner import plan_jobs, run_batch
 
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")
 

@@ -1,7 +1,7 @@
 """Write example_workflows/: each example as a UI workflow (what the ComfyUI frontend loads and the template
 browser lists) and its API-format twin in example_workflows/api/ (what the runner and the tests queue).
 
-    COMFYUI_PATH=<ComfyUI> python scripts/make_workflows.py
+    COMFYUI_PATH=<ComfyUI> python -m scripts.make_workflows
 
 Widget order and defaults come from a running server's /object_info, so the UI files match the node definitions.
 """
@@ -13,9 +13,8 @@ import sys
 import tempfile
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pack root: devtools/
-from devtools import comfy_server  # noqa: E402
-from devtools import tiny_comfy  # noqa: E402
+from devtools import comfy_server
+from devtools import tiny_comfy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "example_workflows")

@@ -10,7 +10,7 @@ const page = await offline(await browser.newPage({ viewport: { width: 1600, heig
 const errors = [];
 const frontend = [];  // errors raised inside the frontend's own bundle (/assets/), no frame of an extension's code
 page.on("pageerror", (e) => {
-  const text = String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 4).join(" | ");
+  const text = String(e) + " @ " + String(e.stack || "").split("\n").slice(0, 14).join(" | ");
   const own = /\/extensions\/|wan|viewer/i.test(String(e.stack || e)) || !/\/assets\//.test(String(e.stack || ""));
   (own ? errors : frontend).push(text);
 });

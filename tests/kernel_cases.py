@@ -1,16 +1,13 @@
 """Kernels against the float64 reference: run by test_kernels.py on CUDA, or on the CPU under TRITON_INTERPRET=1.
 
-    python tests/kernel_cases.py DEVICE DTYPE [quick]
+    PYTHONPATH=.:tests python tests/kernel_cases.py DEVICE DTYPE [quick]
 """
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reference import naive_probs, naive_scores, naive_sink  # noqa: E402
-from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics  # noqa: E402
+from reference import naive_probs, naive_scores, naive_sink
+from wan_capture import KeyLayout, cross_attention_probs, score_window, sink_statistics
 from wan_capture.stats import kernels  # noqa: E402
 from wan_capture.stats.statistics import kernels_for  # noqa: E402
 

@@ -127,7 +127,7 @@ def test_negative_prompt_words_in_uncond_rows_exact_saved_and_drawn(pack, tmp_pa
     assert set(negative.positions) != set(spec.positions)
     attach = node(pack, "attach_node", "AttachAttentionRecorder")
     base = load_model(tiny_wan_checkpoint(str(tmp_path / "t2v.safetensors")))
-    with pytest.raises(ValueError, match="negative_tracking"):  # uncond maps without the negative prompt's words
+    with pytest.raises(ValueError, match="negative_text"):  # uncond maps without the negative prompt's words
         attach.execute(model=base, token_tracking=spec, options=recording_options(pack, branch="both"))
     # sink statistics of uncond need no words
     attach.execute(model=base, token_tracking=spec, record="sink statistics", options=recording_options(pack, branch="uncond"))

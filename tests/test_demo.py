@@ -16,7 +16,8 @@ def test_demo_anywhere_without_comfyui(tmp_path):
     env["HOME"] = str(tmp_path / "home")  # no ~/ComfyUI
     os.makedirs(env["HOME"])
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out)], env=env,
+    env["PYTHONPATH"] = ROOT  # as `python -m scripts.demo` from the repository has it, run from another folder
+    done = subprocess.run([sys.executable, "-m", "scripts.demo", "--out", str(out)], env=env,
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "ComfyUI not found" in done.stdout and "custom_nodes/" in done.stdout.splitlines()[-1]
@@ -33,8 +34,8 @@ def test_demo_anywhere_without_comfyui(tmp_path):
 @pytest.mark.skipif(COMFYUI is None, reason=NOT_FOUND)
 def test_demo_anywhere_with_comfyui_names_what_progress_counts(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=COMFYUI)
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"),
-                           "--base-directory", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "scripts.demo", "--base-directory", str(tmp_path)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "KSampler: sampling steps 3/3" in done.stderr
     assert "Save Attention Maps: files written" in done.stderr and "step 1/" not in done.stderr

@@ -18,6 +18,7 @@ def test_kernels_under_the_triton_interpreter():
     # NumPy >= 2.5 refuses int() of 1-element arrays, which older Triton interpreters do; NumPy 2.4 only warns:
     # turning that warning into an error makes this test fail here the way it fails there
     strict = ["-W", "error:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"]
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE])  # the package root and tests/
     out = subprocess.run([sys.executable, *strict, os.path.join(HERE, "kernel_cases.py"), "cpu", "float32"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -28,6 +29,5 @@ def test_kernels_under_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tests: no CUDA device here")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_kernels_on_cuda(dtype):
-    sys.path.insert(0, HERE)
-    import kernel_cases
+    import kernel_cases  # tests/ is on the path (pyproject's pythonpath)
     kernel_cases.main("cuda", dtype)

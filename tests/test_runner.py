@@ -95,6 +95,6 @@ def test_failure_is_reported_and_batch_goes_on(comfy_server, tmp_path):
     assert out.returncode == 1, text
     videos = json.load(open(tmp_path / "fails.manifest.json"))["videos"]
     assert videos["prompt_000_vid001"]["status"] == "done"
-    assert videos["prompt_001_vid001"]["status"] == "failed" and "'flower' is not in the prompt" in videos["prompt_001_vid001"]["error"]
+    assert videos["prompt_001_vid001"]["status"] == "failed" and "'flower' is in neither the prompt 'a dog on a beach'" in videos["prompt_001_vid001"]["error"]
     got = tmp_path / "dl" / "fails" / "attention_maps" / "prompt_000_vid001" / "summary.json"
     assert json.load(open(got))["status"] == "complete"

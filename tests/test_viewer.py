@@ -130,6 +130,9 @@ def test_frontend_loads_an_example_and_the_save_node_has_the_viewer(comfy_server
     example = os.path.join(ROOT, "example_workflows", "wan21_t2v_attention.json")
     shot = os.path.join(ROOT, ".cache", "frontend_screenshot.png")
     result = browser("browser_frontend.mjs", comfy_server.url, example, shot)
+    # frontend 1.27 raises one error of its own while it registers its core settings (the canvas navigation mode's
+    # onChange sets Comfy.Canvas.LeftMouseClickBehavior before that setting exists): no frame of it is the pack's
+    assert not any("wan" in e.lower() or "viewer" in e.lower() for e in result["frontend"]), result["frontend"]
     wf = json.load(open(example))
     assert result["types"] == sorted(n["type"] for n in wf["nodes"])
     assert result["links"] == len(wf["links"])
@@ -379,6 +382,31 @@ def test_recording_model_save_node_copies_loaded_maps_in_a_real_prompt(comfy_ser
     assert len(list((copied / "frames").glob("*.png"))) == 9
 
 
+def real_size_video(server) -> str:
+    """The real-size recording (written once per server: it is 457 MB)."""
+    from devtools import real_size
+    folder = server.output / "real_size" / "attention_maps"
+    if folder.is_dir() and AttentionAnalyzer(str(folder)).list_videos():
+        return AttentionAnalyzer(str(folder)).list_videos()[0]
+    return real_size.write(str(server.output), batch="real_size")
+
+
+def test_viewer_under_preload_the_users_step_change_goes_first(comfy_server):
+    """At the real size, step changes made while the decoded frames still preload: no frame request starts between
+    the input and the drawn picture (the preload waits for it), and every frame still arrives. The times are printed
+    (the figure is a bench's, bench/viewer_real_size.py, not asserted here)."""
+    if not playwright_ready():
+        pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
+    video = real_size_video(comfy_server)
+    page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path=real_size/attention_maps&video={video}"
+    r = browser("browser_preload.mjs", page, timeout=600)
+    print("\nstep changes during preload (ms):", [round(c["ms"], 1) for c in r["changes"]],
+          "frames loaded at each:", [c["framesLoaded"] for c in r["changes"]], "of", r["total"])
+    assert r["total"] == 81 and r["framesAtEnd"] == 81
+    assert any(c["framesLoaded"] < r["total"] for c in r["changes"]), "the preload ended before the changes"
+    assert all(c["framesStartedMeanwhile"] == 0 for c in r["changes"]), r["changes"]
+
+
 def test_viewer_real_size_recording_in_chromium(comfy_server):
     """The viewer on a recording of Wan 2.1 1.3B's real size (21 x 30 x 52 cells, 81 frames at 480x832, 30 blocks, 30
     steps, 4 words, sink statistics), written by the pack's save path: every control answers, the picture's cells are
@@ -386,8 +414,7 @@ def test_viewer_real_size_recording_in_chromium(comfy_server):
     bench/viewer_real_size.py, never asserted here.)"""
     if not playwright_ready():
         pytest.skip("BROWSER TEST SKIPPED: needs Debian's chromium (/usr/bin/chromium), node and npm")
-    from devtools import real_size
-    video = real_size.write(str(comfy_server.output), batch="real_size")
+    video = real_size_video(comfy_server)
     path = "real_size/attention_maps"
     page = f"{comfy_server.url}/extensions/wan_attention_capture/viewer.html?path={path}&video={video}"
     r = browser("browser_real_size.mjs", page, timeout=600)

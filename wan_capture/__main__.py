@@ -3,6 +3,7 @@
     python -m wan_capture run --workflow example_workflows/wan21_t2v_attention.api.json \\
         --template "a beautiful [(flower:2.5) near a tree|(tree:3) next to a flower]" --seeds 1,2 \\
         --server http://127.0.0.1:8188 [--server http://127.0.0.1:8189] --batch-name study
+    python -m wan_capture batch --workflow ... --template ... --ray [ADDRESS] --output-dir /shared/output
     python -m wan_capture expand "a [red|blue] car"
     python -m wan_capture causal-demo [--self-forcing ~/Self-Forcing] [--out out/causal_demo]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from .batch.runner import plan_jobs, run_batch
@@ -25,6 +27,32 @@ def _templates(args) -> list:
     if not out:
         raise SystemExit("give --template TEXT or --templates FILE (one template a line)")
     return out
+
+
+def find_comfyui() -> str:
+    """The ComfyUI to start: COMFYUI_PATH, the one this pack is installed in (``<ComfyUI>/custom_nodes/<pack>``), or
+    ~/ComfyUI."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for path in (os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(here)),
+                 os.path.expanduser("~/ComfyUI")):
+        if path and (os.path.isfile(os.path.join(path, "main.py")) or
+                     os.path.isdir(os.path.join(path, "comfy_compatibility"))):
+            return os.path.abspath(path)
+    raise ValueError("no ComfyUI found for the Ray actors: give --comfyui or set COMFYUI_PATH")
+
+
+async def _run_ray(args, workflow: dict, jobs: list):
+    from .batch.local_server import ServerConfig
+    from .batch.ray_runner import RayBatchConfig, run_batch_ray
+    if not args.output_dir:
+        raise ValueError("--ray needs --output-dir: the folder the recordings go to (shared by the nodes, or where "
+                         "--copy-back sends them)")
+    server = ServerConfig(comfyui=os.path.abspath(args.comfyui) if args.comfyui else find_comfyui(),
+                          base_directory=args.base_directory, args=list(args.comfy_arg))
+    config = RayBatchConfig(address=args.ray or None, server=server, actors=args.ray_actors,
+                            copy_back=args.copy_back)
+    return await run_batch_ray(workflow, jobs, args.batch_name, args.state_dir, config, args.output_dir,
+                               timeout=args.timeout, retries=args.retries)
 
 
 def _sink_report(args) -> int:
@@ -51,14 +79,7 @@ def _sink_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["causal-demo"]:
-        from devtools.causal_demo import main as causal_demo
-        return causal_demo(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m wan_capture", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="queue templates x seeds on ComfyUI servers, resumable")
+def _batch_args(run) -> None:
     run.add_argument("--workflow", required=True, help="API-format workflow JSON (an example_workflows/*.api.json)")
     run.add_argument("--template", action="append", help="a prompt template; repeatable")
     run.add_argument("--templates", help="a file of templates, one a line ('#' comments)")
@@ -71,6 +92,31 @@ def main(argv=None) -> int:
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds one video may take (default 3600)")
     run.add_argument("--retries", type=int, default=3,
                      help="failed connections in a row after which a server leaves the batch (default 3)")
+    ray = run.add_argument_group("Ray (pip install .[ray])")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run on a Ray cluster: one actor per GPU, each starting its own ComfyUI (ADDRESS: the "
+                          "cluster's, e.g. auto or ray://head:10001; none: a local one)")
+    ray.add_argument("--comfyui", help="the ComfyUI each actor starts, the same path on every node (default: "
+                                       "COMFYUI_PATH, the ComfyUI this pack is installed in, or ~/ComfyUI)")
+    ray.add_argument("--base-directory", help="ComfyUI's --base-directory for the actors' servers")
+    ray.add_argument("--comfy-arg", action="append", default=[], help="an argument for the actors' servers "
+                                                                     "(e.g. --comfy-arg=--cpu); repeatable")
+    ray.add_argument("--ray-actors", type=int, help="how many actors (default: one per GPU, else one per node)")
+    ray.add_argument("--copy-back", action="store_true",
+                     help="each node writes locally and sends each finished video to --output-dir (default: "
+                          "--output-dir is a shared folder every node writes to)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["causal-demo"]:
+        from devtools.causal_demo import main as causal_demo
+        return causal_demo(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m wan_capture", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("run", "batch"):
+        _batch_args(sub.add_parser(name, help="queue templates x seeds on ComfyUI servers or a Ray cluster, "
+                                               "resumable" + (" (the same as batch)" if name == "run" else "")))
     sub.add_parser("causal-demo", help="record a tiny causal Wan with a KV cache, save and draw it (see --help)")
     exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
     exp.add_argument("template")
@@ -94,9 +140,12 @@ def main(argv=None) -> int:
             workflow = json.load(f)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         jobs = plan_jobs(_templates(args), seeds)
-        manifest = asyncio.run(run_batch(workflow, jobs, args.server or ["http://127.0.0.1:8188"], args.batch_name,
-                                         args.state_dir, args.download, args.output_dir, timeout=args.timeout,
-                                         retries=args.retries))
+        if args.ray is not None:
+            manifest = asyncio.run(_run_ray(args, workflow, jobs))
+        else:
+            manifest = asyncio.run(run_batch(workflow, jobs, args.server or ["http://127.0.0.1:8188"],
+                                             args.batch_name, args.state_dir, args.download, args.output_dir,
+                                             timeout=args.timeout, retries=args.retries))
     except (TemplateError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

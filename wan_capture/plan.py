@@ -137,9 +137,9 @@ class RecordingPlan:
             _fail("branch", f"must be one of {BRANCHES}, got {self.branch!r}")
         if self.record_cross and self.branch != "cond" and not (self.negative_positions or self.negative_sums):
             _fail("negative_positions", "uncond rows attend to the negative prompt, so their cross-attention maps "
-                  "need the negative prompt's tracked words: connect a Weighted Token Tracker fed with the negative "
-                  "prompt to 'negative_tracking' of Attach Attention Recorder, or "
-                  "record branch 'cond' (sink statistics and windows of uncond need no words)")
+                  "need the negative prompt's tracked words: give the Weighted Token Tracker the negative prompt "
+                  "as 'negative_text' (its 'negative' output feeding the sampler), or record branch 'cond' (sink "
+                  "statistics and windows of uncond need no words)")
         if not (self.record_cross or self.record_sink_stats or self.window or self.record_image_context):
             _fail("record_cross", "nothing to record: enable cross maps, sink statistics or a window")
         if self.blocks == () or self.heads == () or self.steps == ():

@@ -40,6 +40,7 @@ export function colormap(name, x) {
 const LUT_SIZE = 1024;  // colour table entries: adjacent entries differ by under one RGB unit in every map
 const LUTS = {};
 const PLAYBACK_FPS = 16;  // Wan's frame rate
+const PRELOAD_AT_ONCE = 2;  // decoded frames fetched together in the background (the user's requests go first)
 const SLICE_CACHE = 48;  // slices kept in the page (one is F x h x w float32: 131 KB at the 1.3B shape)
 
 /** The colour table of a map: LUT_SIZE RGB triples, built once per map. */
@@ -227,19 +228,39 @@ export class Viewer {
     this.preloadFrames();  // the decoded frames come in behind the first picture, so playback never waits
   }
 
-  /** Every saved frame, fetched and decoded in the background (a few at a time). */
+  /** Every saved frame, fetched and decoded in the background, PRELOAD_AT_ONCE at a time, at low priority; it
+   * waits while a picture the user asked for is coming (the user's request goes first). */
   async preloadFrames() {
     const saved = this.summary.frames_saved || [];
     const video = this.$("video").value;
-    for (let i = 0; i < saved.length; i += 4) {
-      await Promise.all([0, 1, 2, 3].filter((k) => i + k < saved.length).map((k) => this.pixelFrame(i + k)));
+    for (let i = 0; i < saved.length; i += PRELOAD_AT_ONCE) {
+      await this.userIdle();
       if (this.$("video").value !== video) return;
+      const batch = [];
+      for (let k = i; k < Math.min(saved.length, i + PRELOAD_AT_ONCE); k++) batch.push(this.pixelFrame(k, "low"));
+      await Promise.all(batch);
     }
   }
 
-  /** The slice request of the current controls (``step``: another step's). */
-  sliceQuery(step) {
-    const token = this.$("token").value;
+  /** Resolves when no picture the user asked for is on its way. */
+  userIdle() {
+    if (!this.userBusy) return Promise.resolve();
+    return new Promise((resolve) => (this.idleWaiters = [...(this.idleWaiters || []), resolve]));
+  }
+
+  /** ``work`` is a request of the user's: background loading waits until it is drawn. */
+  async asUser(work) {
+    this.userBusy = (this.userBusy || 0) + 1;
+    try {
+      return await work();
+    } finally {
+      this.userBusy -= 1;
+      if (!this.userBusy) for (const resolve of this.idleWaiters?.splice(0) || []) resolve();
+    }
+  }
+
+  /** The slice request of the current controls (``step``, ``token``: another step's, word's). */
+  sliceQuery(step, token = this.$("token").value) {
     const params = { path: this.path, video: this.$("video").value, step, branch: this.$("branch").value,
       block: this.$("block").value, head: this.$("head").value };
     if (token === "__sink__") params.kind = "sink";
@@ -248,11 +269,11 @@ export class Viewer {
     return String(new URLSearchParams(params));
   }
 
-  /** A slice, from the page's cache or the server (kept in the cache either way). */
-  async fetchSlice(query) {
+  /** A slice, from the page's cache or the server (kept in the cache either way); ``priority``: the fetch's. */
+  async fetchSlice(query, priority = "high") {
     let got = this.slices.get(query);
     if (!got) {
-      got = fetch(`${this.api}/wan_capture/slice?${query}`).then(async (r) => {
+      got = fetch(`${this.api}/wan_capture/slice?${query}`, { priority }).then(async (r) => {
         if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
         return { shape: r.headers.get("X-Shape").split(",").map(Number), data: new Float32Array(await r.arrayBuffer()),
           sinks: (r.headers.get("X-Sinks") || "").split(",").filter((x) => x !== "").map(Number), ranges: {} };
@@ -272,14 +293,17 @@ export class Viewer {
     const token = this.$("token").value;
     const id = (this.loadId = (this.loadId || 0) + 1);
     this.root.dataset.ready = "0";
-    const { data, shape, sinks, ranges } = await this.fetchSlice(this.sliceQuery(step));
-    if (id !== this.loadId) return;  // a later request superseded this one
-    this.slice = { data, shape, step, token, sinks, ranges, matrix: token === "__frame_mass__" };
-    this.$("frame").max = String(shape[0] - 1);
-    if (Number(this.$("frame").value) > shape[0] - 1) this.$("frame").value = "0";
-    await this.draw();
+    const drawn = await this.asUser(async () => {
+      const { data, shape, sinks, ranges } = await this.fetchSlice(this.sliceQuery(step));
+      if (id !== this.loadId) return false;  // a later request superseded this one
+      this.slice = { data, shape, step, token, sinks, ranges, matrix: token === "__frame_mass__" };
+      this.$("frame").max = String(shape[0] - 1);
+      if (Number(this.$("frame").value) > shape[0] - 1) this.$("frame").value = "0";
+      await this.draw();
+      return true;
+    });
     // the next step comes in behind this picture: stepping forward (or playing the steps) finds it here
-    if (index + 1 < s.steps.length) this.fetchSlice(this.sliceQuery(s.steps[index + 1])).catch(() => null);
+    if (drawn && index + 1 < s.steps.length) this.fetchSlice(this.sliceQuery(s.steps[index + 1]), "low").catch(() => null);
   }
 
   async frameImage(t) {
@@ -288,10 +312,11 @@ export class Viewer {
     return this.pixelFrame(Math.min(saved.length - 1, t === 0 ? 0 : 4 * t - 3));  // latent frame t: 4t-3..4t
   }
 
-  /** One decoded frame, fetched once (a promise while it comes). */
-  pixelFrame(pixel) {
+  /** One decoded frame, fetched once (a promise while it comes); ``priority``: the fetch's ("low": preloading). */
+  pixelFrame(pixel, priority = "auto") {
     if (!(pixel in this.frames)) {
       const img = new Image();
+      img.fetchPriority = priority;
       img.src = `${this.api}/wan_capture/frame?${new URLSearchParams({ path: this.path, video: this.$("video").value, index: pixel })}`;
       this.frames[pixel] = img.decode().then(() => (img.naturalWidth ? img : null), () => null);
     }
@@ -374,13 +399,10 @@ export class Viewer {
   async compare(t, lo, hi) {
     const words = this.tokensOf(this.$("branch").value).map((x) => x.label);
     const maps = [];
-    for (const token of words) {
-      const params = { path: this.path, video: this.$("video").value, step: this.slice.step,
-        branch: this.$("branch").value, block: this.$("block").value, head: this.$("head").value, token };
-      const r = await fetch(`${this.api}/wan_capture/slice?${new URLSearchParams(params)}`);
-      if (!r.ok) throw new Error(`slice: HTTP ${r.status}`);
-      const [, h, w] = r.headers.get("X-Shape").split(",").map(Number);
-      maps.push({ token, h, w, data: new Float32Array(await r.arrayBuffer()).subarray(t * h * w, (t + 1) * h * w) });
+    for (const token of words) {  // the same slices the page keeps: a frame change fetches nothing again
+      const { shape, data } = await this.fetchSlice(this.sliceQuery(this.slice.step, token));
+      const [, h, w] = shape;
+      maps.push({ token, h, w, data: data.subarray(t * h * w, (t + 1) * h * w) });
     }
     const all = maps.flatMap((m) => Array.from(m.data));
     const [a, b] = [Math.min(...all), Math.max(...all)];

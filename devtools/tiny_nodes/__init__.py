@@ -1,7 +1,8 @@
 """Test and demo helper nodes (never part of the shipped pack): tiny random Wan models inside a running ComfyUI.
 
 `TinyWanModels` gives MODEL, CLIP and VAE built on the fly (a 2-block Wan DiT, a one-layer umt5 over a
-sentencepiece model trained in milliseconds, a random Wan VAE); `TinyClipVisionOutput` stands in for CLIP vision;
+sentencepiece model trained in milliseconds, a random Wan VAE); `TinyClipVisionOutput` stands in for CLIP vision and
+`TinyVideo` for a loaded video;
 `TinyCausalWanModel` is ComfyUI's own causal Wan (2026) with the same tiny weights. On trees older than that model
 the `ar_video` sampler and the AR video nodes are added here too (`devtools.comfy_ar`: upstream's files where
 COMFY_AR_SOURCES has them, else the stand-in).
@@ -16,15 +17,52 @@ import types
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-# loaded by ComfyUI as a custom node of its own (a symlink): the pack root holds devtools/
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+
+
+def _devtools() -> None:
+    """ComfyUI loads this folder as a custom node of its own (a symlink in custom_nodes/), from where the repository
+    is not importable: the ``devtools`` package beside this folder's real location is loaded by its file."""
+    if "devtools" in sys.modules:
+        return
+    folder = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    spec = importlib.util.spec_from_file_location("devtools", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["devtools"] = module
+    spec.loader.exec_module(module)
+
+
+_devtools()
 import devtools.comfy_ar as car  # noqa: E402
 import devtools.tiny_comfy as tc  # noqa: E402
 
 
+ENCODER_CALLS = [0]  # text-encoder passes of the tiny CLIP since the server started (TinyEncoderCalls reports it)
+
+
 @functools.lru_cache(maxsize=None)
 def _clip():
-    return tc.tiny_clip(tc.tiny_spiece_model(), tempfile.mkdtemp(prefix="tiny_te_"))
+    clip = tc.tiny_clip(tc.tiny_spiece_model(), tempfile.mkdtemp(prefix="tiny_te_"))
+    encode = clip.cond_stage_model.encode_token_weights
+
+    def counted(*args, **kwargs):
+        ENCODER_CALLS[0] += 1
+        return encode(*args, **kwargs)
+    clip.cond_stage_model.encode_token_weights = counted
+    return clip
+
+
+class TinyEncoderCalls(io.ComfyNode):
+    """How many text-encoder passes the tiny CLIP has made (``nonce``: a new value runs it again, uncached)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="TinyEncoderCalls", display_name="Tiny Encoder Calls (tests)", category="testing",
+                         inputs=[io.Int.Input("nonce", default=0, min=0)], outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, nonce):
+        return io.NodeOutput(ui={"text": [str(ENCODER_CALLS[0])]})
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +109,25 @@ def _causal(source, blocks, seed):
     folder = tempfile.mkdtemp(prefix="tiny_causal_wan_")
     return car.causal_patcher(tc.tiny_wan_checkpoint(os.path.join(folder, "t2v.safetensors"), "t2v", blocks, seed=seed),
                               source)
+
+
+class TinyVideo(io.ComfyNode):
+    """Stands in for LoadVideo (a user's file): a seeded random clip as a VIDEO, 16 fps, no audio."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="TinyVideo", display_name="Tiny Video (tests)", category="testing",
+                         inputs=[io.Int.Input("frames", default=9, min=1), io.Int.Input("width", default=64, min=8),
+                                 io.Int.Input("height", default=64, min=8), io.Int.Input("seed", default=0, min=0)],
+                         outputs=[io.Video.Output()])
+
+    @classmethod
+    def execute(cls, frames, width, height, seed):
+        from fractions import Fraction
+        from comfy_api.latest import InputImpl, Types
+        images = torch.rand(frames, height, width, 3, generator=torch.Generator().manual_seed(seed))
+        return io.NodeOutput(InputImpl.VideoFromComponents(Types.VideoComponents(images=images,
+                                                                                 frame_rate=Fraction(16))))
 
 
 class TinyCausalWanModel(io.ComfyNode):
@@ -129,7 +186,7 @@ def _ar_video_nodes():
 
 class _Extension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyWanModels, TinyClipVisionOutput, TinyCausalWanModel, TinyAttentionSpy] + _ar_video_nodes()
+        return [TinyWanModels, TinyClipVisionOutput, TinyVideo, TinyEncoderCalls, TinyCausalWanModel, TinyAttentionSpy] + _ar_video_nodes()
 
 
 async def comfy_entrypoint():

@@ -144,15 +144,27 @@ async def run_batch(workflow: dict, jobs: Sequence[Job], servers: Sequence[str],
     fails, or a malformed reply, fails that video only. ``timeout``: seconds one video may take (every wait for a
     server is bounded by it); ``max_download``: bytes one downloaded file may have.
     """
+    from .client import ComfyClient
+    clients = {url: ComfyClient(url, timeout=timeout, **({"max_download": max_download} if max_download else {}))
+               for url in servers}
+    return await run_on(workflow, jobs, clients, batch_name, state_dir, download, output_dir, log, timeout, retries,
+                        backoff, max_download)
+
+
+async def run_on(workflow: dict, jobs: Sequence[Job], clients: Dict[str, object], batch_name: str, state_dir: str,
+                 download: Optional[str] = None, output_dir: Optional[str] = None, log=print, timeout: float = 3600.0,
+                 retries: int = 3, backoff: float = 1.0, max_download: Optional[int] = None) -> Manifest:
+    """:func:`run_batch` over ``clients`` (a name -> a client with ``run`` and ``download`` as
+    :class:`~wan_capture.batch.client.ComfyClient`'s: an HTTP server, or a Ray actor that owns one)."""
     import aiohttp
     manifest = Manifest(state_dir, batch_name)
     todo = pending(jobs, workflow, manifest, batch_name, output_dir)
     log(f"batch {batch_name}: {len(jobs)} videos, {len(jobs) - len(todo)} already done, {len(todo)} to run on "
-        f"{len(servers)} server(s)")
-    batch = _Batch(workflow, len(jobs), todo, servers, batch_name, manifest, download, log, timeout, retries, backoff,
-                   max_download)
+        f"{len(clients)} server(s)")
+    batch = _Batch(workflow, len(jobs), todo, list(clients), batch_name, manifest, download, log, timeout, retries,
+                   backoff, max_download)
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(batch.worker(url, session) for url in servers))
+        await asyncio.gather(*(batch.worker(name, client, session) for name, client in clients.items()))
     failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
     log(f"batch {batch_name}: {len(jobs) - len(failed)} done, {len(failed)} failed" +
         (f" ({', '.join(failed)})" if failed else ""))
@@ -221,10 +233,8 @@ class _Batch:
         self.log(f"[{self.finished}/{self.total}] {job.video_id} {done['status']} on {url}"
                  + (f": {done['error']}" if done["status"] != "done" else f" ({done['seconds']} s)"))
 
-    async def worker(self, url: str, session) -> None:
-        from .client import ComfyClient, Unreachable
-        client = ComfyClient(url, timeout=self.timeout,
-                             **({"max_download": self.max_download} if self.max_download else {}))
+    async def worker(self, url: str, client, session) -> None:
+        from .client import Unreachable
         misses = 0
         while True:
             try:

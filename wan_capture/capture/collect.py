@@ -12,7 +12,7 @@ import torch
 
 from ..grid import Grid, pool_spatial
 from ..plan import PlanError
-from ..recording.keys import SINK_NAMES, ArrayKey
+from ..keys import SINK_NAMES, ArrayKey
 from ..stats import statistics as _stats
 from .budget import bytes_per_step
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall

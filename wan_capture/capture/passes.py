@@ -9,6 +9,25 @@ from .steps import step_of
 
 
 @dataclass
+class Attachments:
+    """The models one recorder is attached to.
+
+    Args:
+        weights: an identity of each model's weights, in the order they were attached (a few kept).
+        expected: how many models the graph attaches (two Attach nodes sharing one recorder: Wan 2.2 A14B's experts),
+            known before the second one runs, so a take of the first expert only is still that expert's.
+    """
+
+    weights: List[int] = field(default_factory=list)
+    expected: int = 1
+
+    def add(self, weights: Optional[int]) -> None:
+        if weights is not None and weights not in self.weights:
+            self.weights.append(weights)
+            del self.weights[:-8]  # a reloaded model gets a new identity: keep a few
+
+
+@dataclass
 class PassLog:
     """The passes of one take, in order.
 
@@ -21,6 +40,7 @@ class PassLog:
         dynamic: steps are numbered by the order their sigmas first appear (a pipeline without a known schedule).
         input_fingerprint: the latent the first pass started from; ``output_fingerprint`` the last one's output.
         aliases: fingerprints of the last output as users pass it on (VACE: after TrimVideoLatent), and what each is.
+        attached: the models the recorder is attached to (the recorder's own record, shared).
     """
 
     passes: List[Tuple[int, List[float]]] = field(default_factory=list)
@@ -34,6 +54,7 @@ class PassLog:
     input_fingerprint: Optional[str] = None
     output_fingerprint: Optional[str] = None
     aliases: Dict[str, str] = field(default_factory=dict)  # other LATENTs of the same output -> what they are
+    attached: Attachments = field(default_factory=Attachments)
 
     @property
     def total_steps(self) -> int:
@@ -72,7 +93,8 @@ class PassLog:
                        list(self.outputs[:passes]), dict(self.sampling),
                        {k: v for k, v in self.step_sigmas.items() if k < end},
                        {k: v for k, v in self.step_timesteps.items() if k < end},
-                       input_fingerprint=self.input_fingerprint, output_fingerprint=self.outputs[passes - 1])
+                       input_fingerprint=self.input_fingerprint, output_fingerprint=self.outputs[passes - 1],
+                       attached=self.attached)
 
     def experts(self, model_type: Optional[str] = None) -> List[dict]:
         """The experts of passes that ran different weights (Wan 2.2 A14B: high noise, then low noise), each with
@@ -84,7 +106,13 @@ class PassLog:
                 groups[-1]["steps"][1] = last
             else:
                 groups.append({"weights": weights, "steps": [first, last]})
-        if len({g["weights"] for g in groups}) < 2:
+        experts = self.attached.weights
+        pair = len(experts) == 2 or (self.attached.expected == 2 and experts[:1] == [groups[0]["weights"]]
+                                     if groups else False)
+        if len({g["weights"] for g in groups}) < 2 and not (pair and groups and groups[0]["weights"] in experts):
             return []
-        names = ["high_noise", "low_noise"] if len(groups) == 2 else [f"expert_{i}" for i in range(len(groups))]
+        if pair and all(g["weights"] in experts for g in groups):  # named by the Attach nodes' order
+            names = [("high_noise", "low_noise")[experts.index(g["weights"])] for g in groups]
+        else:
+            names = ["high_noise", "low_noise"] if len(groups) == 2 else [f"expert_{i}" for i in range(len(groups))]
         return [{"expert": name, "steps": g["steps"]} for name, g in zip(names, groups)]

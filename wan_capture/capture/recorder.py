@@ -16,6 +16,7 @@ from ..plan import RecordingPlan
 from .budget import IMAGE_TOKENS, BudgetError  # noqa: F401  (names users import from here)
 from .call import CROSS_IMAGE, CROSS_TEXT, SELF, AttentionCall
 from .steps import continues
+from .passes import Attachments
 from .take import Take
 
 
@@ -39,6 +40,7 @@ class Recorder:
         self.takes: List[Take] = []
         self.active: Optional[Take] = None
         self.released: List[str] = []  # output fingerprints of takes released to stay within the memory budget
+        self.attached = Attachments()  # the models it is attached to (two: Wan 2.2 A14B experts)
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; the recorder is a shared handle, never duplicated.
@@ -88,10 +90,18 @@ class Recorder:
             del self.takes[:-self.keep_takes]
         take.budget.make_room = lambda need, t=take: self.make_room(t, need)
         # a dynamic pass has no scheduled steps; locate() numbers its steps as they come
+        take.log.attached = self.attached
         take.log.begin(None if dynamic else sigmas, weights)
         take.collector.seen.clear()
         self.active = take
         return take
+
+    def attach(self, weights: Optional[int], expected: Optional[int] = None) -> None:
+        """A model of these weights records into this recorder (Attach Attention Recorder, ``share_recorder``);
+        ``expected``: how many models the graph attaches to it in all."""
+        self.attached.add(weights)
+        if expected is not None:
+            self.attached.expected = expected
 
     def _fork_point(self, input_fingerprint: str, sigmas: Sequence[float], model) -> Optional[Tuple[Take, int]]:
         """(take, pass index) of a kept take whose pass (not its last) produced ``input_fingerprint`` and ended where

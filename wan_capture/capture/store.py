@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..grid import Grid
-from ..recording.keys import ArrayKey
+from ..keys import ArrayKey
 
 ALL_COLUMNS = ""  # the name of a take's cross-attention array: every recorded column
 

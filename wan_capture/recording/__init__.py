@@ -1,5 +1,5 @@
 """The recording stage: one key per recorded array, one read interface over memory and saved folders."""
-from .keys import ArrayKey, key_path, metadata_path
+from ..keys import ArrayKey, key_path, metadata_path
 from .memory import MemoryRecording
 from .recording import FolderRecording, Recording
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 class StorageError(OSError):
@@ -25,3 +26,16 @@ def confined(root: str, *parts: str, purpose: str = "read", must_exist: bool = F
     if must_exist and not os.path.exists(real):
         raise FileNotFoundError(f"not found: {path!r}")
     return path
+
+
+_UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
+# names Windows reserves for devices, in any case and with any extension: never a file or folder name
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
+    """One path component made of letters, digits, ``_ . -`` only: no separators, no leading dots, never empty."""
+    cleaned = _UNSAFE.sub("_", str(name)).strip("._ ")[:limit]
+    if _RESERVED.match(cleaned):
+        cleaned = "_" + cleaned
+    return cleaned or fallback

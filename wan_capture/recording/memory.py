@@ -12,7 +12,7 @@ import numpy as np
 
 from ..prompts.tokens import TokenTracking, TrackedWord
 from ..capture.store import ALL_COLUMNS
-from .keys import ArrayKey
+from ..keys import ArrayKey
 from .recording import Recording
 
 _WEIGHT = re.compile(r"(?<!\\):\s*-?\d+(?:\.\d*)?\s*(?=\))")
@@ -56,7 +56,8 @@ def expert_meta(take) -> dict:
     if not experts:
         return {}
     meta = {"experts": experts}
-    if len(experts) == 2 and take.model.get("model_type") == "WAN21":
+    pair = len(experts) == 2 or take.log.attached.expected == 2  # or the first expert of two
+    if pair and take.model.get("model_type") == "WAN21":
         meta["model_family"] = "wan2.2_a14b"
     return meta
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..stats.causal import assemble_chunks, sink_frames_of
 from ..capture.time_layout import TimeLayout
-from .keys import SINK_NAMES, ArrayKey, key_path, metadata_path
+from ..keys import SINK_NAMES, ArrayKey, key_path, metadata_path
+from .reader import ArrayTooLarge, AttentionFolder, load_cells
 
 MAX_ASSEMBLED_BYTES = 64 << 20  # one causal map assembled for a view (a real 14B 720p one: about 1.3 MiB)
 
@@ -205,7 +206,6 @@ class Recording:
         cells = int(np.prod(lead, dtype=np.int64)) if lead else 1
         need = cells * (frames * frames * 4 + frames * 4 + frames * frame_tokens * (8 + 4 + 4))
         if self.assembly_limit is not None and need > self.assembly_limit:
-            from .analyzer import ArrayTooLarge
             raise ArrayTooLarge(f"assembling {frames} frames of {frame_tokens} tokens takes {need} bytes, over the "
                                 f"{self.assembly_limit} allowed")
 
@@ -261,19 +261,18 @@ def chunk_key_frames(meta: dict) -> List[int]:
 
 
 class FolderRecording(Recording):
-    """A saved video folder (``<attention_maps>/<video_id>``), read through an :class:`AttentionAnalyzer` (which
-    confines every read and bounds every array)."""
+    """A saved video folder (``<attention_maps>/<video_id>``), read through an
+    :class:`~wan_capture.recording.reader.AttentionFolder` (which confines every read and bounds every array)."""
 
-    def __init__(self, analyzer, video_id: str):
-        self.an, self.video = analyzer, video_id
-        self.summary = analyzer.summary(video_id)
-        self.folder = analyzer._video(video_id)
+    def __init__(self, reader: AttentionFolder, video_id: str):
+        self.an, self.video = reader, video_id
+        self.summary = reader.summary(video_id)
+        self.folder = reader._video(video_id)
         self._folders = {b: {w["label"]: w.get("folder") for w in self.words(b)} for b in ("cond", "uncond")}
 
     @classmethod
     def open(cls, attention_maps: str, video_id: str, confine_to: Optional[str] = None) -> "FolderRecording":
-        from .analyzer import AttentionAnalyzer
-        return cls(AttentionAnalyzer(attention_maps, confine_to=confine_to), video_id)
+        return cls(AttentionFolder(attention_maps, confine_to=confine_to), video_id)
 
     def _folder_of(self, key: ArrayKey) -> Optional[str]:
         return self._folders[key.branch].get(key.name) if key.stat == "cross" else None
@@ -332,7 +331,6 @@ class FolderRecording(Recording):
         key = ArrayKey("cross", label, step, branch)
         if not self.has(key):
             self.cross(label, step, branch)  # the same NotRecorded as a whole read
-        from .analyzer import load_cells  # the analyzer module imports this one
         path = self.an._checked_file(self.an._find(self._path(key_path(key, self._folder_of(key)))))
         return load_cells(path, cell, self.an.max_bytes)
 

@@ -36,23 +36,10 @@ from ..grid import Grid, pool_spatial
 from ..capture.recorder import Take
 from . import ArrayKey, MemoryRecording, Recording, key_path, metadata_path
 from .memory import expert_meta, expert_of, plain_prompt, readable, tracking_of, video_size  # noqa: F401
-from .confine import OutsideRoot, StorageError, confined  # noqa: F401  (StorageError: a public name)
+from .confine import OutsideRoot, StorageError, confined, safe_name  # noqa: F401  (public names)
 from .recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
-_UNSAFE = re.compile(r"[^\w.-]+", re.UNICODE)
-# names Windows reserves for devices, in any case and with any extension: never a file or folder name
-_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
-
-
-def safe_name(name: str, fallback: str = "unnamed", limit: int = 80) -> str:
-    """One path component made of letters, digits, ``_ . -`` only: no separators, no leading dots, never empty."""
-    cleaned = _UNSAFE.sub("_", str(name)).strip("._ ")[:limit]
-    if _RESERVED.match(cleaned):
-        cleaned = "_" + cleaned
-    return cleaned or fallback
-
-
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it, then rename it over ``path``."""
     folder = os.path.dirname(path)

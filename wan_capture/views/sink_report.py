@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..recording.keys import ArrayKey
+from ..keys import ArrayKey
 from ..recording.recording import Recording, chunk_key_frames
 from ..stats.sink_dynamics import CLASSES, behavioural_sinks, class_mass, head_agreement, key_classes, sink_distance
 from .render import line_plot, matrix_plot

@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..recording.analyzer import ArrayTooLarge, AttentionAnalyzer, DamagedFileError
+from ..recording.analyzer import AttentionAnalyzer
+from ..recording.reader import ArrayTooLarge, DamagedFileError
 from ..recording import FolderRecording
-from ..recording.keys import ArrayKey
+from ..keys import ArrayKey
 from ..recording.recording import MAX_ASSEMBLED_BYTES, NotRecorded
 from .select import axis_positions, parse_selection
 
