@@ -118,6 +118,14 @@ def main(work: str) -> dict:
         result["arrays_identical"] = a == b
         result["ray_summaries"] = summaries(out_ray, "study")
 
+        # 1c. each node writing locally, the files sent back to the driver's output folder (checksums checked)
+        copy = RayBatchConfig(address=cluster.address, server=server, actors=2, copy_back=True)
+        out_copy = os.path.join(work, "out_copy")
+        m = asyncio.run(run_batch_ray(wf, jobs, "study", os.path.join(work, "state_copy"), copy, out_copy, log=quiet))
+        result["copy_done"] = sorted(v for v, e in m.videos.items() if e["status"] == "done")
+        result["copy_arrays_identical"] = arrays(out_copy, "study") == a
+        result["copy_summaries"] = summaries(out_copy, "study")
+
         # 2. an actor killed mid-video
         killed = {}
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from comfy_harness import needs_comfy
+from devtools.tiny_comfy import COMFYUI, NOT_FOUND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_RAY = "RAY NOT INSTALLED: pip install .[ray] to run the Ray batch tests"
@@ -24,6 +24,8 @@ def namespace_ready() -> bool:
 
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory):
+    if COMFYUI is None:
+        pytest.skip(NOT_FOUND)
     if importlib.util.find_spec("ray") is None:
         pytest.skip(NO_RAY)
     if not namespace_ready():
@@ -40,9 +42,6 @@ def ray_run(tmp_path_factory):
     return result
 
 
-pytestmark = needs_comfy
-
-
 def test_ray_batch_same_folders_and_arrays_as_the_url_runner(ray_run):
     r = ray_run
     assert r["videos"] == 6 and len(r["url_done"]) == 6 and r["ray_done"] == r["url_done"]
@@ -50,6 +49,13 @@ def test_ray_batch_same_folders_and_arrays_as_the_url_runner(ray_run):
     assert sorted(r["ray_summaries"]) == r["ray_done"]  # every video saved once (no _2 folders)
     assert all(s["status"] == "complete" for s in r["ray_summaries"].values())
     assert r["arrays"] >= 6 * 3 and r["arrays_identical"]
+
+
+def test_ray_batch_copy_back_brings_each_video_to_the_driver(ray_run):
+    r = ray_run
+    assert r["copy_done"] == r["url_done"] and r["copy_arrays_identical"]
+    assert sorted(r["copy_summaries"]) == r["url_done"]
+    assert all(s["status"] == "complete" for s in r["copy_summaries"].values())
 
 
 def test_ray_batch_an_actor_lost_mid_video_reruns_it(ray_run):

@@ -161,14 +161,35 @@ async def run_on(workflow: dict, jobs: Sequence[Job], clients: Dict[str, object]
     todo = pending(jobs, workflow, manifest, batch_name, output_dir)
     log(f"batch {batch_name}: {len(jobs)} videos, {len(jobs) - len(todo)} already done, {len(todo)} to run on "
         f"{len(clients)} server(s)")
+    bar = _progress_bar(len(jobs), len(jobs) - len(todo)) if log is print else None
+    if bar is not None:  # a terminal: the total as a bar, each video's line above it
+        def log(text, _bar=bar):
+            _bar.write(text)
+            _bar.n = batch.finished
+            _bar.refresh()
     batch = _Batch(workflow, len(jobs), todo, list(clients), batch_name, manifest, download, log, timeout, retries,
                    backoff, max_download)
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(batch.worker(name, client, session) for name, client in clients.items()))
+    try:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(batch.worker(name, client, session) for name, client in clients.items()))
+    finally:
+        if bar is not None:
+            bar.close()
     failed = [v for v, e in manifest.videos.items() if e.get("status") != "done"]
     log(f"batch {batch_name}: {len(jobs) - len(failed)} done, {len(failed)} failed" +
         (f" ({', '.join(failed)})" if failed else ""))
     return manifest
+
+
+def _progress_bar(total: int, done: int):
+    """A tqdm bar of the batch's videos where the output is a terminal and tqdm is installed, else None."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=done, unit="video", file=sys.stderr)
 
 
 def progress_label(class_type: Optional[str]) -> str:
