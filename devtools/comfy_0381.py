@@ -352,9 +352,10 @@ def wan_module():
     return mod
 
 
-def wan_patcher(checkpoint: str, backends: Optional[dict] = None):
+def wan_patcher(checkpoint: str, backends: Optional[dict] = None, device: str = "cpu"):
     """A ModelPatcher of ``WAN21`` whose DiT is the 0.38.1 Wan above, with a tiny checkpoint's weights;
-    ``backends``: state-dict prefixes of attention modules (``"blocks.0.self_attn"``) given their own function."""
+    ``backends``: state-dict prefixes of attention modules (``"blocks.0.self_attn"``) given their own function;
+    ``device``: where it samples."""
     import comfy.model_base
     import comfy.model_patcher
     from devtools.tiny_comfy import load_model
@@ -372,4 +373,4 @@ def wan_patcher(checkpoint: str, backends: Optional[dict] = None):
         sd[f"{prefix}.comfy_attention.config"] = config_entry()
     missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
     assert not unexpected and not [m for m in missing if not m.startswith("rope")], (missing, unexpected)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))

@@ -45,6 +45,8 @@ class FakeComfy:
             return web.Response(status=200, text="<html>not json</html>")
         if seed == 22:
             return web.json_response({"prompt_id": None, "number": 1})
+        if seed == 25:  # random bytes, declared as UTF-8 text
+            return web.Response(status=200, body=bytes(range(128, 256)) * 4, content_type="text/plain", charset="utf-8")
         if seed == 23:
             await asyncio.sleep(8)  # does not answer within the runner's timeout (2 s in the test)
         pid = f"p{len(self.prompts)}"
@@ -54,6 +56,8 @@ class FakeComfy:
                  "outputs": {"1": {"attention_maps": [{"video_id": video, "status": "complete", "files": files}]}}}
         if seed == 21:
             entry = None  # /history answers {pid: null}
+        if seed == 26:
+            entry["outputs"]["1"]["attention_maps"][0]["files"] = None  # files: null
         ws = self.sockets[body["client_id"]]
 
         async def finish():
@@ -135,6 +139,17 @@ def test_dead_server_timeout_is_settable_and_no_server_at_all_fails_with_why(tmp
     manifest, _, _ = run(tmp_path / "b", [1, 2, 3], dead=2, healthy=0)
     assert [e["status"] for e in manifest.videos.values()] == ["failed"] * 3
     assert all(e["error"] == "no server could be reached" for e in manifest.videos.values())
+
+
+def test_runner_malformed_bytes_and_null_files_fail_one_video_each(tmp_path):
+    """Random bytes from POST /prompt and ``files: null`` in /history (found by the fault campaign: the runner ended
+    in UnicodeDecodeError and TypeError): each fails its video saying what the server sent, the batch goes on."""
+    manifest, _, _ = run(tmp_path, [25, 26, 1], timeout=5.0)
+    by_seed = {e["job"]["seed"]: e for e in manifest.videos.values()}
+    assert by_seed[25]["status"] == "failed" and by_seed[25]["error"].startswith("ComfyError: ")
+    assert "without a prompt id" in by_seed[25]["error"]
+    assert by_seed[26]["status"] == "failed" and "malformed Save Attention Maps report" in by_seed[26]["error"]
+    assert by_seed[1]["status"] == "done"
 
 
 def test_runner_malformed_replies_fail_one_video_each_and_every_wait_is_bounded(tmp_path):

@@ -55,7 +55,7 @@ class ComfyClient:
             try:
                 async with session.post(self.url + "/prompt", json={"prompt": prompt, "client_id": self.client_id},
                                         timeout=self._bounded(REPLY_SECONDS)) as r:
-                    text = await r.text()
+                    text = (await r.read()).decode("utf-8", "replace")  # a reply of any bytes is read, never a crash
             except asyncio.TimeoutError:  # before ClientConnectionError: aiohttp's read timeout is both
                 raise ComfyError(f"{self.url} did not answer POST /prompt within "
                                  f"{min(REPLY_SECONDS, self.timeout):g} s") from None
@@ -107,7 +107,7 @@ class ComfyClient:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             async with session.get(f"{self.url}/history/{prompt_id}", timeout=self._bounded(REPLY_SECONDS)) as r:
-                text = await r.text()
+                text = (await r.read()).decode("utf-8", "replace")  # a reply of any bytes is read, never a crash
             try:
                 data = json.loads(text) if r.status == 200 else None
             except ValueError:

@@ -97,10 +97,16 @@ class Manifest:
 
 
 def saved_files(history: dict) -> List[dict]:
-    """The Save Attention Maps reports in a ``/history`` entry."""
+    """The Save Attention Maps reports in a ``/history`` entry (a malformed one is a ComfyError saying what)."""
+    from .client import ComfyError
     out = []
-    for node_out in history.get("outputs", {}).values():
-        out.extend(node_out.get("attention_maps", []))
+    for node_out in (history.get("outputs") or {}).values():
+        reports = node_out.get("attention_maps", []) if isinstance(node_out, dict) else None
+        if not isinstance(reports, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("files", []), list)
+                and all(isinstance(f, str) for f in r.get("files", [])) for r in reports):
+            raise ComfyError(f"the server's /history has a malformed Save Attention Maps report: {str(node_out)[:300]}")
+        out.extend(reports)
     return out
 
 

@@ -147,9 +147,18 @@ def _read_json(path: str) -> dict:
     return data
 
 
+MAX_GRID_FRAMES = 1 << 16  # latent frames a recording may have (an hour of causal video is ~22,500)
+MAX_GRID_TOKENS = 1 << 26  # latent tokens (frames x height x width; 81 frames at 720p: 75,600)
+
+
+def _grid(value) -> bool:
+    """A latent grid readers may size arrays by: bounded before anything is allocated from it."""
+    return _ints(value, 3, 1) and value[0] <= MAX_GRID_FRAMES and int(np.prod(value, dtype=np.int64)) <= MAX_GRID_TOKENS
+
+
 _SUMMARY_FIELDS = {  # what readers rely on: name -> (check, what it must be)
-    "latent_grid": (lambda v: _ints(v, 3, 1), "three positive whole numbers"),
-    "map_grid": (lambda v: _ints(v, 3, 1), "three positive whole numbers"),
+    "latent_grid": (lambda v: _grid(v), f"three positive whole numbers of at most {MAX_GRID_TOKENS} tokens"),
+    "map_grid": (lambda v: _grid(v), f"three positive whole numbers of at most {MAX_GRID_TOKENS} tokens"),
     "blocks": (lambda v: _ints(v, None, -1), "a list of block indices"),
     "heads": (lambda v: _ints(v, None, -1), "a list of head indices"),
     "steps": (lambda v: _ints(v, None, 0), "a list of steps"),

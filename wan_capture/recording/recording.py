@@ -16,7 +16,7 @@ import numpy as np
 from ..stats.causal import assemble_chunks, sink_frames_of
 from ..capture.time_layout import TimeLayout
 from ..keys import SINK_NAMES, ArrayKey, key_path, metadata_path
-from .reader import ArrayTooLarge, AttentionFolder, load_cells
+from .reader import ArrayTooLarge, AttentionFolder, DamagedFileError, load_cells
 
 MAX_ASSEMBLED_BYTES = 64 << 20  # one causal map assembled for a view (a real 14B 720p one: about 1.3 MiB)
 
@@ -249,6 +249,25 @@ class Recording:
         return out
 
 
+MAX_EVENT_FRAMES = 1 << 16  # latent frames an event may name where the summary gives none
+FRAME_LISTS = ("key_frames", "sink_frames", "evicted", "query_frames")  # absolute latent frames (-1: not known)
+
+
+def _bad_event(event, frames: int) -> str:
+    """What is wrong with one KV-cache event read from a file ('' when nothing): its frame lists must be whole
+    numbers naming frames of the video (-1: not known), RoPE positions whole numbers."""
+    if not isinstance(event, dict):
+        return "is not an object"
+    for name in FRAME_LISTS + ("rope_frames",):
+        value = event.get(name, [])
+        if not isinstance(value, list) or len(value) > MAX_EVENT_FRAMES:
+            return f"has a {name!r} that is not a list of frames"
+        low, high = (-1, frames) if name in FRAME_LISTS else (-MAX_EVENT_FRAMES, MAX_EVENT_FRAMES)
+        if not all(type(f) is int and low <= f < high for f in value):
+            return f"has {name!r} {str(value)[:80]} that are not frames of its {frames}-frame video"
+    return ""
+
+
 def chunk_key_frames(meta: dict) -> List[int]:
     """The absolute frame of each group of keys a chunk attended to, from its metadata."""
     if meta.get("key_frames") is not None:
@@ -340,9 +359,15 @@ class FolderRecording(Recording):
     def kv_events(self) -> List[dict]:
         if not self.causal:
             return []
-        events = self.an._json(self._path("kv_cache_events.json"))
+        path = self._path("kv_cache_events.json")
+        events = self.an._json(path)
         if not isinstance(events, dict) or not isinstance(events.get("events"), list):
-            raise ValueError(f"kv_cache_events.json of {self.video!r} does not hold an 'events' list")
+            raise DamagedFileError(f"damaged metadata file {path}: it does not hold an 'events' list", path)
+        frames = (self.summary.get("latent_grid") or [MAX_EVENT_FRAMES])[0]
+        for n, event in enumerate(events["events"]):
+            bad = _bad_event(event, frames)
+            if bad:
+                raise DamagedFileError(f"damaged metadata file {path}: event {n} {bad}", path)
         return events["events"]
 
     def _frame_names(self) -> List[str]:

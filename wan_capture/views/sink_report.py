@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..keys import ArrayKey
+from ..keys import ArrayKey, key_path
+from ..recording.reader import DamagedFileError
 from ..recording.recording import Recording, chunk_key_frames
 from ..stats.sink_dynamics import CLASSES, behavioural_sinks, class_mass, head_agreement, key_classes, sink_distance
 from .render import line_plot, matrix_plot
@@ -53,6 +54,10 @@ def sink_series(rec: Recording, branch: str = "cond", multiple: float = 2.0) -> 
     step_pass = {int(k): v for k, v in ((rec.summary.get("causal") or {}).get("step_pass") or {}).items()}
     for key in sorted((k for k in rec.keys_of("sink", branch) if k.name == "frame_mass"), key=ArrayKey.order):
         mass = np.asarray(rec.get(key), dtype=np.float64)  # [blocks, heads, Fq, Fk]
+        if mass.ndim != 4 or mass.shape[:2] != (len(rec.blocks), len(rec.heads)):
+            raise DamagedFileError(f"damaged attention file {key_path(key)} of {rec.summary.get('video_id', 'the video')}: "
+                                   f"its frame x frame mass has shape {list(mass.shape)}, not [blocks "
+                                   f"{len(rec.blocks)}, heads {len(rec.heads)}, query frames, key frames]", key_path(key))
         meta = rec.metadata(key)
         chunk = key.chunk if key.chunk is not None else 0
         query_frames = list(meta.get("query_frames") or range(mass.shape[-2]))
