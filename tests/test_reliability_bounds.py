@@ -81,3 +81,62 @@ def test_report_bounds_a_step_array_of_another_shape_names_its_file(tmp_path):
     r = sink_report(maps, str(tmp_path / "rep"))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert name[:-len(".npy")] in r.stderr and "IndexError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_header_bounds_probe_refuses_a_header_of_other_dimensions(comfy_server):
+    """M3: the probe's one-cell reader trusted the .npy header's dimensions (a planted [64, 64, cells, pieces] read
+    4,096 runs per step); it now holds them to the summary's blocks, heads and cells, naming the file."""
+    from api_util import run_prompt
+    from devtools.tiny_workflow import to_tiny
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api = {k: v for k, v in to_tiny(api).items() if v["class_type"] not in (
+        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
+    api["20"]["inputs"]["batch_name"] = "header_bounds"
+    entry = run_prompt(comfy_server.url, api)
+    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    url = f"{comfy_server.url}/wan_capture/probe?path=header_bounds/attention_maps&video={video}&frame=0&y=1&x=1"
+    status, _, body = fetch(url)
+    assert status == 200, body
+    folder = comfy_server.output / "header_bounds" / "attention_maps" / video / "token_flower"
+    step = np.load(folder / "step_001.npy")  # [blocks, heads, cells, pieces]
+    planted = np.zeros((64, 64) + step.shape[2:], dtype=step.dtype)
+    np.save(folder / "step_001.npy", planted)
+    status, _, body = fetch(url)
+    assert status == 422 and json.loads(body) == {"error": "damaged file: step_001.npy"}, (status, body)
+
+
+def test_node_path_bounds_load_then_save_refuses_a_gzip_bomb(comfy_server):
+    """M4: Load Attention Maps -> Save Attention Maps (a copy) and the views decompressed with no bound (600 KB planted
+    -> 268 MB written). A step file that decompresses past what the recording's geometry allows is refused naming
+    the file; nothing of it is written."""
+    import gzip
+    from api_util import execution_errors, run_prompt
+    from devtools.tiny_workflow import to_tiny
+    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
+    api = {k: v for k, v in to_tiny(api).items() if v["class_type"] not in (
+        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
+    api["20"]["inputs"]["batch_name"] = "node_bounds"
+    entry = run_prompt(comfy_server.url, api)
+    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    folder = comfy_server.output / "node_bounds" / "attention_maps" / video / "token_flower"
+    bomb = np.zeros((64, 64, 4096, 4), dtype=np.float32)  # 268 MB of zeros: 260 KB gzipped
+    import io
+    buf = io.BytesIO()
+    np.save(buf, bomb)
+    os.remove(folder / "step_001.npy")
+    with open(folder / "step_001.npy.gz", "wb") as f:
+        f.write(gzip.compress(buf.getvalue(), compresslevel=9))
+    assert os.path.getsize(folder / "step_001.npy.gz") < 1 << 20
+    graph = {"1": {"class_type": "WanLoadAttentionMaps", "inputs": {"attention_maps_path": "node_bounds/attention_maps",
+                                                                     "video_id": video}},
+             "2": {"class_type": "WanSaveAttention", "inputs": {"recorder": ["1", 0], "batch_name": "node_bounds_copy"}},
+             "3": {"class_type": "WanAttentionOverlay", "inputs": {"recorder": ["1", 0], "token": "flower", "steps": "1"}},
+             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    for out in ("2", "4"):  # the copy, and a view
+        entry = run_prompt(comfy_server.url, {k: v for k, v in graph.items() if k == "1" or k == out or
+                                              (out == "4" and k == "3")})
+        errors = execution_errors(entry)
+        assert errors and "step_001.npy.gz" in errors[0]["exception_message"], (out, errors)
+    written = sum(p.stat().st_size for p in (comfy_server.output / "node_bounds_copy").rglob("*") if p.is_file()) \
+        if (comfy_server.output / "node_bounds_copy").exists() else 0
+    assert written < 1 << 20

@@ -95,11 +95,13 @@ def _npy_header(head: bytes, fd: int) -> tuple:
     return shape, m.group(2) == "True", np.dtype(m.group(1)), start
 
 
-def load_cells(path: str, index: int, max_bytes: Optional[int] = None) -> np.ndarray:
+def load_cells(path: str, index: int, max_bytes: Optional[int] = None,
+               expect: Optional[tuple] = None) -> np.ndarray:
     """``array[:, :, index]`` of one saved ``[blocks, heads, spatial, ...]`` array as float32. From an uncompressed
     ``.npy`` only the bytes of those cells are read (a point probe reads one cell of every step of every word: a
     whole read would be the recording's size); the other formats, and Fortran order, are loaded whole (bounded by
-    ``max_bytes``)."""
+    ``max_bytes``). ``expect``: the ``(blocks, heads, cells)`` the recording's summary gives: a header saying other
+    dimensions is a DamagedFileError, before anything is read by it."""
     if path.endswith(".npy"):
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -107,6 +109,9 @@ def load_cells(path: str, index: int, max_bytes: Optional[int] = None) -> np.nda
                 shape, fortran, dtype, start = _npy_header(os.pread(fd, 4096, 0), fd)
                 if len(shape) < 3 or not 0 <= index < shape[2] or dtype.hasobject:
                     raise ValueError(f"shape {shape} ({dtype}) has no cell {index}")
+                if expect is not None and tuple(shape[:3]) != tuple(expect):
+                    raise ValueError(f"its header's shape {list(shape)} is not the recording's [blocks, heads, "
+                                     f"cells] {list(expect)}")
                 outer, inner = int(np.prod(shape[:2])), int(np.prod(shape[3:], dtype=np.int64))
                 run = inner * dtype.itemsize  # one cell's values of one block and head: contiguous
                 stride = shape[2] * run
@@ -121,6 +126,9 @@ def load_cells(path: str, index: int, max_bytes: Optional[int] = None) -> np.nda
         if data is not None:
             return np.frombuffer(data, dtype=dtype).reshape(shape[:2] + shape[3:]).astype(np.float32)
     array = load_array(path, max_bytes)
+    if expect is not None and tuple(array.shape[:3]) != tuple(expect):
+        raise DamagedFileError(f"damaged attention file {path}: shape {list(array.shape)} is not the recording's "
+                               f"[blocks, heads, cells] {list(expect)}", path)
     if array.ndim < 3 or not 0 <= index < array.shape[2]:
         raise DamagedFileError(f"damaged attention file {path}: shape {array.shape} has no cell {index}", path)
     return array[:, :, index]
@@ -217,8 +225,10 @@ class AttentionFolder:
             known.add(folder)
         return self._checked(path) if os.path.islink(path) else path
 
-    def _array(self, path: str, keep_dtype: bool = False) -> np.ndarray:
-        return load_array(self._checked(path), self.max_bytes, keep_dtype)
+    def _array(self, path: str, keep_dtype: bool = False, bound: Optional[int] = None) -> np.ndarray:
+        """One array; ``bound``: the most bytes the recording's geometry allows it (with ``max_bytes``, the lower)."""
+        limit = min(b for b in (self.max_bytes, bound) if b is not None) if (self.max_bytes or bound) else None
+        return load_array(self._checked(path), limit, keep_dtype)
 
     def _json(self, path: str) -> dict:
         return _read_json(self._checked(path))

@@ -249,6 +249,35 @@ class Recording:
         return out
 
 
+IMAGE_TOKENS_MAX = 257 * 2  # CLIP-vision tokens an i2v/FLF2V call can have (first and last frame)
+HEADER_SLACK = 4096  # an .npy header, or a .pt container's own bytes
+
+
+def array_bound(summary: dict, key: ArrayKey) -> Optional[int]:
+    """The most bytes ``key``'s array can hold given the recording's geometry (blocks, heads, the latent and map
+    grids, the word's pieces; float32), or None where the summary does not give it (older layouts): what a reader
+    decompresses or loads is bounded by it, whatever a planted file or its metadata says."""
+    if not all(isinstance(summary.get(k), list) for k in ("blocks", "heads", "latent_grid", "map_grid")):
+        return None
+    bh = len(summary["blocks"]) * len(summary["heads"])
+    f, h, w = (int(x) for x in summary["latent_grid"])
+    lead, trail = (summary.get("context_latent_frames") or [0, 0])[:2]
+    frames = f + int(summary.get("reference_latent_frames") or 0) + int(lead) + int(trail)  # keys of every stream
+    tokens = frames * h * w
+    cells = int(np.prod(summary["map_grid"], dtype=np.int64))
+    if key.stat == "cross":
+        words = (summary.get("tokens") or []) + (summary.get("negative_tokens") or [])
+        pieces = max([len(w.get("positions") or [1]) for w in words if w.get("label") == key.name] or [512])
+        values = bh * cells * min(pieces, 512)
+    elif key.stat == "sink":
+        values = bh * {"frame_mass": frames * frames, "entropy": frames}.get(key.name, tokens)
+    elif key.stat == "image":
+        values = bh * (tokens if key.name == "share" else IMAGE_TOKENS_MAX)
+    else:  # an exact window: heads x queries x keys at most
+        values = len(summary["heads"]) * tokens * tokens
+    return int(values) * 4 + HEADER_SLACK
+
+
 MAX_EVENT_FRAMES = 1 << 16  # latent frames an event may name where the summary gives none
 FRAME_LISTS = ("key_frames", "sink_frames", "evicted", "query_frames")  # absolute latent frames (-1: not known)
 
@@ -344,14 +373,17 @@ class FolderRecording(Recording):
         if key.stat == "cross" and not self._folder_of(key):
             raise NotRecorded(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
         stem = self._path(key_path(key, self._folder_of(key)))
-        return self.an._array(self.an._find(stem), keep_dtype=True)
+        return self.an._array(self.an._find(stem), keep_dtype=True, bound=array_bound(self.summary, key))
 
     def cross_cell(self, label: str, step: int, cell: int, branch: str = "cond") -> np.ndarray:
         key = ArrayKey("cross", label, step, branch)
         if not self.has(key):
             self.cross(label, step, branch)  # the same NotRecorded as a whole read
         path = self.an._checked_file(self.an._find(self._path(key_path(key, self._folder_of(key)))))
-        return load_cells(path, cell, self.an.max_bytes)
+        s = self.summary
+        expect = (len(s["blocks"]), len(s["heads"]), int(np.prod(s["map_grid"]))) \
+            if all(k in s for k in ("blocks", "heads", "map_grid")) else None  # older layouts: the header's own
+        return load_cells(path, cell, self.an.max_bytes, expect=expect)
 
     def metadata(self, key: ArrayKey) -> dict:
         return self.an._json(self._path(metadata_path(key, self._folder_of(key))))
