@@ -81,23 +81,21 @@ def test_stale_sigkill_during_a_save_keeps_the_previous_recording_or_an_honest_p
     assert sorted(p.name for p in (tmp_path / "b" / "attention_maps").iterdir()) == ["prompt_000_vid001"]
 
 
-def dead_owner() -> str:
-    """The owner tag of a save whose process has ended (this host, a pid that exited)."""
-    from wan_capture.recording.save import _owner
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return f"{_owner().rsplit('-', 1)[0]}-{proc.pid}"
+def dead_save(root, video: str) -> str:
+    """The token of a save that was killed: its lock file is there, and no process holds it."""
+    token = "killed0"
+    open(os.path.join(str(root), f".{video}.save-{token}.lock"), "w").close()
+    return token
 
 
 def test_stale_previous_recording_moved_aside_by_a_killed_swap_is_restored(tmp_path):
     save_take(recorded(steps=2), str(tmp_path), "b", SaveOptions())
     root = tmp_path / "b" / "attention_maps"
-    owner = dead_owner()
-    (root / "prompt_000_vid001").rename(root / f".prompt_000_vid001.old-{owner}-abc")  # killed between the renames
-    (root / f".prompt_000_vid001.tmp-{owner}-def").mkdir()
+    owner = dead_save(root, "prompt_000_vid001")
+    (root / "prompt_000_vid001").rename(root / f".prompt_000_vid001.old-{owner}")  # killed between the renames
     from wan_capture.recording.save import sweep_leftovers
     sweep_leftovers(str(root))
-    assert sorted(p.name for p in root.iterdir()) == ["prompt_000_vid001"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == ["prompt_000_vid001"]
     assert maps(tmp_path).summary("prompt_000_vid001")["steps"] == [0, 1]
 
 

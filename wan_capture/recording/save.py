@@ -16,18 +16,19 @@ last file of the video is in place, and stays partial when the take itself was i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
 import json
 import os
 import re
+import secrets
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -227,30 +228,89 @@ def _png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# Hidden siblings of a video folder while it is saved: ".<video>.tmp-<owner>-<random>" (the files being written) and
-# ".<video>.old-<owner>-<random>" (a replaced recording, between the swap's two renames). <owner> is the host and the
-# process id of the save, so a sweep removes only what a save that is no longer running left behind.
-_LEFTOVER = re.compile(r"^\.(?P<video>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-)?[\w]+$")
-STALE_SECONDS = 24 * 3600  # a leftover of another host (its process cannot be asked) or of 0.2.0 (no owner) this old
+# Hidden siblings of a video folder while it is saved: ".<video>.tmp-<token>" (the files being written) and
+# ".<video>.old-<token>" (a replaced recording, between the swap's two renames). <token> names the save; the save
+# holds a lock on ".<video>.save-<token>.lock" (an flock on the file system) while it runs, so a sweep removes only
+# what a save that is no longer running left behind: the kernel (or the file server) drops a killed save's lock,
+# whatever host, container or process-id namespace it ran in. A name is claimed under ".<video>.lock".
+_LEFTOVER = re.compile(r"^\.(?P<video>.+)\.(?P<kind>tmp|old)-(?P<token>[\w.-]+)$")
+STALE_SECONDS = 24 * 3600  # a leftover of an older version (no lock to ask) this old is abandoned
 
 
-def _owner() -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.]', '_', socket.gethostname())[:40]}-{os.getpid()}"
+class _Lock:
+    """An exclusive lock on a file beside the recordings (fcntl.flock; where there is none, e.g. Windows, no lock:
+    saves of one name at once are then not kept apart)."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self, wait: bool = True, create: bool = True) -> bool:
+        """Take the lock (``wait``: until it is free); False when it is held (or, ``create`` off, not there). The
+        file is removed by whoever releases it: a lock taken on a file that was removed meanwhile is taken again on
+        the file now at the path."""
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return True
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # released and removed between our open and our lock
+            if not create:
+                return False
+
+    def release(self, remove: bool = True) -> None:
+        """Let go (removing the file first, so nothing is left beside the recordings)."""
+        if self.fd is not None:
+            if remove:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _name_lock(root: str, name: str) -> _Lock:
+    """The lock of one video name: held by a save from its claim (or from before its swap) until its folder is in
+    place, so a claimed name is only ever filled by its claimant, and two saves never rename at once."""
+    return _Lock(os.path.join(root, f".{name}.lock"))
+
+
+def _save_lock(root: str, video_id: str, token: str) -> _Lock:
+    return _Lock(os.path.join(root, f".{video_id}.save-{token}.lock"))
 
 
 def _abandoned(match, path: str) -> bool:
-    """Whether the save that made this hidden folder is gone: its process is dead (same host), or it is stale."""
-    host, pid = match.group("host"), match.group("pid")
-    if host == _owner().rsplit("-", 1)[0] and pid is not None:
-        if int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+    """Whether the save that made this hidden folder is gone: its lock can be taken (or, for a leftover of a version
+    without locks, it is stale)."""
+    root = os.path.dirname(path)
+    lock = _save_lock(root, match.group("video"), match.group("token"))
+    if os.path.exists(lock.path):
+        if not lock.acquire(wait=False, create=False):
+            return False  # a save still running (here or on any server sharing the folder), or just finished
+        lock.release()
+        return True
     try:
         return time.time() - os.lstat(path).st_mtime > STALE_SECONDS
     except OSError:
@@ -268,12 +328,13 @@ def sweep_leftovers(root: str) -> List[str]:
         if not m or not os.path.isdir(path) or os.path.islink(path) or not _abandoned(m, path):
             continue
         final = os.path.join(root, m.group("video"))
-        if m.group("kind") == "old" and (not os.path.lexists(final) or _is_empty_dir(final)):
-            if os.path.lexists(final):
-                os.rmdir(final)
-            os.rename(path, final)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        with _name_lock(root, m.group("video")):
+            if m.group("kind") == "old" and (not os.path.lexists(final) or _is_empty_dir(final)):
+                if os.path.lexists(final):
+                    os.rmdir(final)
+                os.rename(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         done.append(name)
     return done
 
@@ -285,18 +346,16 @@ def _is_empty_dir(path: str) -> bool:
 SWAP_ATTEMPTS = 20  # another replacing save may put its folder at the name between our move-aside and our rename
 
 
-def _swap_in(work: str, final: str) -> None:
+def _swap_in(work: str, final: str, token: str) -> None:
     """Put the finished folder ``work`` at ``final``, replacing whatever was there as a whole (an empty folder, the
-    name this save claimed, is replaced by the rename itself). When another save replacing the same name puts its
-    folder there in between, that one is moved aside in turn: the later rename wins, whole, and never fails."""
+    name this save claimed, is replaced by the rename itself); the caller holds the name's lock."""
     for _ in range(SWAP_ATTEMPTS):
         old = None
         if os.path.lexists(final) and not _is_empty_dir(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{_owner()}-", dir=os.path.dirname(final))
-            os.rmdir(old)
+            old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{token}")
             try:
                 os.rename(final, old)
-            except FileNotFoundError:  # the other save moved it aside first
+            except FileNotFoundError:  # a save of an older version moved it aside first
                 old = None
         try:
             os.rename(work, final)
@@ -310,17 +369,21 @@ def _swap_in(work: str, final: str) -> None:
     raise StorageError(f"could not put the recording at {final}: other saves kept replacing it ({SWAP_ATTEMPTS} tries)")
 
 
-def _claim(root: str, video_id: str) -> str:
+def _claim(root: str, video_id: str) -> Tuple[str, _Lock]:
     """The first free name of ``video_id``, ``video_id_2``, ... made ours by creating it (an empty folder, which
-    readers do not list): two saves, in any processes or servers sharing the folder, never get the same name."""
+    readers do not list) under its name's lock, which the caller holds until its folder is in place: no other save,
+    in any process or server sharing the folder, takes or fills that name meanwhile."""
     n = 1
     while True:
         name = video_id if n == 1 else f"{video_id}_{n}"
-        try:
-            os.mkdir(confined(root, name, purpose="write"))
-            return name
-        except FileExistsError:
-            n += 1
+        lock = _name_lock(root, name)
+        if lock.acquire(wait=False):
+            try:
+                os.mkdir(confined(root, name, purpose="write"))
+                return name, lock
+            except FileExistsError:
+                lock.release()
+        n += 1
 
 
 def _complete(folder: str) -> bool:
@@ -331,14 +394,18 @@ def _complete(folder: str) -> bool:
         return False
 
 
-def _keep_failed(work: str, root: str, video_id: str, final: str) -> str:
-    """A save that failed: what it wrote replaces nothing complete. Returns where it went and what was kept."""
+def _keep_failed(work: str, root: str, video_id: str, final: str, token: str) -> str:
+    """A save that failed (holding its name's lock): what it wrote replaces nothing complete. Returns where it went and
+    what was kept."""
     if _complete(final):  # an overwrite that failed: the previous complete recording stays
-        beside = _claim(root, f"{video_id}_partial")
-        _swap_in(work, os.path.join(root, beside))
+        beside, lock = _claim(root, f"{video_id}_partial")
+        try:
+            _swap_in(work, os.path.join(root, beside), token)
+        finally:
+            lock.release()
         return (f"the previous complete recording at {final} is kept; what this save wrote is at "
                 f"{os.path.join(root, beside)}, marked partial")
-    _swap_in(work, final)
+    _swap_in(work, final, token)
     return f"what this save wrote is at {final}, marked partial"
 
 
@@ -348,11 +415,33 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     os.makedirs(root, mode=0o777, exist_ok=True)
     sweep_leftovers(root)
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+    name_lock = None
     if opts.if_exists == "new_name":  # the earlier recording stays as it is; the report names the new one
-        video_id = _claim(root, video_id)
+        video_id, name_lock = _claim(root, video_id)
+    try:
+        return _save_claimed(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock)
+    finally:
+        if name_lock is not None:
+            name_lock.release()
+
+
+def _save_claimed(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock) -> SavedVideo:
     final = confined(root, video_id, purpose="write")
-    folder = tempfile.mkdtemp(prefix=f".{video_id}.tmp-{_owner()}-", dir=root)
-    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it 0700: the saved folder follows the umask like any other
+    token = f"{secrets.token_hex(8)}"
+    alive = _save_lock(root, video_id, token)  # held while this save runs: a sweep elsewhere leaves its folders
+    alive.acquire()
+    try:
+        return _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock, final,
+                            token)
+    finally:
+        alive.release(remove=True)
+
+
+def _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock, final,
+                 token) -> SavedVideo:
+    folder = os.path.join(root, f".{video_id}.tmp-{token}")
+    os.mkdir(folder)
+    os.chmod(folder, 0o777 & ~_umask())  # the saved folder follows the umask like any other
     w = _Writer(folder, opts, progress)
     keys = saved_keys(rec, opts)
     provenance = {"video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b,
@@ -378,7 +467,8 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
         except OSError:
             pass  # the summary written first already says partial ("writing")
         try:
-            where = _keep_failed(folder, root, video_id, final)
+            with _name_lock(root, video_id) if name_lock is None else contextlib.nullcontext():
+                where = _keep_failed(folder, root, video_id, final, token)
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
             where = "what this save wrote could not be kept"
@@ -391,7 +481,8 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     summary["files_written"] = len(set(w.files))  # summary.json is among them already
     summary["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     w.write("summary.json", _json(summary))
-    _swap_in(folder, final)
+    with _name_lock(root, video_id) if name_lock is None else contextlib.nullcontext():  # a claimant's name: its own
+        _swap_in(folder, final, token)
     files = [final + p[len(folder):] for p in dict.fromkeys(w.files)]
     return SavedVideo(video_id, final, summary["status"], files)
 
