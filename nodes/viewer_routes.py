@@ -3,6 +3,8 @@ folder only; other paths get 403, missing files 404, and nothing about the reque
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import ctypes
 import functools
 import os
 
@@ -54,15 +56,55 @@ def _root() -> str:
     return folder_paths.get_output_directory()
 
 
-HEAVY_AT_ONCE = 2  # requests that read and reduce arrays at the same time; more wait their turn
+HEAVY_AT_ONCE = 2  # requests that read and reduce arrays (and hold their reply) at once; more wait their turn
+SEND_SECONDS = 20.0  # a heavy reply a client does not take in this long is dropped (its slot and bytes freed)
 _heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
+# the heavy work's own threads: as many as may run at once, so the memory their allocator keeps is bounded too
+_workers = concurrent.futures.ThreadPoolExecutor(max_workers=HEAVY_AT_ONCE, thread_name_prefix="wan_capture_viewer")
+
+
+def _trimmed(fn):
+    """``fn``, then the freed memory of its arrays handed back to the system (glibc keeps it otherwise)."""
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _malloc_trim()
+    return run
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def _off_loop(fn, *args, **kwargs):
     """Reading and reducing arrays runs in a worker thread, a bounded number at a time: the server keeps answering
     ordinary requests meanwhile, and many heavy ones cannot add up their memory."""
     async with _heavy:
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(_workers, functools.partial(_trimmed(fn), *args,
+                                                                                            **kwargs))
+
+
+async def _heavy_reply(request, build) -> web.StreamResponse:
+    """A heavy reply: ``build`` (in a worker) gives ``(body bytes, headers)``; the slot is held until the body has
+    left (or the client, not reading, is dropped after SEND_SECONDS), so what waits in memory for slow clients is
+    bounded by HEAVY_AT_ONCE replies, whatever the number of clients."""
+    async with _heavy:
+        body, headers = await asyncio.get_running_loop().run_in_executor(_workers, _trimmed(build))
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = len(body)
+        await response.prepare(request)
+        try:
+            await asyncio.wait_for(response.write(body), SEND_SECONDS)
+            await response.write_eof()
+        except (asyncio.TimeoutError, ConnectionError):
+            if request.transport is not None:
+                request.transport.abort()  # its buffered bytes go now
+        return response
 
 
 def _maps_dir(request) -> str:
@@ -100,20 +142,21 @@ def register(routes) -> None:
         video = _video(request, maps_dir)
         q = request.query
         kind, branch, step, block, head = _params(q)
-        sinks = ""
-        if kind == "sink":
-            data, _ = await _off_loop(sink_slice, maps_dir, video, step, branch, block, head, root=_root())
-        elif kind == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
-            data, meta = await _off_loop(frame_mass_slice, maps_dir, video, step, branch, block, head, root=_root())
-            data = data[None]
-            sinks = ",".join(str(f) for f in meta["sink_frames"])
-        else:
-            data, _ = await _off_loop(token_slice, maps_dir, video, q["token"], step, branch, block, head,
-                                      root=_root())
-        headers = {"X-Shape": ",".join(map(str, data.shape)), "X-Sinks": sinks,
-                   "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
-        return web.Response(body=data.astype("<f4").tobytes(), content_type="application/octet-stream",
-                            headers=headers)
+
+        def build():
+            sinks = ""
+            if kind == "sink":
+                data, _ = sink_slice(maps_dir, video, step, branch, block, head, root=_root())
+            elif kind == "frame_mass":  # one [query frame, key frame] picture; causal: sink frames marked
+                data, meta = frame_mass_slice(maps_dir, video, step, branch, block, head, root=_root())
+                data = data[None]
+                sinks = ",".join(str(f) for f in meta["sink_frames"])
+            else:
+                data, _ = token_slice(maps_dir, video, q["token"], step, branch, block, head, root=_root())
+            headers = {"X-Shape": ",".join(map(str, data.shape)), "X-Sinks": sinks,
+                       "Access-Control-Expose-Headers": "X-Shape, X-Sinks", "Cache-Control": "no-store"}
+            return data.astype("<f4").tobytes(), headers  # built in the worker, never on the event loop
+        return await _heavy_reply(request, build)
 
     @routes.get(PREFIX + "/probe")
     @_guard
