@@ -141,7 +141,8 @@ class RayClient:
 def write_back(output_dir: Optional[str], files: Sequence[tuple]) -> None:
     """Write a video's files, sent back by its actor, into ``output_dir``: each checked against its checksum, the
     video's folder put in place whole (a folder being replaced is swapped, never mixed)."""
-    from ..recording.save import _swap_in
+    import secrets
+    from ..recording.save import _name_lock, _swap_in
     if not output_dir:
         raise ComfyError("copying back needs the driver's output folder (--output-dir)")
     folders: Dict[str, List[tuple]] = {}
@@ -162,7 +163,8 @@ def write_back(output_dir: Optional[str], files: Sequence[tuple]) -> None:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(data)
-            _swap_in(work, final)
+            with _name_lock(os.path.dirname(final), os.path.basename(final)):  # as a save of that name would
+                _swap_in(work, final, secrets.token_hex(8))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
