@@ -42,3 +42,16 @@ def to_tiny(graph: dict, variant: str = "t2v", steps: int = 3) -> dict:
                     node["inputs"][k] = round(node["inputs"][k] * scale)
             node["inputs"]["steps"] = steps
     return g
+
+
+VIEWS = {"WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage"}
+
+
+def tiny_example(name: str, variant: str = "t2v") -> dict:
+    """``example_workflows/api/<name>`` at tiny size, without its view nodes (the recording and its Save only)."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows", "api", name)
+    with open(path, encoding="utf-8") as f:
+        g = to_tiny(json.load(f), variant)
+    return {k: v for k, v in g.items() if v["class_type"] not in VIEWS}

@@ -27,11 +27,8 @@ SEEDS = [1, 2]
 
 
 def workflow() -> dict:
-    from devtools.tiny_workflow import to_tiny
-    with open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")) as f:
-        g = to_tiny(json.load(f), "t2v")
-    return {k: v for k, v in g.items() if v["class_type"] not in (
-        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
+    from devtools.tiny_workflow import tiny_example
+    return tiny_example("wan21_t2v_attention.json")
 
 
 def base_directory(work: str) -> str:

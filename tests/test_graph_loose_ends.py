@@ -3,7 +3,6 @@ the one-tracker wiring (N1), tooltips and messages of that wiring (N2), Save on 
 image context on a t2v graph with an Options node (N4), the negative prompt encoded only where needed (N5)."""
 import copy
 import itertools
-import json
 import os
 
 import numpy as np
@@ -17,12 +16,8 @@ NONCE = itertools.count(1)
 
 
 def example(name: str, variant: str = "t2v") -> dict:
-    """An example workflow's API twin at tiny size, without its view nodes."""
-    from devtools.tiny_workflow import to_tiny
-    with open(os.path.join(ROOT, "example_workflows", "api", name)) as f:
-        g = to_tiny(json.load(f), variant)
-    return {k: v for k, v in g.items() if v["class_type"] not in (
-        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
+    from devtools.tiny_workflow import tiny_example
+    return tiny_example(name, variant)
 
 
 def ui_texts(entry, nid: str) -> list:

@@ -83,17 +83,20 @@ def test_report_bounds_a_step_array_of_another_shape_names_its_file(tmp_path):
     assert name[:-len(".npy")] in r.stderr and "IndexError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def recorded_on(server, batch: str) -> str:
+    """The t2v example at tiny size, recorded and saved on ``server`` as ``batch``; its video id."""
+    from api_util import run_prompt
+    from devtools.tiny_workflow import tiny_example
+    api = tiny_example("wan21_t2v_attention.json")
+    api["20"]["inputs"]["batch_name"] = batch
+    entry = run_prompt(server.url, api)
+    return [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+
+
 def test_header_bounds_probe_refuses_a_header_of_other_dimensions(comfy_server):
     """M3: the probe's one-cell reader trusted the .npy header's dimensions (a planted [64, 64, cells, pieces] read
     4,096 runs per step); it now holds them to the summary's blocks, heads and cells, naming the file."""
-    from api_util import run_prompt
-    from devtools.tiny_workflow import to_tiny
-    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
-    api = {k: v for k, v in to_tiny(api).items() if v["class_type"] not in (
-        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
-    api["20"]["inputs"]["batch_name"] = "header_bounds"
-    entry = run_prompt(comfy_server.url, api)
-    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    video = recorded_on(comfy_server, "header_bounds")
     url = f"{comfy_server.url}/wan_capture/probe?path=header_bounds/attention_maps&video={video}&frame=0&y=1&x=1"
     status, _, body = fetch(url)
     assert status == 200, body
@@ -111,13 +114,7 @@ def test_node_path_bounds_load_then_save_refuses_a_gzip_bomb(comfy_server):
     the file; nothing of it is written."""
     import gzip
     from api_util import execution_errors, run_prompt
-    from devtools.tiny_workflow import to_tiny
-    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", "wan21_t2v_attention.json")))
-    api = {k: v for k, v in to_tiny(api).items() if v["class_type"] not in (
-        "WanAttentionOverlay", "WanAttentionGrid", "SaveAnimatedWEBP", "SaveImage")}
-    api["20"]["inputs"]["batch_name"] = "node_bounds"
-    entry = run_prompt(comfy_server.url, api)
-    video = [r for o in entry["outputs"].values() for r in o.get("attention_maps", [])][0]["video_id"]
+    video = recorded_on(comfy_server, "node_bounds")
     folder = comfy_server.output / "node_bounds" / "attention_maps" / video / "token_flower"
     bomb = np.zeros((64, 64, 4096, 4), dtype=np.float32)  # 268 MB of zeros: 260 KB gzipped
     import io

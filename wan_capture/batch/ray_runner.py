@@ -202,8 +202,8 @@ async def run_batch_ray(workflow: dict, jobs: Sequence[Job], batch_name: str, st
               .remote(name, server, config.copy_back, timeout) for name in names]
     try:
         clients = {f"ray:{name}": RayClient(a, output_dir, config.copy_back) for name, a in zip(names, actors)}
-        return await run_on(workflow, jobs, clients, batch_name, state_dir, None,
-                            output_dir if not config.copy_back else output_dir, log, timeout, retries, backoff)
+        return await run_on(workflow, jobs, clients, batch_name, state_dir, None, output_dir, log, timeout, retries,
+                            backoff)
     finally:
         for a in actors:
             try:
