@@ -19,10 +19,10 @@ $(VENV)/.core: requirements.txt requirements-dev.txt
 	$(BIN)/pip install -q --no-deps wan22==2.2.11  # the official Wan code, without its flash-attn requirement
 	touch $@
 
+# --no-warn-conflicts: wan22 is installed without its requirements on purpose (flash-attn and others it needs only
+# for its own pipelines); pip would print that as a resolver error a newcomer reads as a failed install
 $(VENV)/.comfy: $(VENV)/.core
 	grep -vE '^(torch|torchvision|torchaudio)[[:space:]]*$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfyui-requirements.txt
-	# --no-warn-conflicts: wan22 is installed without its requirements on purpose (flash-attn and others it needs only
-	# for its own pipelines); pip would print that as an ERROR a newcomer reads as a failed install
 	$(BIN)/pip install -q --no-warn-conflicts -r $(VENV)/comfyui-requirements.txt
 	touch $@
 
