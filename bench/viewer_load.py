@@ -83,8 +83,9 @@ def main(argv=None) -> int:
 
     def never_reads():  # sends its requests and never reads a byte of the replies
         while not stop.is_set():
-            s = socket.create_connection((host, port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            s.connect((host, port))
             for _ in range(8):  # pipelined: the server has a reply waiting behind each
                 s.sendall(f"GET {query()} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             held.append(s)

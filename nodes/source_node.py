@@ -1,6 +1,7 @@
 """Node: Load Attention Maps (a saved attention_maps folder -> the recorder input of the view nodes)."""
 from __future__ import annotations
 
+import itertools
 import os
 
 import folder_paths
@@ -11,6 +12,9 @@ from ..wan_capture.recording.confine import confined
 from ..wan_capture.views.maps import SavedRecording
 from .attach_node import AttentionRecorder
 from .widgets import settings
+
+
+FINGERPRINT_ENTRIES = 4096  # entries of the folder the cache fingerprint stats (a real one holds a video each)
 
 
 class LoadAttentionMaps(io.ComfyNode):
@@ -35,12 +39,17 @@ class LoadAttentionMaps(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, attention_maps_path: str, **kw):
-        """Re-read when a save changed the folder (a video swapped in changes its parent's listing)."""
-        path = os.path.join(folder_paths.get_output_directory(), attention_maps_path)
+        """Re-read when a save changed the folder (a video swapped in changes its parent's listing). Only a folder in
+        the output folder is looked at (a path outside it is refused by ``execute``), and at most
+        FINGERPRINT_ENTRIES of its entries."""
         try:
+            path = confined(folder_paths.get_output_directory(), attention_maps_path.replace("\\", "/").strip("/"),
+                            must_exist=True)
+            with os.scandir(path) as entries:
+                names = sorted(itertools.islice(entries, FINGERPRINT_ENTRIES + 1), key=lambda e: e.name)
             return (attention_maps_path, kw.get("video_id", ""), os.stat(path).st_mtime_ns,
-                    tuple(os.stat(os.path.join(path, d)).st_mtime_ns for d in sorted(os.listdir(path))))
-        except OSError:
+                    tuple(e.stat().st_mtime_ns for e in names[:FINGERPRINT_ENTRIES]), len(names))
+        except (OSError, ValueError):
             return (attention_maps_path, kw.get("video_id", ""))
 
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import functools
+import json
 import os
 
 import folder_paths
@@ -131,9 +132,12 @@ def register(routes) -> None:
     async def summary(request):
         maps_dir = _maps_dir(request)
         video = _video(request, maps_dir)
-        s = await _off_loop(reader(maps_dir, _root()).summary, video)
-        s["frames_saved"] = sorted(n for n in _list(maps_dir, video, "frames") if n.endswith(".png"))
-        return web.json_response(s)
+        def build():  # parsed and serialised in the worker: a large summary never holds up the event loop
+            s = reader(maps_dir, _root()).summary(video)
+            s["frames_saved"] = sorted(n for n in _list(maps_dir, video, "frames") if n.endswith(".png"))
+            return json.dumps(s).encode()
+        body = await _off_loop(build)
+        return web.Response(body=body, content_type="application/json")
 
     @routes.get(PREFIX + "/slice")
     @_guard

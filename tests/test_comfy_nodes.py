@@ -158,3 +158,23 @@ def test_api_twins_spell_out_only_what_differs_from_the_defaults(pack):
             for key, value in n["inputs"].items():
                 assert isinstance(value, list) or value != defaults[key], (name, nid, key)
     assert to_tiny  # the twins run end to end in tests/test_examples.py
+
+
+def test_bounded_replies_load_fingerprint_stays_in_the_output_folder(pack, tmp_path, monkeypatch):
+    """The Load node's cache fingerprint listed and stat'ed any folder it was given (``../../etc``): it now looks only
+    inside ComfyUI's output folder (what ``execute`` reads), and at most FINGERPRINT_ENTRIES entries of it."""
+    import folder_paths
+    node = importlib.import_module(f"{pack.__name__}.nodes.source_node")
+    out = tmp_path / "output"
+    (out / "b" / "attention_maps" / "v1").mkdir(parents=True)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(out))
+    inside = node.LoadAttentionMaps.fingerprint_inputs("b/attention_maps", video_id="")
+    assert len(inside) == 5 and inside[-1] == 1, inside  # the folder and its one video were looked at
+    (out / "b" / "attention_maps" / "v2").mkdir()
+    assert node.LoadAttentionMaps.fingerprint_inputs("b/attention_maps", video_id="") != inside
+    seen = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: seen.append(p) or real_scandir(p))
+    for outside in ("../../../../etc", "/etc", "b/../../.."):
+        assert node.LoadAttentionMaps.fingerprint_inputs(outside, video_id="") == (outside, ""), outside
+    assert seen == [], seen

@@ -38,10 +38,34 @@ class ArrayTooLarge(ValueError):
     """A saved array is larger than the reader allows; refused before it is decompressed or loaded."""
 
 
+NPY_HEAD_BYTES = 4096  # what is decompressed of a compressed .npy before its header is read and its size checked
+
+
 def _bounded_gunzip(data: bytes, max_bytes: int, path: str) -> bytes:
+    """The file decompressed, never past ``max_bytes``. A compressed ``.npy`` is decompressed only as far as its header
+    (``NPY_HEAD_BYTES``) before the size the header gives is held to ``max_bytes``; then exactly that size, and a
+    stream that goes on past it is damaged: a planted bomb costs a few KB unless its header is the recording's own."""
     d = zlib.decompressobj(wbits=31)
-    out = d.decompress(data, max_bytes + 1)
-    if len(out) > max_bytes or d.unconsumed_tail:
+    limit = max_bytes
+    out = b""
+    if path.endswith(".npy.gz"):
+        out = d.decompress(data, NPY_HEAD_BYTES)
+        f = io.BytesIO(out)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, EOFError) as e:
+            raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
+        limit = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if limit > max_bytes:
+            raise ArrayTooLarge(f"{os.path.basename(path)}: its header's shape {list(shape)} ({dtype}) is more than "
+                                f"{max_bytes} bytes")
+        data = d.unconsumed_tail
+    out += d.decompress(data, limit - len(out) + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        if limit < max_bytes:
+            raise DamagedFileError(f"damaged attention file {path}: it decompresses past its header's shape", path)
         raise ArrayTooLarge(f"{os.path.basename(path)} decompresses to more than {max_bytes} bytes")
     return out + d.flush()
 
@@ -66,6 +90,8 @@ def load_array(path: str, max_bytes: Optional[int] = None, keep_dtype: bool = Fa
         else:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         return array if keep_dtype else array.astype(np.float32)
+    except (ArrayTooLarge, DamagedFileError):
+        raise
     except (OSError, EOFError, ValueError, zlib.error, RuntimeError, KeyError, AttributeError, TypeError,
             pickle.UnpicklingError) as e:
         raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
@@ -142,8 +168,16 @@ def _finite(text: str) -> float:
     return value
 
 
+MAX_JSON_BYTES = 32 << 20  # the largest metadata file read (a long causal recording's summary or KV log: a few MB)
+
+
 def _read_json(path: str) -> dict:
-    """A metadata file: a JSON object of finite numbers (a damaged or tampered one is a DamagedFileError naming it)."""
+    """A metadata file: a JSON object of finite numbers (a damaged or tampered one is a DamagedFileError naming it);
+    one over MAX_JSON_BYTES is refused before it is read."""
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise DamagedFileError(f"damaged metadata file {path}: {size} bytes, over the {MAX_JSON_BYTES} a metadata file "
+                               "can be", path)
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f, parse_float=_finite, parse_constant=_finite)

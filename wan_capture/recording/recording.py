@@ -55,6 +55,11 @@ class Recording:
         """Causal Wan: the KV-cache log (empty otherwise)."""
         return []
 
+    def absent(self) -> List[str]:
+        """The arrays the recording's summary lists but it does not hold (what an interrupted save never wrote), as
+        paths in its folder; empty for a complete recording."""
+        return []
+
     def frame_pngs(self) -> List[bytes]:
         """The decoded frames kept with the recording, as PNG files (empty when none were)."""
         return []
@@ -325,13 +330,47 @@ class FolderRecording(Recording):
     def _folder_of(self, key: ArrayKey) -> Optional[str]:
         return self._folders[key.branch].get(key.name) if key.stat == "cross" else None
 
+    def folder_of(self, key: ArrayKey) -> Optional[str]:
+        """The token folder a word's arrays are in (words may share one); None for other statistics. A word this
+        recording did not track is NotRecorded."""
+        if key.stat == "cross" and not self._folder_of(key):
+            raise NotRecorded(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
+        return self._folder_of(key)
+
+    def array_file(self, key: ArrayKey) -> str:
+        """The file that holds ``key``'s array (checked to lie in the output folder); NotRecorded where there is none."""
+        if not self.has(key):
+            raise NotRecorded(f"no {key.stat} array {key.name!r} at step {key.step} ({key.branch}) in {self.video!r}")
+        return self.an._checked_file(self.an._find(self._path(key_path(key, self.folder_of(key)))))
+
     def keys(self) -> List[ArrayKey]:
+        listed = self._listed()
+        if listed is None:
+            return list(self._keys_from_files())
+        if self.summary.get("status", "complete") == "complete":
+            return listed
+        # a partial recording lists what its save meant to write: only the arrays that are there, with their group's
+        # metadata (written after the group), are its arrays
+        return [k for k in listed if self._held(k)]
+
+    def absent(self) -> List[str]:
+        listed = self._listed()
+        if listed is None or self.summary.get("status", "complete") == "complete":
+            return []
+        return [key_path(k, self._folder_of(k)) for k in listed if not self._held(k)]
+
+    def _listed(self) -> Optional[List[ArrayKey]]:
         listed = self.summary.get("arrays")
-        if listed is not None:
-            if not isinstance(listed, list):
-                raise ValueError(f"summary.json of {self.video!r}: 'arrays' is not a list")
-            return [ArrayKey.from_list(v) for v in listed]
-        return list(self._keys_from_files())
+        if listed is None:
+            return None
+        if not isinstance(listed, list):
+            raise ValueError(f"summary.json of {self.video!r}: 'arrays' is not a list")
+        return [ArrayKey.from_list(v) for v in listed]
+
+    def _held(self, key: ArrayKey) -> bool:
+        if key.stat == "cross" and not self._folder_of(key):
+            return False
+        return self._exists(key) and os.path.isfile(self._path(metadata_path(key.group(), self._folder_of(key))))
 
     def _keys_from_files(self) -> Iterable[ArrayKey]:
         """Recordings saved before ``summary.json`` listed its arrays: the steps ``summary.json`` lists, the

@@ -41,6 +41,10 @@ from .confine import OutsideRoot, StorageError, confined, safe_name  # noqa: F40
 from .recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
+class CopyFailed(ValueError):
+    """A copy of a saved recording failed and kept nothing; the message names the file and why."""
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it, then rename it over ``path``."""
     folder = os.path.dirname(path)
@@ -415,11 +419,16 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     os.makedirs(root, mode=0o777, exist_ok=True)
     sweep_leftovers(root)
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
+    saved_keys(rec, opts)  # a recording that cannot list its arrays is refused before a name is claimed
     name_lock = None
     if opts.if_exists == "new_name":  # the earlier recording stays as it is; the report names the new one
         video_id, name_lock = _claim(root, video_id)
     try:
         return _save_claimed(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock)
+    except BaseException:
+        if name_lock is not None and _is_empty_dir(os.path.join(root, video_id)):
+            os.rmdir(os.path.join(root, video_id))  # a claim nothing was put in goes back (a failed copy)
+        raise
     finally:
         if name_lock is not None:
             name_lock.release()
@@ -451,6 +460,10 @@ def _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video
     w.write("summary.json", _json(summary))
     if rec.summary.get("status", "complete") != "complete":
         summary["partial_reason"] = rec.summary.get("partial_reason") or f"recording {rec.summary.get('status')}"
+        absent = rec.absent()
+        if absent:  # a copy of a partial recording: what its save never wrote is named, not guessed at
+            summary["partial_reason"] += (f"; copied from a partial recording, {len(absent)} of its listed arrays "
+                                          f"were not there: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
     try:
         _write_arrays(w, rec, keys, folders, overrides, opts)
         if rec.causal:
@@ -466,14 +479,20 @@ def _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video
             w.write("summary.json", _json(summary))
         except OSError:
             pass  # the summary written first already says partial ("writing")
-        try:
-            with _name_lock(root, video_id) if name_lock is None else contextlib.nullcontext():
-                where = _keep_failed(folder, root, video_id, final, token)
-        except OSError:
+        if not rec.live:  # a copy: the source is unchanged and holds all of it, so a failed copy keeps nothing
             shutil.rmtree(folder, ignore_errors=True)
-            where = "what this save wrote could not be kept"
+            where = f"nothing of the copy was kept; the source recording {rec.summary.get('video_id')!r} is unchanged"
+        else:
+            try:
+                with _name_lock(root, video_id) if name_lock is None else contextlib.nullcontext():
+                    where = _keep_failed(folder, root, video_id, final, token)
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                where = "what this save wrote could not be kept"
         if isinstance(e, OSError):
             raise StorageError(f"{e} ({where})") from e
+        if not rec.live and isinstance(e, Exception):
+            raise CopyFailed(f"{e} ({where})") from e
         raise
     if rec.summary.get("status", "complete") == "complete":
         summary["status"] = "complete"

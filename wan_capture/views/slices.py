@@ -16,6 +16,7 @@ from .select import axis_positions, parse_selection
 
 MAX_PROBE_ARRAYS = 4096  # arrays one point probe reads (a real recording: words x steps, e.g. 4 x 30)
 MAX_SLICE_BYTES = 1 << 30  # the largest array a slice reads (a full 14B recording's step of one word is ~0.25 GiB)
+MAX_PROBE_BYTES = 2 << 30  # what one point probe may read or decompress in all (a few seconds of one worker)
 
 
 def reader(maps_dir: str, root: Optional[str] = None, max_bytes: Optional[int] = MAX_SLICE_BYTES) -> AttentionAnalyzer:
@@ -69,6 +70,11 @@ def _word_bytes(summary: dict, word: dict) -> int:
     pieces = max(1, len(word.get("positions") or [1]))
     cells = int(np.prod(summary.get("map_grid") or [0], dtype=np.int64))
     return len(summary.get("blocks") or [1]) * len(summary.get("heads") or [1]) * cells * pieces * 4
+
+
+def _cell_bytes(summary: dict, word: dict) -> int:
+    """What one cell of one step of a word is in an uncompressed file: blocks x heads x its pieces, float32 at most."""
+    return _word_bytes(summary, word) // max(1, int(np.prod(summary.get("map_grid") or [1], dtype=np.int64)))
 
 
 def _bounded_by_metadata(an: AttentionAnalyzer, rec: FolderRecording, token: str, step: int, branch: str) -> dict:
@@ -132,17 +138,34 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     cell = (frame * h + y) * w + x
     steps = sorted({k.step for k in rec.keys_of("cross", branch)})
     labels = rec.labels_of(branch)
-    if len(labels) * len(steps) > MAX_PROBE_ARRAYS:  # each array is read once; this many is no real recording
-        raise ArrayTooLarge(f"a probe of {len(labels)} words at {len(steps)} steps would read "
-                            f"{len(labels) * len(steps)} arrays, over {MAX_PROBE_ARRAYS}")
-    out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
     words = {t["label"]: t for t in rec.words(branch)}
+    # words may share a token folder (one array a step): each file is read once, whatever names it
+    folders: dict = {}
     for label in labels:
-        rows = []
-        # a compressed file is read whole: bounded by the recording's geometry for this word (the gzip-bomb guard)
-        an.max_bytes = min(MAX_SLICE_BYTES, _word_bytes(rec.summary, words[label])) + 4096
+        folders.setdefault(rec.folder_of(ArrayKey("cross", label, 0, branch)), []).append(label)
+    reads = len(folders) * len(steps)
+    if reads > MAX_PROBE_ARRAYS:  # each array is read once; this many is no real recording
+        raise ArrayTooLarge(f"a probe of {len(folders)} token folders at {len(steps)} steps would read {reads} "
+                            f"arrays, over {MAX_PROBE_ARRAYS}")
+    paths, cost = {}, 0
+    for folder, named in folders.items():
+        bound = min(MAX_SLICE_BYTES, max(_word_bytes(rec.summary, words[label]) for label in named)) + 4096
         for step in steps:
-            rows.append(rec.cross_cell(label, step, cell, branch).mean(axis=(1, 2)))  # [blocks]
+            path = rec.array_file(ArrayKey("cross", named[0], step, branch))
+            paths[folder, step] = path, bound
+            # an uncompressed file gives one cell's runs; any other is read whole, up to its geometry's size
+            cost += _cell_bytes(rec.summary, words[named[0]]) if path.endswith(".npy") else bound
+    if cost > MAX_PROBE_BYTES:
+        raise ArrayTooLarge(f"a probe of this recording would read up to {cost} bytes ({reads} compressed arrays), "
+                            f"over {MAX_PROBE_BYTES}: save it uncompressed to probe it")
+    out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
+    for folder, named in folders.items():
+        rows = []
+        for step in steps:
+            path, bound = paths[folder, step]
+            an.max_bytes = bound  # a compressed file is read whole: bounded by the recording's geometry (gzip bombs)
+            rows.append(rec.cross_cell(named[0], step, cell, branch).mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
-        out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
+        for label in named:
+            out["words"][label] = {"blocks": per.T.tolist(), "mean": per.mean(axis=1).tolist()}
     return out
