@@ -31,3 +31,24 @@ def test_kernels_under_the_triton_interpreter():
 def test_kernels_on_cuda(dtype):
     import kernel_cases  # tests/ is on the path (pyproject's pythonpath)
     kernel_cases.main("cuda", dtype)
+
+
+@needs_triton
+def test_sweep_kernel_variants_against_float64_under_the_interpreter():
+    """The issue-36 sweep variants (bench/sweep_variants.py) compute the shipped sweep's statistics: the software-
+    pipelined Triton kernel against float64 at two tile shapes, with partial key and query tiles (CPU interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(HERE))
+    out = subprocess.run([sys.executable, "-m", "bench.sweep_variants", "--check"], env=env, cwd=os.path.dirname(HERE),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok worst relative error" in out.stdout, out.stdout + out.stderr
+
+
+@needs_triton
+def test_sweep_kernel_variants_on_cuda():
+    """On an sm_90 GPU the same check covers the Gluon kernel too (bf16, head_dim 128, three shapes, run twice)."""
+    if not torch.cuda.is_available():
+        pytest.skip("SWEEP KERNEL GPU TEST SKIPPED: no CUDA device here (bench/sweep_variants.py --check on a GPU)")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    out = subprocess.run([sys.executable, "-m", "bench.sweep_variants", "--check"], env=env, cwd=os.path.dirname(HERE),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok worst relative error" in out.stdout, out.stdout + out.stderr
