@@ -139,10 +139,9 @@ def test_node_path_bounds_load_then_save_refuses_a_gzip_bomb(comfy_server):
     assert written < 1 << 20
 
 
-def _copy_graph(path: str, video: str, batch: str, if_exists: str = "new_name") -> dict:
+def _copy_graph(path: str, video: str, batch: str) -> dict:
     return {"1": {"class_type": "WanLoadAttentionMaps", "inputs": {"attention_maps_path": path, "video_id": video}},
-            "2": {"class_type": "WanSaveAttention", "inputs": {"recorder": ["1", 0], "batch_name": batch,
-                                                                "if_exists": if_exists}}}
+            "2": {"class_type": "WanSaveAttention", "inputs": {"recorder": ["1", 0], "batch_name": batch}}}
 
 
 def _folders(root) -> list:
