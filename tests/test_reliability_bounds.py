@@ -299,3 +299,59 @@ def test_bounded_replies_planted_summary_refused_before_parsing(comfy_server):
     (src / "summary.json").write_text(json.dumps(summary))
     status, _, body = fetch(url)
     assert status == 422 and json.loads(body) == {"error": "damaged file: summary.json"}, (status, body[:200])
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_bounded_replies_never_reading_clients_do_not_grow_the_server(comfy_server):
+    """H1: heavy /slice replies were built whole and held until a client read them: each never-reading client added
+    its replies to the server (six took it from 1.9 to 8.9 GiB). Now a reply holds one of the two heavy slots until it
+    has left, so 8 clients pipelining 4 requests each for 66 MB maps (2.1 GB if every reply were held) grow the server
+    by at most two replies and their workspace, and ComfyUI keeps answering meanwhile."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+    video = recorded_on(comfy_server, "big_replies")
+    src = comfy_server.output / "big_replies" / "attention_maps" / video
+    grid = [21, 1024, 768]  # 16.5 M cells: one float32 map of a word is 66 MB
+    summary = json.loads((src / "summary.json").read_text())
+    summary["map_grid"] = grid
+    (src / "summary.json").write_text(json.dumps(summary))
+    meta_path = src / "token_flower" / "step_001_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    cells = grid[0] * grid[1] * grid[2]
+    blocks, heads = meta["attention_shape"][:2]
+    meta.update(map_grid=grid, attention_shape=[blocks, heads, cells, 1], spatial_resolution=[cells, 1])
+    meta_path.write_text(json.dumps(meta))
+    np.save(src / "token_flower" / "step_001.npy", np.full((blocks, heads, cells, 1), 0.25, dtype=np.float16))
+    path = f"/wan_capture/slice?path=big_replies/attention_maps&video={video}&token=flower&step=1"
+    status, headers, body = fetch(comfy_server.url + path)
+    assert status == 200 and len(body) == cells * 4, (status, len(body))
+    del body
+    url = urlparse(comfy_server.url)
+    time.sleep(1.0)
+    base = _rss(comfy_server.pid)
+    held = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((url.hostname, url.port))
+            for _ in range(4):  # pipelined, never read
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {url.hostname}\r\n\r\n".encode())
+            held.append(s)
+        peak, answered = base, 0
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            peak = max(peak, _rss(comfy_server.pid))
+            status, _, _ = fetch(comfy_server.url + "/system_stats")
+            answered += status == 200
+            time.sleep(0.2)
+    finally:
+        for s in held:
+            s.close()
+    assert answered >= 10, answered
+    assert peak - base < 800 << 20, (base >> 20, peak >> 20)  # two replies and their workspace, not 32 replies
