@@ -147,23 +147,22 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     if reads > MAX_PROBE_ARRAYS:  # each array is read once; this many is no real recording
         raise ArrayTooLarge(f"a probe of {len(folders)} token folders at {len(steps)} steps would read {reads} "
                             f"arrays, over {MAX_PROBE_ARRAYS}")
-    paths, cost = {}, 0
+    bounds, cost = {}, 0
     for folder, named in folders.items():
-        bound = min(MAX_SLICE_BYTES, max(_word_bytes(rec.summary, words[label]) for label in named)) + 4096
+        bound = bounds[folder] = min(MAX_SLICE_BYTES, max(_word_bytes(rec.summary, words[label]) for label in named)) \
+            + 4096
         for step in steps:
             path = rec.array_file(ArrayKey("cross", named[0], step, branch))
-            paths[folder, step] = path, bound
             # an uncompressed file gives one cell's runs; any other is read whole, up to its geometry's size
             cost += _cell_bytes(rec.summary, words[named[0]]) if path.endswith(".npy") else bound
     if cost > MAX_PROBE_BYTES:
-        raise ArrayTooLarge(f"a probe of this recording would read up to {cost} bytes ({reads} compressed arrays), "
+        raise ArrayTooLarge(f"a probe of this recording would read up to {cost} bytes ({reads} arrays), "
                             f"over {MAX_PROBE_BYTES}: save it uncompressed to probe it")
     out = {"steps": steps, "blocks": rec.blocks, "cell": [frame, y, x], "words": {}}
     for folder, named in folders.items():
         rows = []
         for step in steps:
-            path, bound = paths[folder, step]
-            an.max_bytes = bound  # a compressed file is read whole: bounded by the recording's geometry (gzip bombs)
+            an.max_bytes = bounds[folder]  # a compressed file is read whole: bounded by the recording's geometry (gzip bombs)
             rows.append(rec.cross_cell(named[0], step, cell, branch).mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
         for label in named:
