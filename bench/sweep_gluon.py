@@ -16,7 +16,6 @@ Phases of the kernel (per program: one query split of one key frame of one row-h
 from __future__ import annotations
 
 import torch
-import triton
 
 from wan_capture.stats import kernels as K
 
@@ -77,15 +76,16 @@ if gluon is not None:
     def _query_tile(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE, MASS, PX, RB, KB,
                     out_row, c, Q_MASKED: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                     NS: gl.constexpr):
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BM // 2, 16])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, BM // 2, 16])
         LD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])  # 16-byte copies, 128 features a row
         KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
         QS: gl.constexpr = gl.SliceLayout(0, MMA)
         # phase 1: the query tile and the first key tiles in flight
         qrows = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-        async_copy.async_copy_global_to_shared(q_smem, qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0),
-                                               mask=gl.expand_dims(qrows < q_hi, 1))
+        q_ptrs = qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0)
+        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(qrows < q_hi, 1))
         async_copy.commit_group()
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
         for i in gl.static_range(NS - 1):
@@ -170,19 +170,9 @@ def gluon_sweep(q, k, scale, frame_tokens, lse):
     r, h, lq, d = q.shape
     assert d == HEAD_DIM and q.dtype == torch.bfloat16 and q.stride(3) == 1 and k.stride(3) == 1
     lk = k.shape[2]
-    ft = frame_tokens or lk
-    fk = -(-lk // ft)
-    splits = K.sweep_splits(lq, fk, r * h, ft, d, q.device)
-    per = triton.cdiv(triton.cdiv(lq, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(lq, per)
-    dev = q.device
-    mass = torch.empty(r * h, fk, lq, device=dev, dtype=torch.float32)
-    px = torch.empty_like(mass)
-    recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)
-    kmax = torch.full((splits, r * h, lk), float("-inf"), device=dev, dtype=torch.float32)
-    lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, BLOCK_M)
     _gluon_sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, q.stride(0), q.stride(1), q.stride(2),
                                              k.stride(0), k.stride(1), k.stride(2), h, lq, lk, ft, fk, per,
                                              scale * LOG2E, BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NS=STAGES,
                                              num_warps=WARPS)
-    return recv.sum(dim=0), kmax.amax(dim=0) * scale, mass, px.sum(dim=1) * -K.LN2
+    return K.sweep_results(recv, kmax, mass, px, scale)

@@ -131,23 +131,12 @@ def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_
     """:func:`kernels.sweep`'s results (bidirectional layouts only) from the software-pipelined kernel."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
-    ft = frame_tokens or lk
-    fk = -(-lk // ft)
     bm, bn, warps, stages = config
-    splits = K.sweep_splits(lq, fk, r * h, ft, d, q.device)
-    per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
-    splits = triton.cdiv(lq, per)
-    dev = q.device
-    mass = torch.empty(r * h, fk, lq, device=dev, dtype=torch.float32)
-    px = torch.empty_like(mass)
-    recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)
-    kmax = torch.full((splits if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
-                      dtype=torch.float32)
-    lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, key_max=key_max)
     _pipelined_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk,
                                            0, ft, fk, per, scale * K.LOG2E, IEEE=K._ieee(q), BLOCK_M=bm, BLOCK_N=bn,
                                            D=d, KEY_MAX=bool(key_max), num_warps=warps, num_stages=stages)
-    return recv.sum(dim=0), (kmax.amax(dim=0) * scale if key_max else None), mass, px.sum(dim=1) * -K.LN2
+    return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
 VARIANTS = {

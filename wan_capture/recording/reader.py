@@ -50,14 +50,11 @@ def _bounded_gunzip(data: bytes, max_bytes: int, path: str) -> bytes:
     out = b""
     if path.endswith(".npy.gz"):
         out = d.decompress(data, NPY_HEAD_BYTES)
-        f = io.BytesIO(out)
         try:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
+            shape, _, dtype, start = _read_npy_header(io.BytesIO(out))
         except (ValueError, EOFError) as e:
             raise DamagedFileError(f"damaged attention file {path}: {type(e).__name__}: {e}", path) from None
-        limit = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        limit = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if limit > max_bytes:
             raise ArrayTooLarge(f"{os.path.basename(path)}: its header's shape {list(shape)} ({dtype}) is more than "
                                 f"{max_bytes} bytes")
@@ -101,6 +98,15 @@ _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[fiu][1248])', 'fortran_order': (
                          r"'shape': \(((?:\d+, )*\d*)\), \} *\n")
 
 
+def _read_npy_header(f) -> tuple:
+    """``(shape, fortran_order, dtype, data_offset)`` of the ``.npy`` file ``f`` is positioned at the start of, by
+    numpy's own parser."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return shape, fortran, dtype, f.tell()
+
+
 def _npy_header(head: bytes, fd: int) -> tuple:
     """``(shape, fortran_order, dtype, data_offset)`` of an ``.npy`` file from its first bytes ``head``. The header
     numpy writes is read with one pattern (numpy's own parser, ``ast.literal_eval``, costs more than a probe's
@@ -113,10 +119,7 @@ def _npy_header(head: bytes, fd: int) -> tuple:
     m = _NPY_HEADER.fullmatch(head[8 + size:start].decode("latin1")) if start <= len(head) else None
     if m is None:
         with os.fdopen(os.dup(fd), "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            return shape, fortran, dtype, f.tell()
+            return _read_npy_header(f)
     shape = tuple(int(d) for d in m.group(3).split(",") if d.strip())
     return shape, m.group(2) == "True", np.dtype(m.group(1)), start
 

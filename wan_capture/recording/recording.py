@@ -338,7 +338,8 @@ class FolderRecording(Recording):
         return self._folder_of(key)
 
     def array_file(self, key: ArrayKey) -> str:
-        """The file that holds ``key``'s array (checked to lie in the output folder); NotRecorded where there is none."""
+        """The file that holds ``key``'s array (checked to lie in the output folder); NotRecorded where there is
+        none."""
         if not self.has(key):
             raise NotRecorded(f"no {key.stat} array {key.name!r} at step {key.step} ({key.branch}) in {self.video!r}")
         return self.an._checked_file(self.an._find(self._path(key_path(key, self.folder_of(key)))))
@@ -368,9 +369,11 @@ class FolderRecording(Recording):
         return [ArrayKey.from_list(v) for v in listed]
 
     def _held(self, key: ArrayKey) -> bool:
-        if key.stat == "cross" and not self._folder_of(key):
+        """Whether the array of a listed key is on disk with its group's metadata (an untracked word's never is)."""
+        folder = self._folder_of(key)
+        if key.stat == "cross" and not folder:
             return False
-        return self._exists(key) and os.path.isfile(self._path(metadata_path(key.group(), self._folder_of(key))))
+        return self._exists(key) and os.path.isfile(self._path(metadata_path(key.group(), folder)))
 
     def _keys_from_files(self) -> Iterable[ArrayKey]:
         """Recordings saved before ``summary.json`` listed its arrays: the steps ``summary.json`` lists, the
@@ -409,16 +412,14 @@ class FolderRecording(Recording):
         return os.path.join(self.folder, *rel.split("/"))
 
     def get(self, key: ArrayKey) -> np.ndarray:
-        if key.stat == "cross" and not self._folder_of(key):
-            raise NotRecorded(f"no tracked word {key.name!r} ({key.branch}) in {self.video!r}")
-        stem = self._path(key_path(key, self._folder_of(key)))
+        stem = self._path(key_path(key, self.folder_of(key)))
         return self.an._array(self.an._find(stem), keep_dtype=True, bound=array_bound(self.summary, key))
 
     def cross_cell(self, label: str, step: int, cell: int, branch: str = "cond") -> np.ndarray:
         key = ArrayKey("cross", label, step, branch)
         if not self.has(key):
             self.cross(label, step, branch)  # the same NotRecorded as a whole read
-        path = self.an._checked_file(self.an._find(self._path(key_path(key, self._folder_of(key)))))
+        path = self.array_file(key)
         s = self.summary
         expect = (len(s["blocks"]), len(s["heads"]), int(np.prod(s["map_grid"]))) \
             if all(k in s for k in ("blocks", "heads", "map_grid")) else None  # older layouts: the header's own

@@ -41,6 +41,8 @@ from .confine import OutsideRoot, StorageError, confined, safe_name  # noqa: F40
 from .recording import PROVENANCE
 
 FORMATS = {"numpy": ".npy", "torch": ".pt"}
+
+
 class CopyFailed(ValueError):
     """A copy of a saved recording failed and kept nothing; the message names the file and why."""
 
@@ -419,12 +421,12 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
     os.makedirs(root, mode=0o777, exist_ok=True)
     sweep_leftovers(root)
     video_id = f"{prompt_id}_vid{opts.video_number + b:03d}"
-    saved_keys(rec, opts)  # a recording that cannot list its arrays is refused before a name is claimed
+    keys = saved_keys(rec, opts)  # a recording that cannot list its arrays is refused before a name is claimed
     name_lock = None
     if opts.if_exists == "new_name":  # the earlier recording stays as it is; the report names the new one
         video_id, name_lock = _claim(root, video_id)
     try:
-        return _save_claimed(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock)
+        return _save_claimed(rec, keys, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock)
     except BaseException:
         if name_lock is not None and _is_empty_dir(os.path.join(root, video_id)):
             os.rmdir(os.path.join(root, video_id))  # a claim nothing was put in goes back (a failed copy)
@@ -434,25 +436,24 @@ def _save_video(rec: Recording, root, prompt_id, b, opts, progress, version, fra
             name_lock.release()
 
 
-def _save_claimed(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock) -> SavedVideo:
+def _save_claimed(rec, keys, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock) -> SavedVideo:
     final = confined(root, video_id, purpose="write")
     token = f"{secrets.token_hex(8)}"
     alive = _save_lock(root, video_id, token)  # held while this save runs: a sweep elsewhere leaves its folders
     alive.acquire()
     try:
-        return _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock, final,
-                            token)
+        return _write_video(rec, keys, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock,
+                            final, token)
     finally:
         alive.release(remove=True)
 
 
-def _write_video(rec, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock, final,
+def _write_video(rec, keys, root, prompt_id, b, opts, progress, version, frames, video_id, name_lock, final,
                  token) -> SavedVideo:
     folder = os.path.join(root, f".{video_id}.tmp-{token}")
     os.mkdir(folder)
     os.chmod(folder, 0o777 & ~_umask())  # the saved folder follows the umask like any other
     w = _Writer(folder, opts, progress)
-    keys = saved_keys(rec, opts)
     provenance = {"video_id": video_id, "prompt_id": prompt_id, "video_number": opts.video_number + b,
                   "batch_index": b, "storage_format": opts.storage_format, "compressed": opts.compress,
                   "pack_version": version}

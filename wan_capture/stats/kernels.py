@@ -493,34 +493,50 @@ def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
     return (2 * frames * lq + 2 * splits * lk) * 4
 
 
-def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, key_max=True):
-    """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
-    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``. ``key_max`` False: no per-key max (None):
-    what the plan's ``record_key_max`` off asks for."""
+def sweep_buffers(q, k, frame_tokens, lse, bm: int, splits=None, key_max: bool = True, causal: bool = False):
+    """What a sweep kernel of ``bm``-query tiles is launched with: ``(ft, fk, splits, per, mass, px, recv, kmax,
+    lse)``: frame tokens, key frames, query splits and queries per split, the per-query partial sums, the per-split
+    per-key rows (summed by :func:`sweep_results`) and the float32 ``lse [R*H, Lq]``."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     ft = frame_tokens or lk
     fk = -(-lk // ft)
-    bm, bn, warps, stages = config or _sweep_config(d)
     if splits is None:
         splits = sweep_splits(lq, fk, r * h, ft, d, q.device)
     per = triton.cdiv(triton.cdiv(lq, splits), bm) * bm
     splits = triton.cdiv(lq, per)
     dev = q.device
     # every (frame, query) entry is written unless a causal mask skips queries that see none of a frame
-    alloc = torch.empty if layout.causal is None else torch.zeros
+    alloc = torch.zeros if causal else torch.empty
     mass = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
     px = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
     recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)  # one row per split, summed after
     kmax = torch.full((splits if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
                       dtype=torch.float32)
     lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
+    return ft, fk, splits, per, mass, px, recv, kmax, lse
+
+
+def sweep_results(recv, kmax, mass, px, scale: float, key_max: bool = True):
+    """:func:`sweep`'s results from what its kernel wrote: received sums and key max over the splits (natural
+    units), the per-query mass, and the entropy ``-sum p log p`` from the sums of ``p * log2 p``."""
+    return recv.sum(dim=0), (kmax.amax(dim=0) * scale if key_max else None), mass, px.sum(dim=1) * -LN2
+
+
+def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, key_max=True):
+    """The single sweep given ``lse [R*H, Lq]`` (natural log): ``received_sum``/``key_max`` ``[R*H, Lk]`` (natural
+    units), per-query ``mass [R*H, Fk, Lq]`` and ``entropy [R*H, Lq]``. ``key_max`` False: no per-key max (None):
+    what the plan's ``record_key_max`` off asks for."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn, warps, stages = config or _sweep_config(d)
+    ft, fk, splits, per, mass, px, recv, kmax, lse = sweep_buffers(q, k, frame_tokens, lse, bm, splits, key_max,
+                                                                   layout.causal is not None)
     _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
                                        layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
                                        IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max),
                                        num_warps=warps, num_stages=stages)
-    entropy = px.sum(dim=1) * -LN2  # -sum p log p, from the sums of p * log2 p
-    return recv.sum(dim=0), (kmax.amax(dim=0) * scale if key_max else None), mass, entropy
+    return sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
 def sink_statistics(q, k, scale, frame_tokens, layout):

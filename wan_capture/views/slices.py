@@ -162,7 +162,7 @@ def point_probe(maps_dir: str, video: str, frame: int, y: int, x: int, branch: s
     for folder, named in folders.items():
         rows = []
         for step in steps:
-            an.max_bytes = bounds[folder]  # a compressed file is read whole: bounded by the recording's geometry (gzip bombs)
+            an.max_bytes = bounds[folder]  # a compressed file is read whole: bounded by its geometry (gzip bombs)
             rows.append(rec.cross_cell(named[0], step, cell, branch).mean(axis=(1, 2)))  # [blocks]
         per = np.asarray(rows, dtype=np.float64)  # [steps, blocks]
         for label in named:
