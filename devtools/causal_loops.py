@@ -139,40 +139,69 @@ def rolling_generate(model, noise: torch.Tensor, context: torch.Tensor, block_fr
 
 
 @torch.no_grad()
-def longlive_generate(model, noise: torch.Tensor, context: torch.Tensor, negative: torch.Tensor, chunk_frames: int,
-                      timesteps: Sequence[float] = TIMESTEPS, guidance: float = 3.0, cache_frames: int = 6,
-                      pin_chunks: Sequence[int] = (), seed: int = 0) -> torch.Tensor:
-    """LongLive: ``noise [B, C, F, H, W]`` -> clean latent, with classifier-free guidance on two caches.
+def longlive_generate(model, noise: torch.Tensor, context, negative: torch.Tensor, chunk_frames: int,
+                      timesteps: Sequence[float] = TIMESTEPS, guidance: float = 3.0, multi_shot_sink: bool = False,
+                      scene_cuts: Sequence[int] = (), initial_latent: Optional[torch.Tensor] = None,
+                      seed: int = 0) -> torch.Tensor:
+    """LongLive's ``CausalDiffusionInferencePipeline.inference``: ``noise [B, C, F, H, W]`` -> the clean latent
+    (``initial_latent``'s frames first when given), with classifier-free guidance on a positive and a negative cache.
 
-    Per chunk: at each timestep the model runs on the positive cache (``context``) and on the negative cache
-    (``negative``); then both caches get the clean chunk at timestep 0. A chunk listed in ``pin_chunks`` (first
-    latent frames: scene cuts) is then pinned in both caches as the pipeline's ``_pin_current_chunk`` does
-    (``sink_size`` frames of it, at its buffer position)."""
+    The geometry is the pipeline's: the cache holds ``local_attn_size`` frames of the model and every module's
+    ``max_attention_size`` is set to the same (``_set_all_modules_max_attention_size``); ``sink_size`` frames are
+    the sink, and with ``multi_shot_sink`` they are a global sink (``global_sink_size = sink_size``) and a chunk
+    starting a scene (its index in ``scene_cuts``) is pinned in both caches after its clean pass
+    (``_pin_current_chunk``). ``context``: one prompt ``[B, L, D]``, or a list of prompt blocks, one per generated
+    chunk (``conditional_dict_list``). ``initial_latent [B, C, Fi, H, W]`` (image-to-video, video extension; Fi a
+    multiple of ``chunk_frames``): its chunks are written into both caches at timestep 0 first, each pass given
+    every prompt block at once as the pipeline's ``conditional_dict`` (``[B * blocks, L, D]``). The modules'
+    settings are restored afterwards, as the pipeline restores them."""
     b, _, f, _, _ = noise.shape
     ft = _frame_tokens(model, noise)
+    attns = [blk.self_attn for blk in model.blocks]
+    saved = [(a.max_attention_size, a.sink_size, a.global_sink_size) for a in attns]
+    cache_frames = int(model.local_attn_size)
+    sink = int(attns[0].sink_size or 0)
+    for a in attns:
+        a.max_attention_size = cache_frames * ft
+        a.global_sink_size = sink if multi_shot_sink else 0
+    blocks = list(context) if isinstance(context, (list, tuple)) else [context] * (f // chunk_frames)
+    fi = 0 if initial_latent is None else initial_latent.shape[2]
     caches = [kv_caches(model, b, cache_frames * ft, noise.dtype, noise.device, pinned=True) for _ in range(2)]
     cross = [_cross_caches(model, b, noise.dtype, noise.device) for _ in range(2)]
-    prompts = (context, negative)
     g = torch.Generator().manual_seed(seed)
-    out = torch.zeros_like(noise)
-    for c0 in range(0, f, chunk_frames):
-        start = dict(current_start=c0 * ft, cache_start=c0 * ft)
-        x = noise[:, :, c0:c0 + chunk_frames]
-        for i, t in enumerate(timesteps):
-            tt = torch.full((b, chunk_frames), float(t), device=noise.device)
-            cond, uncond = (_as_tensor(model(x, t=tt, context=p, seq_len=f * ft, kv_cache=kv, crossattn_cache=cr,
-                                             **start)) for p, kv, cr in zip(prompts, caches, cross))
-            v = uncond + guidance * (cond - uncond)
-            x0 = x - float(t) / 1000.0 * v
-            if i + 1 < len(timesteps):
-                x = _renoise(x0, float(timesteps[i + 1]) / 1000.0, g)
-        out[:, :, c0:c0 + chunk_frames] = x0
-        for p, kv, cr in zip(prompts, caches, cross):
-            model(x0, t=torch.zeros(b, chunk_frames, device=noise.device), context=p, seq_len=f * ft, kv_cache=kv,
-                  crossattn_cache=cr, **start)
-        if c0 in pin_chunks:
-            for kv in caches:
-                _pin_current_chunk(model, kv, chunk_frames, ft)
+    out = torch.zeros(b, noise.shape[1], fi + f, *noise.shape[3:], dtype=noise.dtype, device=noise.device)
+    try:
+        every_block = torch.stack(blocks, dim=1).flatten(0, 1)  # [B * blocks, L, D], batch-major as the pipeline's
+        for c0 in range(0, fi, chunk_frames):
+            x = initial_latent[:, :, c0:c0 + chunk_frames]
+            out[:, :, c0:c0 + chunk_frames] = x
+            for p, kv, cr in zip((every_block, negative), caches, cross):
+                model(x, t=torch.zeros(b, chunk_frames, device=noise.device), context=p, seq_len=(fi + f) * ft,
+                      kv_cache=kv, crossattn_cache=cr, current_start=c0 * ft, cache_start=c0 * ft)
+        for index, n0 in enumerate(range(0, f, chunk_frames)):
+            c0 = fi + n0
+            prompts = (blocks[index], negative)
+            start = dict(current_start=c0 * ft, cache_start=c0 * ft)
+            x = noise[:, :, n0:n0 + chunk_frames]
+            for i, t in enumerate(timesteps):
+                tt = torch.full((b, chunk_frames), float(t), device=noise.device)
+                cond, uncond = (_as_tensor(model(x, t=tt, context=p, seq_len=(fi + f) * ft, kv_cache=kv,
+                                                 crossattn_cache=cr, **start))
+                                for p, kv, cr in zip(prompts, caches, cross))
+                v = uncond + guidance * (cond - uncond)
+                x0 = x - float(t) / 1000.0 * v
+                if i + 1 < len(timesteps):
+                    x = _renoise(x0, float(timesteps[i + 1]) / 1000.0, g)
+            out[:, :, c0:c0 + chunk_frames] = x0
+            for p, kv, cr in zip(prompts, caches, cross):
+                model(x0, t=torch.zeros(b, chunk_frames, device=noise.device), context=p, seq_len=(fi + f) * ft,
+                      kv_cache=kv, crossattn_cache=cr, **start)
+            if multi_shot_sink and sink and index in scene_cuts:
+                for kv in caches:
+                    _pin_current_chunk(model, kv, chunk_frames, ft)
+    finally:
+        for a, (m, s_, gs) in zip(attns, saved):
+            a.max_attention_size, a.sink_size, a.global_sink_size = m, s_, gs
     return out
 
 

@@ -22,7 +22,7 @@ from causal_projects import modules, needs, tiny
 from devtools.causal_loops import causvid_generate, longlive_generate, rolling_generate
 from devtools.tiny_causal import causal_generate
 from reference import naive_probs, naive_scores, naive_sink
-from wan_capture import AttentionAnalyzer, RecordingPlan, SaveOptions, record, save_take
+from wan_capture import AttentionAnalyzer, MemoryRecording, RecordingPlan, SaveOptions, record, save_take
 from wan_capture.recording import FolderRecording
 from wan_capture.views.sink_report import sink_series, write_sink_report
 
@@ -135,8 +135,11 @@ def check(take, spies, model, rope_kwargs=None) -> int:
             torch.testing.assert_close(got["entropy"][:, block].double(), ent, rtol=1e-4, atol=1e-4)
             assert chunk.key_frames[(p["step"], block)] == tuple(kf)
             want = naive_probs(naive_scores(cqd[:, :, rows], ckd)[0])[..., list(POSITIONS)]
-            torch.testing.assert_close(chunk.cross[(p["step"], branch)][:, block].double(), want, rtol=1e-4,
-                                       atol=1e-6)
+            if cq.shape[0] != q.shape[0]:  # a pass given every prompt block at once: its cross-attention is not
+                assert (p["step"], branch) not in chunk.cross  # recorded (the take says so), never half-recorded
+            else:
+                torch.testing.assert_close(chunk.cross[(p["step"], branch)][:, block].double(), want, rtol=1e-4,
+                                           atol=1e-6)
             checked += 1
     return checked
 
@@ -175,6 +178,27 @@ def test_causvid_records_exactly_bit_identical_with_the_cache_it_kept(monkeypatc
         assert e["key_frames"] == list(range(e["chunk"] + 2)) == e["rope_frames"] and not e["sink_frames"]
         assert e["evicted"] == [] and "flags" not in e
     assert take.step_pass == {0: "denoise", 1: "denoise", 2: "denoise", 3: "context"}
+
+
+@needs("causvid")
+def test_causvid_with_sink_size_refusal_names_the_failing_rule(monkeypatch):
+    """CausVid's self-attention given a ``sink_size`` (which its code never reads) fits no design: the refusal names,
+    per design, the rule that failed, CausVid's first (it breaks one rule), and nothing runs."""
+    with modules("causvid", monkeypatch) as (cm, wm):
+        model = tiny(cm)
+        for block in model.blocks:
+            block.self_attn.sink_size = 1
+        calls = []
+        monkeypatch.setattr(cm, "attention", lambda *a, **k: calls.append(1))
+        with pytest.raises(TypeError) as err:
+            with record(model, plan()):
+                pass
+    msg = str(err.value)
+    assert "matches no known KV-cache design: not CausVid" in msg
+    assert "(global cache): the module has ['sink_size'], which this design's code never sets" in msg
+    assert "not Self-Forcing (wan/), Causal-Forcing (wan/) (sink and rolling window): forward lacks " \
+           "['cache_start'], the module lacks the attributes ['local_attn_size']" in msg
+    assert not calls
 
 
 # -- Causal-Forcing -------------------------------------------------------------------------------------------------
@@ -279,32 +303,65 @@ def test_rolling_forcing_records_exactly_with_the_re_roped_anchor(monkeypatch, t
 @pytest.mark.parametrize("relative", [False, True], ids=["absolute_rope", "relative_rope"])
 @needs("longlive")
 def test_longlive_records_both_cfg_caches_sinks_and_a_pinned_chunk(monkeypatch, relative):
+    """LongLive's multi-shot geometry as its pipeline builds it: a cache of ``local_attn_size`` frames (the modules'
+    ``max_attention_size`` the same), ``multi_shot_sink`` making the sink frame global, and the chunk at the scene
+    cut (generated chunk 2, latent frames 4-5) pinned beside it while the window rolls."""
     with modules("longlive", monkeypatch) as (cm, wm):
         model = tiny(cm, local_attn_size=CACHE, sink_size=SINK, num_frame_per_block=2)
-        for block in model.blocks:  # LongLive writes 880 tokens per frame into this attribute
-            block.self_attn.max_attention_size = CACHE * FT
         model.use_relative_rope = relative
         noise, ctx = _noise(10)
         negative = torch.randn(1, 7, 4096).bfloat16()
-        go = lambda: longlive_generate(model, noise, ctx, negative, 2, TIMESTEPS, cache_frames=6,  # noqa: E731
-                                       pin_chunks=(4,))
+        go = lambda: longlive_generate(model, noise, ctx, negative, 2, TIMESTEPS, multi_shot_sink=True,  # noqa: E731
+                                       scene_cuts=(2,))
         take, spies = run(model, go, lambda: Spies(cm, wm, monkeypatch))
         assert check(take, spies, model) == 5 * (len(TIMESTEPS) + 1) * 2 * 2
+        assert model.blocks[0].self_attn.global_sink_size == 0  # the loop restores the modules, as the pipeline
     assert take.kv_design["design"] == "global, pinned and rolling sinks"
     assert {e["branch"] for e in take.kv_events} == {"cond", "uncond"} and (0, "uncond") in take.chunks[4].sink
     for e in take.kv_events:
         past = [f for f, r in zip(e["key_frames"], e["reasons"]) if r != "current"]
+        assert len(e["key_frames"]) <= CACHE  # the pipeline's cache: local_attn_size frames
         if relative:  # keys are stored un-rotated and rotated at window positions on every call
             assert e["rope_frames"] == list(range(len(e["key_frames"])))
         else:
             assert e["rope_frames"] == e["key_frames"]
-        if e["chunk"] in (2, 4):  # the sink frame, kept while the cache rolls
+        if e["chunk"] >= 2:  # the global sink frame, kept while the cache rolls
             assert e["sink_frames"] == [0] and past[0] == 0
-        if e["chunk"] >= 6:  # the chunk pinned at the scene cut (frame 4) replaced the sink
-            assert 0 not in e["key_frames"] and e["sink_frames"] == []
-            assert e["pinned_frames"] == ([4] if 4 in e["key_frames"] else [])
-    assert any(e["pinned_frames"] == [4] for e in take.kv_events if e["chunk"] == 8)
+        if e["chunk"] >= 6:  # the chunk pinned at the scene cut, beside the sink, while frames 2, 3, 5, 6 go
+            assert e["pinned_frames"] == [4] and past[:2] == [0, 4]
+            assert e["key_frames"] == [0, 4, e["chunk"] - 1, e["chunk"], e["chunk"] + 1]
+        assert "unattended_slot_frames" not in e
     assert not any("sink overwritten" in f for e in take.kv_events for f in e.get("flags", ()))
+
+
+@needs("longlive")
+def test_longlive_i2v_and_extension_recorded_with_per_chunk_prompts(monkeypatch):
+    """LongLive image-to-video / video extension: ``initial_latent`` passes give every prompt block at once (4 prompt
+    embeddings for 1 video). The generation runs exactly as without the pack; the self-attention and KV log of those
+    passes are recorded and checked against float64; their cross-attention is not, and the take says so; every
+    chunk is labelled with the prompt block it used (the i2v pass with all four)."""
+    with modules("longlive", monkeypatch) as (cm, wm):
+        model = tiny(cm, local_attn_size=CACHE, sink_size=SINK, num_frame_per_block=2)
+        noise, _ = _noise(8)
+        g = torch.Generator().manual_seed(3)
+        blocks = [torch.randn(1, 7, 4096, generator=g).bfloat16() for _ in range(4)]  # one prompt per chunk
+        negative = torch.randn(1, 7, 4096, generator=g).bfloat16()
+        image = torch.randn(1, 16, 2, H, W, generator=g).bfloat16()  # 2 latent frames given: extended by 8
+        go = lambda: longlive_generate(model, noise, blocks, negative, 2, TIMESTEPS, initial_latent=image)  # noqa
+        take, spies = run(model, go, lambda: Spies(cm, wm, monkeypatch))
+        # 4 generated chunks x (3 steps + the clean pass), the given chunk 1 pass; x 2 branches x 2 blocks
+        assert check(take, spies, model) == (4 * (len(TIMESTEPS) + 1) + 1) * 2 * 2
+    assert "several prompts per video" in " ".join(take.not_recorded)
+    assert "4 prompt embeddings for 1 video" in " ".join(take.not_recorded.values())
+    # the given chunk: self-attention recorded; the positive pass's cross-attention (4 prompts) not, the negative
+    # pass's (one prompt) is
+    assert {(0, "cond"), (0, "uncond")} <= set(take.chunks[0].sink) and set(take.chunks[0].cross) == {(0, "uncond")}
+    assert all(take.chunks[c].cross for c in (2, 4, 6, 8))
+    prompts = MemoryRecording(take).summary["causal"]["chunk_prompts"]
+    assert prompts == {"0": {"cond": [0, 1, 2, 3], "uncond": [4]}, **{str(2 + 2 * i): {"cond": [i], "uncond": [4]}
+                                                                      for i in range(4)}}
+    assert [e["key_frames"] for e in take.kv_events if e["block"] == 0 and e["branch"] == "cond"
+            and e["pass"] == "context"] == [[0, 1], [0, 1, 2, 3], [0, 2, 3, 4, 5], [0, 4, 5, 6, 7], [0, 6, 7, 8, 9]]
 
 
 # -- what no design covers, and missing packages -------------------------------------------------------------------

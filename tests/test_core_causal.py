@@ -355,3 +355,23 @@ def test_core_causal_template_twin_on_a_real_server(comfy_server):
     assert an.load_metadata(video, "wolf", 1)["absent_frames"] == [0]
     events = an.load_kv_cache_events(video)
     assert [e["key_frames"] for e in events if e["chunk"] == 2 and e["step"] == 1] == [[0, 1, 2]] * 2
+
+
+def test_kv_log_flags_an_unattended_pinned_slot():
+    """A pinned slot whose frame the call does not attend to is flagged (kept, yet given no attention); a pinned
+    frame among the keys is not."""
+    from wan_capture.capture.kv_cache import KVCacheObserver
+    ft, obs = 2, KVCacheObserver()
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randn(1, ft, 2, 8, generator=g).bfloat16() for _ in range(4)]
+    slot = (0, "cond")
+    obs.observe(slot, torch.cat(frames[:2], 1), 2 * ft, 0, ft, ["step 0"] * 2)  # frames 0, 1 written
+    # frame 1 is in the pinned slot and attended: nothing flagged
+    _, ok = obs.observe(slot, torch.cat([frames[0], frames[1], frames[2]], 1), ft, 2 * ft, ft, ["step 0"],
+                        sink_keys=frames[0], pinned_keys=frames[1])
+    assert ok["pinned_frames"] == [1] and "unattended_slot_frames" not in ok and "flags" not in ok
+    # the cache still pins frame 1, but this call's keys are the sink and frame 2 only
+    _, bad = obs.observe(slot, torch.cat([frames[0], frames[2], frames[3]], 1), ft, 3 * ft, ft, ["step 0"],
+                         sink_keys=frames[0], pinned_keys=frames[1])
+    assert bad["unattended_slot_frames"] == [1] and bad["pinned_frames"] == []
+    assert any(f.startswith("pinned slot not attended: the cache holds frames [1]") for f in bad["flags"])

@@ -86,9 +86,17 @@ class CacheDesign:
     context_argument: Optional[str] = None
 
     def fits(self, self_attention) -> bool:
+        return not self.failed_rules(self_attention)
+
+    def failed_rules(self, self_attention) -> Tuple[str, ...]:
+        """The rules of this design that ``self_attention`` breaks, each in words (empty: it fits)."""
         params = inspect.signature(type(self_attention).forward).parameters
-        return (all(p in params for p in self.parameters) and all(hasattr(self_attention, a) for a in self.attributes)
-                and not any(hasattr(self_attention, a) for a in self.absent))
+        missing = [p for p in self.parameters if p not in params]
+        lacking = [a for a in self.attributes if not hasattr(self_attention, a)]
+        extra = [a for a in self.absent if hasattr(self_attention, a)]
+        return tuple(([f"forward lacks {missing}"] if missing else [])
+                     + ([f"the module lacks the attributes {lacking}"] if lacking else [])
+                     + ([f"the module has {extra}, which this design's code never sets"] if extra else []))
 
     def block_frames(self, self_attention) -> int:
         """Frames per block of a window design (Rolling Forcing: ``block_length // frame_length``)."""
@@ -130,10 +138,11 @@ def describe_refusal(model) -> str:
                 "ComfyUI, by the Attach Attention Recorder node on the MODEL that the ar_video sampler "
                 "(SamplerARVideo) samples, not by wan_capture.record()")
     params = list(inspect.signature(type(attn).forward).parameters)[1:]
-    known = "; ".join(f"{d.projects}: forward({', '.join(d.parameters)}), attributes {list(d.attributes)}"
-                      for d in DESIGNS)
+    # per design, the rules that failed: the closest design (fewest failures) first
+    failed = sorted(((d, d.failed_rules(attn)) for d in DESIGNS), key=lambda df: len(df[1]))
+    why = "; ".join(f"not {d.projects} ({d.name}): {', '.join(rules)}" for d, rules in failed)
     return (f"{type(attn).__module__}.{type(attn).__name__} (forward{tuple(params)}) matches no known KV-cache "
-            f"design. Known: {known}. For another cache, call wan_capture.CausalRecorder.tap from its self-attention")
+            f"design: {why}. For another cache, call wan_capture.CausalRecorder.tap from its self-attention")
 
 
 def design_of(model) -> Optional[CacheDesign]:

@@ -64,6 +64,7 @@ class _Part:
     lo: int
     hi: int
     kind: str  # "denoise" or "context"
+    prompt_blocks: int = 1  # prompts per video this evaluation's cross-attention splits its tokens among
 
     @property
     def writer(self) -> str:
@@ -83,6 +84,7 @@ class _CausalSession:
         self.caches: Dict[int, str] = {}  # id of a pipeline's cache (its block-0 dict) -> branch
         self.branch, self.progressed, self.last = "cond", False, None
         self.calls = 0  # self-attention calls logged in this take: one call, one "call" number in its events
+        self.prompt_ids: Dict[int, int] = {}  # content signature of a prompt embedding -> its number in this take
         self.cache, self.start, self.module = None, 0, None
         attn_type, cross_type = type(model.blocks[0].self_attn), type(model.blocks[0].cross_attn)
         self.self_mod, self.cross_mod = sys.modules[attn_type.__module__], sys.modules[cross_type.__module__]
@@ -173,6 +175,8 @@ class _CausalSession:
         block = self.tracker.block
         if not self.parts or block is None or self.recorder.active is None:
             return attend()
+        if self.parts[0].prompt_blocks != 1:
+            return attend()  # a pass over several prompt blocks: skipped and said so (forward_pre)
         dtype = kwargs.get("dtype", torch.bfloat16)
         qh, kh = _half(q, dtype), _half(k, dtype)
         for part in self.parts:
@@ -203,9 +207,7 @@ class _CausalSession:
         if isinstance(kv[0], dict) and kv[0].get("quantized"):
             raise ValueError(f"{self.design.projects}: a quantized KV cache changes the keys on every read, so the "
                              "frames it holds cannot be identified: record with the unquantized cache")
-        if context is not None and len(context) != len(x):
-            raise ValueError(f"{self.design.projects}: {len(context)} prompts for {len(x)} videos (one prompt per "
-                             "chunk of frames) is not supported: record with one prompt per video")
+        prompt_blocks = self._prompt_blocks(context, len(x))
         pt, ph, pw = self.info.patch_size
         f, h, w = (x[0] if isinstance(x, (list, tuple)) else x).shape[-3:]
         grid = Grid(f // pt, h // ph, w // pw)
@@ -220,10 +222,44 @@ class _CausalSession:
             ts = timestep_of(t if per_frame is None or per_frame.shape[1] != grid.frames else per_frame[:, lo:lo + block])
             kind = "context" if context_pass or abs(ts - self.context_timestep) < 1e-6 else "denoise"
             ev = self.tracker.new_evaluation(ts, len(x), Grid(block, grid.height, grid.width), start + lo, self.branch)
-            self.parts.append(_Part(ev, lo * grid.frame_tokens, (lo + block) * grid.frame_tokens, kind))
+            self.parts.append(_Part(ev, lo * grid.frame_tokens, (lo + block) * grid.frame_tokens, kind,
+                                    prompt_blocks))
             if self.recorder.active is not None and ev.step is not None:
                 self.recorder.active.step_pass.setdefault(ev.step, kind)
+                self._label_prompts(context, ev, prompt_blocks)
         self.tracker.begin_evaluation(self.parts[0].evaluation)
+
+    def _prompt_blocks(self, context, videos: int) -> int:
+        """Prompts per video of an evaluation. LongLive's passes over ``initial_latent`` (image-to-video, video
+        extension) give every prompt block at once and its cross-attention splits the call's tokens among them: that
+        cross-attention is not recorded (its text keys differ along the queries), and the take says so; the
+        self-attention and the KV log are. The generation always goes on as the model runs it."""
+        if context is None or len(context) == videos:
+            return 1
+        blocks = len(context) // videos if videos and len(context) % videos == 0 else 0
+        take = self.recorder.active
+        if take is not None:
+            take.not_recorded.setdefault(
+                "cross-attention of passes with several prompts per video",
+                f"{self.design.projects}: a pass gave {len(context)} prompt embeddings for {videos} video(s) "
+                "(LongLive's initial_latent passes give every prompt block at once and split the chunk's tokens "
+                "among them); its cross-attention is not recorded, its self-attention and KV-cache log are")
+        return blocks
+
+    def _label_prompts(self, context, ev: Evaluation, prompt_blocks: int) -> None:
+        """The take's ``chunk_prompts``: per chunk and branch, the numbers of the prompt embeddings its evaluations
+        used (numbered by content in order of first use, so chunks under one prompt share a number)."""
+        if context is None or not isinstance(context, torch.Tensor) and not isinstance(context, (list, tuple)):
+            return
+        rows = list(context)[:max(prompt_blocks, 1)]  # the first video's prompts (videos share the schedule)
+        ids = []
+        for row in rows:
+            r = row.detach()
+            sig = self.observer.frame_signatures(r.reshape(1, -1), 1)[0]
+            ids.append(self.prompt_ids.setdefault(sig, len(self.prompt_ids)))
+        per_branch = self.recorder.active.chunk_prompts.setdefault(ev.chunk, {})
+        seen = per_branch.setdefault(self.branch, [])
+        seen.extend(i for i in ids if i not in seen)
 
     def _generation(self, kv, chunk: int, context_pass: bool) -> None:
         """Which branch this evaluation is (its cache), and whether it starts another video: a cache that empties
@@ -245,7 +281,7 @@ class _CausalSession:
             self.tracker = PipelineTracker(self.recorder, self.info, self.branch_order)
             self.observer = KVCacheObserver()
             self.caches, self.progressed = {}, False  # its cache is empty (or, CausVid's, starts over)
-            self.calls = 0
+            self.calls, self.prompt_ids = 0, {}
         self.last = (chunk, kind)
         self.branch = self.caches.setdefault(id(first), self.branch_order[len(self.caches) % len(self.branch_order)])
         if self.recorder.active is not None:

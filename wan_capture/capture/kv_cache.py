@@ -15,9 +15,10 @@ frame the model attends to by a content signature of its keys:
 * the frames in the cache's sink and pinned slots are identified the same way, which gives each attended frame its
   reason: ``sink``, ``pinned``, ``window`` (an ordinary cached frame) or ``current`` (computed by this call).
 
-A frame that matches nothing is reported as ``-1`` (keys the log cannot explain). Two findings are flagged in the
-log: a sink slot that now holds another frame (the sink was overwritten) and a configured sink in a cache that has
-never evicted anything (it behaves like no sink at all).
+A frame that matches nothing is reported as ``-1`` (keys the log cannot explain). Three findings are flagged in the
+log: a sink slot that now holds another frame (the sink was overwritten), a sink or pinned slot whose frame the call
+does not attend to (``unattended_slot_frames``: kept, yet given no attention), and a configured sink in a cache that
+has never evicted anything (it behaves like no sink at all).
 """
 from __future__ import annotations
 
@@ -153,6 +154,15 @@ class KVCacheObserver:
             flags.append(f"sink overwritten: the sink slots held frames {list(self.sinks[slot])}, now {list(held)}")
         if held:
             self.sinks[slot] = held
+        unattended = sorted((sink_frames | pinned_frames) - set(key_frames))
+        if unattended:
+            # the cache keeps these frames in its sink or pinned slots, but this call's keys do not include them:
+            # whatever they are kept for, this call gives them no attention at all
+            which = ("pinned" if set(unattended) <= pinned_frames else "sink" if set(unattended) <= sink_frames
+                     else "sink and pinned")
+            flags.append(f"{which} slot not attended: the cache holds frames {unattended} there, this call's keys do not "
+                         "include them")
+            event["unattended_slot_frames"] = unattended
         if sink_configured and event["sink_frames"] and not self.evicted[slot]:
             flags.append("sink inert: nothing has been evicted from this cache, so its sink frames are ordinary "
                          "cached frames")

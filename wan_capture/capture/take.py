@@ -63,6 +63,7 @@ class Take:
         self.kv_events: List[dict] = []  # causal Wan: the KV-cache log
         self.step_pass: Dict[int, str] = {}  # causal Wan: "denoise" or "context"
         self.kv_design: Dict[str, str] = {}  # causal Wan: the cache design recorded (adapters.cache_designs)
+        self.chunk_prompts: Dict[int, Dict[str, List[int]]] = {}  # causal Wan: chunk -> branch -> prompt numbers
         self.store = ArrayStore()
         self.log = PassLog()
         self.budget = Budget(plan)

@@ -142,7 +142,9 @@ class MemoryRecording(Recording):
                 "chunks": sorted(grids), "chunk_frames": {str(c): grids[c].frames for c in sorted(grids)},
                 "step_pass": {str(k): v for k, v in sorted(take.step_pass.items())},
                 "frame_tokens": take.grid.frame_tokens, "kv_cache_events": "kv_cache_events.json",
-                **({"kv_cache_design": dict(take.kv_design)} if take.kv_design else {})}
+                **({"kv_cache_design": dict(take.kv_design)} if take.kv_design else {}),
+                **({"chunk_prompts": {str(c): dict(v) for c, v in sorted(take.chunk_prompts.items())}}
+                   if take.chunk_prompts else {})}
         return out
 
     # -- keys and arrays: the take's store, its cross-attention columns named by word ----------------------
