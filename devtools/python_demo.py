@@ -66,7 +66,7 @@ def sample(model, steps: int = STEPS, seed: int = 0):
 def main(out: str) -> int:
     from wan_capture import AttentionAnalyzer, RecordingPlan, SaveOptions, record, save_take
     from wan_capture.views.maps import sink_maps, token_maps, video_frames
-    from wan_capture.views.sink_report import write_sink_report
+    from wan_capture.views.sink_report import sink_table, write_sink_report
     wm = official_wan()
     torch.manual_seed(0)
     model = wm.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=256, ffn_dim=512,
@@ -95,8 +95,11 @@ def main(out: str) -> int:
     print("\nrecording a tiny causal Wan with a sink frame and a KV cache ...")
     causal_demo(["--out", causal_out])
     causal = AttentionAnalyzer(os.path.join(causal_out, "causal_demo", "attention_maps"))
-    files = write_sink_report(causal.recording(causal.list_videos()[0]), os.path.join(out, "sink_report"))
-    print(f"sink report: {len(files)} files under {os.path.join(out, 'sink_report')}")
+    figures = importlib.util.find_spec("matplotlib") is not None  # pip install 'wan-attention-capture[report]'
+    table = sink_table(causal.recording(causal.list_videos()[0]))
+    files = write_sink_report([table], os.path.join(out, "sink_report"), figures=figures)
+    print(f"sink report: {len(files)} files under {os.path.join(out, 'sink_report')}"
+          + ("" if figures else " (tables only: its figures need pip install 'wan-attention-capture[report]')"))
     print("\nThis ran without ComfyUI (the Python API on the official Wan code). To run the node pack inside ComfyUI, "
           "clone this repository into ComfyUI/custom_nodes/ (or set COMFYUI_PATH=<ComfyUI checkout>) and run "
           "`make demo` again.")

@@ -24,7 +24,7 @@ from devtools.tiny_causal import causal_generate
 from reference import naive_probs, naive_scores, naive_sink
 from wan_capture import AttentionAnalyzer, MemoryRecording, RecordingPlan, SaveOptions, record, save_take
 from wan_capture.recording import FolderRecording
-from wan_capture.views.sink_report import sink_series, write_sink_report
+from wan_capture.views.sink_report import sink_table, write_sink_report
 
 H = W = 4  # latent 4x4 -> 2x2 tokens per frame
 FT = 4
@@ -292,10 +292,11 @@ def test_rolling_forcing_records_exactly_with_the_re_roped_anchor(monkeypatch, t
     assert an.summary(v)["causal"]["kv_cache_design"]["design"] == "rolling anchor"
     rec = FolderRecording.open(maps, v)
     assert rec.kv_events() == take.kv_events
-    rows = sink_series(rec)
-    late = [r for r in rows if r["chunk"] == 12 and r["pass"] == "denoise"]
+    table = sink_table(rec)
+    late = [r for r in table.rows if r["chunk"] == 12 and r["pass"] == "denoise" and r["branch"] == "cond"]
     assert late and all(r["sink_frames"] == [0, 1, 2] and r["mass_sink"] > 0 for r in late)
-    files = write_sink_report(rec, str(tmp_path / "report"))
+    assert all(r["uniform_sink"] == pytest.approx(3 / len(r["key_frames"])) for r in late)
+    files = write_sink_report([table], str(tmp_path / "report"))
     assert os.path.getsize(files["eviction_timeline.png"]) > 0
 
 

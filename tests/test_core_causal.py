@@ -265,7 +265,7 @@ def test_core_causal_saved_viewed_and_reported_like_the_other_causal_models(env,
     done = subprocess.run([sys.executable, "-m", "wan_capture", "sink-report", str(folder), "--out", str(report)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert (report / "series.csv").stat().st_size > 0 and list(report.glob("frame_mass_chunk_*.png"))
+    assert (report / "series.csv").stat().st_size > 0 and (report / "frame_mass_chunks.png").stat().st_size > 0
 
 
 TEMPLATE = "video_causal_forcing_i2v"

@@ -29,6 +29,15 @@ def test_demo_anywhere_without_comfyui(tmp_path):
     pngs = list((out / "demo" / "heatmaps").rglob("*.png"))
     assert len(pngs) == 4 * 9 and all(p.stat().st_size > 0 for p in pngs)  # 3 positions + received, 9 frames each
     assert (out / "sink_report" / "series.csv").stat().st_size > 0
+    # the bidirectional recording's sink table: one chunk (0), the whole video, every key frame a window frame
+    from wan_capture.views.sink_report import sink_table
+    table = sink_table(an.recording(video))
+    frames = an.summary(video)["latent_grid"][0]
+    assert {r["chunk"] for r in table.rows} == {0} and {r["step"] for r in table.rows} == {0, 1, 2}
+    for r in table.rows:
+        assert r["key_frames"] == list(range(frames)) and set(r["key_classes"]) == {"window"}
+        assert r["mass_window"] == pytest.approx(1.0, abs=1e-3) and r["mass_sink"] is None
+        assert r["uniform_window"] == 1.0 and r["sink_ratio"] is None
 
 
 @pytest.mark.skipif(COMFYUI is None, reason=NOT_FOUND)

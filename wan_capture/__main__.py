@@ -57,26 +57,47 @@ async def _run_ray(args, workflow: dict, jobs: list):
 
 def _sink_report(args) -> int:
     from .recording.analyzer import AttentionAnalyzer
-    from .views.sink_report import report_step, sink_series, write_sink_report
-    an = AttentionAnalyzer(args.attention_maps)
-    videos = an.list_videos()
-    video = args.video or (videos[0] if videos else None)
-    if video is None:
-        raise ValueError(f"no saved videos in {args.attention_maps!r}")
-    rec = an.recording(video)
-    files = write_sink_report(rec, args.out, args.branch, args.step, args.multiple)
-    rows = sink_series(rec, args.branch, args.multiple)
-    step = report_step(rec, rows) if args.step is None else args.step
-    print(f"sink report of {video}: {len(rows)} rows (step x chunk x block x head), plots at step {step}")
-    for c in sorted({r["chunk"] for r in rows if r["step"] == step}, key=lambda c: -1 if c is None else c):
-        at = [r for r in rows if r["step"] == step and r["chunk"] == c]
-        agree = [r["head_agreement"] for r in at if r["head_agreement"] is not None]
-        print(f"  chunk {c}: sink mass {sum(r['mass_sink'] for r in at) / len(at):.4f}, head agreement "
-              f"{(sum(agree) / len(agree)) if agree else float('nan'):.4f}, behavioural sinks "
-              f"{sorted({f for r in at for f in r['behavioural_sinks']})}")
+    from .views.sink_report import compare_rows, sink_table, write_sink_report
+    found = []
+    for run in args.runs:
+        an = AttentionAnalyzer(run)
+        videos = [args.video] if args.video else an.list_videos()
+        if not videos:
+            raise ValueError(f"no saved videos in {run!r}")
+        found += [(an, run, video) for video in videos]
+    labels = _run_labels([(os.path.abspath(run), video) for _, run, video in found])
+    steps = [int(x) for x in args.steps.split(",")] if args.steps else None
+    tables = [sink_table(an.recording(video), args.multiple, args.threshold, label=label, steps=steps)
+              for (an, _, video), label in zip(found, labels)]
+    files = write_sink_report(tables, args.out, args.step, args.branch, figures=not args.tables_only)
+    for t in tables:
+        step = t.denoise_step(args.branch) if args.step is None else args.step
+        print(f"sink report of {t.label} ({t.design or 'bidirectional'}): {len(t.rows)} rows (step x branch x chunk "
+              f"x block x head), figures at step {step}")
+        for c in t.chunks(step, args.branch):
+            at = t.select(step, args.branch, chunk=c)
+            print(f"  chunk {c}: " + ", ".join(f"{name} {_fmt_mean(at, name)}" for name in (
+                "mass_sink", "uniform_sink", "sink_ratio", "head_consensus", "mean_concentration")))
+    if len(tables) > 1:
+        print(f"compared: {len(compare_rows(tables, args.branch))} (run, chunk) rows in compare.csv")
     for name, path in files.items():
         print(f"  {name}: {path}")
     return 0
+
+
+def _run_labels(runs) -> list:
+    """``(attention_maps folder, video)`` -> names that tell the runs apart: the folders above ``attention_maps``
+    (as few as needed, from the batch folder up) and the video."""
+    for depth in range(1, 64):
+        labels = ["/".join(os.path.dirname(folder).split(os.sep)[-depth:] + [video]) for folder, video in runs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{folder}/{video}" for folder, video in runs]
+
+
+def _fmt_mean(rows, name: str) -> str:
+    values = [r[name] for r in rows if r[name] is not None]
+    return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
 def _batch_args(run) -> None:
@@ -120,14 +141,21 @@ def main(argv=None) -> int:
     sub.add_parser("causal-demo", help="record a tiny causal Wan with a KV cache, save and draw it (see --help)")
     exp = sub.add_parser("expand", help="print the variations of a template with their prompt ids")
     exp.add_argument("template")
-    rep = sub.add_parser("sink-report", help="the sink series of a saved recording as a table and plots")
-    rep.add_argument("attention_maps", help="a saved <batch_name>/attention_maps folder")
+    rep = sub.add_parser("sink-report", help="the sink metrics of saved recordings as tables and figures, several "
+                                             "runs side by side")
+    rep.add_argument("runs", nargs="+", metavar="RUN",
+                     help="a saved <batch_name>/attention_maps folder (each of its videos is a run); several compare")
     rep.add_argument("--out", required=True, help="where the report's files go")
-    rep.add_argument("--video", help="the video id (default: the folder's first)")
-    rep.add_argument("--step", type=int, help="the step the plots show (default: the last denoising step)")
+    rep.add_argument("--video", help="only this video id of each folder")
+    rep.add_argument("--step", type=int, help="the step the figures show (default: each run's last denoising step)")
+    rep.add_argument("--steps", help="only these steps in the tables, comma-separated (default: every step)")
     rep.add_argument("--multiple", type=float, default=2.0,
                      help="a behavioural sink takes more than this many times its uniform share (default 2)")
+    rep.add_argument("--threshold", type=float, default=0.9,
+                     help="head pairs counted as agreeing at 1 - JS of at least this (default 0.9)")
     rep.add_argument("--branch", default="cond", choices=["cond", "uncond"])
+    rep.add_argument("--tables-only", action="store_true",
+                     help="write the tables only (figures need matplotlib: pip install 'wan-attention-capture[report]')")
     args = ap.parse_args(argv)
     try:
         if args.command == "sink-report":

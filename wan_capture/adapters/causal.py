@@ -35,7 +35,7 @@ class CausalRecorder:
         self.frame_width = frame_width or frame_tokens  # a frame's token grid is 1 x frame_tokens unless given
         self.recorder = Recorder(plan)
         self._tracker: Optional[CallTracker] = None
-        self._previous: dict = {}  # block -> key frames of its previous call (what was evicted since)
+        self._previous: dict = {}  # (block, branch) -> key frames of its previous call (what was evicted since)
 
     @contextmanager
     def recording(self, num_blocks: int = 1, num_heads: int = 1, head_dim: int = 128):
@@ -61,12 +61,12 @@ class CausalRecorder:
     def tap(self, block: int, q: torch.Tensor, k: torch.Tensor, attend: Callable[[], torch.Tensor], *,
             query_start: int, key_frames: Sequence[int], step: int = 0, branch: str = "cond",
             mask: Optional[str] = None, scale: Optional[float] = None, sink_frames: Sequence[int] = (),
-            step_pass: str = "denoise") -> torch.Tensor:
+            pinned_frames: Sequence[int] = (), step_pass: str = "denoise") -> torch.Tensor:
         """``q [B, Lq, H, D]`` (first query at absolute token ``query_start``), ``k [B, Lk, H, D]`` in cache order,
         ``key_frames`` the absolute frame of each cached frame; returns ``attend()`` unchanged.
 
         Each call is logged in the take's KV-cache log as the caller describes it (``key_frames``, ``sink_frames``:
-        the cached frames the model keeps as sinks, ``step_pass``: ``denoise`` or ``context``); what was evicted is
+        the cached frames the model keeps as sinks, ``pinned_frames``: those it pins beside them, ``step_pass``: ``denoise`` or ``context``); what was evicted is
         worked out from the block's previous call. Unlike ``record()`` on a known model, nothing checks that the keys
         are the frames said."""
         if self._tracker is None:
@@ -87,13 +87,14 @@ class CausalRecorder:
         take = self.recorder.active
         take.log.dynamic_steps.setdefault(float(step), int(step))
         take.step_pass.setdefault(int(step), step_pass)
-        before = self._previous.get(block, ())
-        self._previous[block] = tuple(key_frames)
+        before = self._previous.get((block, branch), ())
+        self._previous[(block, branch)] = tuple(key_frames)
         chunk = query_start // ft
-        take.log_kv({"block": block, "chunk": chunk, "step": int(step), "pass": step_pass,
+        take.log_kv({"block": block, "chunk": chunk, "step": int(step), "pass": step_pass, "branch": branch,
                      "key_frames": [int(f) for f in key_frames], "writers": ["caller"] * len(key_frames),
                      "evicted": sorted(f for f in set(before) if f not in set(key_frames) and 0 <= f < chunk),
-                     "sink_frames": [int(f) for f in sink_frames], "unknown_key_frames": 0})
+                     "sink_frames": [int(f) for f in sink_frames], "pinned_frames": [int(f) for f in pinned_frames],
+                     "unknown_key_frames": 0})
         t.begin_evaluation(Evaluation(int(step), True, float("nan"), None, (branch,) * b, grid, query_start // ft))
         t.enter_block(block, (SELF,))
         layout = KeyLayout(lk - lq, mask, ft, tuple(key_frames))

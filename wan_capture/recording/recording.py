@@ -284,7 +284,8 @@ def array_bound(summary: dict, key: ArrayKey) -> Optional[int]:
 
 
 MAX_EVENT_FRAMES = 1 << 16  # latent frames an event may name where the summary gives none
-FRAME_LISTS = ("key_frames", "sink_frames", "evicted", "query_frames")  # absolute latent frames (-1: not known)
+FRAME_LISTS = ("key_frames", "sink_frames", "pinned_frames", "unattended_slot_frames", "evicted",
+               "query_frames")  # absolute latent frames (-1: not known)
 
 
 def _bad_event(event, frames: int) -> str:
