@@ -432,3 +432,38 @@ def test_sink_metrics_table_bounded_before_reading_and_steps_selected(tmp_path, 
     monkeypatch.setattr(report, "MAX_ROWS", 4 * HEADS)
     one = sink_table(rec, steps=[1])
     assert {r["step"] for r in one.rows} == {1} and len(one.rows) == 4 * HEADS
+
+
+def test_sink_compare_readme_worked_example(tmp_path):
+    """The README's worked example, its commands as written (out/ in a temporary folder): what it says it prints and
+    what it says the figures show is what the tables hold."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("### Worked example: from causal runs to the sink figures"):]
+    block = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(commands) == 3
+    out = ""
+    for command in commands:
+        args = command.replace("out/", str(tmp_path) + "/").split()
+        assert args[:3] == ["python", "-m", "wan_capture"]
+        r = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+    quoted = section[section.index("(`chunk 9:") + 2:section.index("` for the large cache")].replace("\n", " ")
+    assert "  " + quoted in out.split("sink report of large/")[1]
+    with open(tmp_path / "sink_report" / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for run_name in ("small/", "large/"):
+        mine = [r for r in rows if r["run"].startswith(run_name) and r["sink_ratio"]]
+        ratios = [float(r["sink_ratio"]) for r in mine]
+        assert max(ratios) < 1 and ratios[0] > ratios[-1]  # under the uniform share, falling overall
+        assert all(float(r["head_consensus"]) > 0.9 and float(r["mean_concentration"]) < 0.15
+                   for r in rows if r["run"].startswith(run_name))
+        for a, b in zip(mine, mine[1:]):  # the raw sink mass falls while the cache grows
+            if int(b["cache_frames"]) > int(a["cache_frames"]):
+                assert float(b["mass_sink"]) < float(a["mass_sink"]) and float(b["uniform_sink"]) < float(a["uniform_sink"])
+    for image in ("sink_compare.png", "sink_compare_consensus.png", "sink_chunks.png", "sink_timeline.png"):
+        assert f"docs/images/{image}" in section
+    for name in ("compare_sink.png", "compare_consensus.png", "run2/frame_mass_chunks.png",
+                 "run2/eviction_timeline.png"):
+        assert (tmp_path / "sink_report" / name).stat().st_size > 0

@@ -87,12 +87,17 @@ def eviction_timeline(t: SinkTable, step: int, branch: str = "cond") -> Figure:
 def chunk_matrices(t: SinkTable, step: int, branch: str = "cond", value: str = "mass") -> Figure:
     """Each chunk's query frame x absolute key frame ``mass`` (or ``per_token_mean``), mean over blocks and heads,
     all chunks on one colour scale; key frames not in the cache grey; sink (S) and pinned (P) columns marked; tick
-    labels give the absolute frame and, below it, the RoPE position of the logged call."""
+    labels (on the cached frames) give the absolute frame and, below it, the RoPE position of the logged call."""
     chunks = t.chunks(step, branch)
     mats = [t.matrix(step, branch, c) for c in chunks]
     top = max(float(np.max(m[value])) for m in mats)
-    fig = Figure(figsize=(min(24.0, 2.0 + 0.28 * t.latent_frames * len(chunks)), 3.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(chunks), squeeze=False)[0])
+    cols = min(3, len(chunks))  # three chunks a row: 21 key frames stay readable at the default size
+    rows = -(-len(chunks) // cols)
+    fig = Figure(figsize=(cols * (1.5 + 0.3 * t.latent_frames) + 1.5, rows * 3.4 + 0.6), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    for ax in grid.ravel()[len(chunks):]:
+        ax.remove()
+    axes = grid.ravel()[:len(chunks)]
     cmap = _cmap()
     image = None
     for ax, c, m in zip(axes, chunks, mats):
@@ -102,8 +107,8 @@ def chunk_matrices(t: SinkTable, step: int, branch: str = "cond", value: str = "
                 full[:, f] = np.asarray(m[value])[:, j]
         image = ax.imshow(full, cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest")
         rope = dict(zip(m["key_frames"], m["rope_positions"]))
-        ax.set_xticks(range(t.latent_frames),
-                      [f"{f}\n{rope[f]}" if f in rope else str(f) for f in range(t.latent_frames)], fontsize=7)
+        cached = sorted(f for f in rope if 0 <= f < t.latent_frames)  # labelled: the frames the cache held
+        ax.set_xticks(cached, [f"{f}\n{rope[f]}" for f in cached], fontsize=7)
         ax.set_yticks(range(len(m["query_frames"])), [str(q) for q in m["query_frames"]])
         for f, cls in zip(m["key_frames"], m["classes"]):
             if cls in ("sink", "pinned"):
@@ -283,6 +288,9 @@ def compare_figures(tables: Sequence[SinkTable], branch: str = "cond") -> Dict[s
                label=f"{run}: consensus")
         d.plot(x, [np.nan if r["mean_concentration"] is None else r["mean_concentration"] for r in at], "^--",
                color=colour, label=f"{run}: concentration")
+    every = sorted({r["chunk"] for r in rows})
+    for ax in (a, b, d):
+        ax.set_xticks(every)
     a.set_ylabel("sink mass (dashed: uniform share)")
     b.set_ylabel("sink mass / uniform share")
     c.set_ylabel("sink mass / uniform share")
