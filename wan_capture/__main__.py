@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             manifest = asyncio.run(run_batch(workflow, jobs, args.server or ["http://127.0.0.1:8188"],
                                              args.batch_name, args.state_dir, args.download, args.output_dir,
                                              timeout=args.timeout, retries=args.retries))
-    except (TemplateError, ValueError, OSError) as e:
+    except (TemplateError, ValueError, OSError, ImportError) as e:  # ImportError: the report's extra is missing
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .batch.runner import job_key
