@@ -84,7 +84,8 @@ def float64_rows(calls, multiple=2.0, threshold=0.9):
             row = {}
             for name in ("sink", "pinned", "window", "chunk"):
                 cols = [j for j, x in enumerate(cls) if x == name]
-                row[f"mass_{name}"] = float(np.mean([sum(m[qf, j] for j in cols) for qf in range(fq)])) if cols else None
+                row[f"mass_{name}"] = (float(np.mean([sum(m[qf, j] for j in cols) for qf in range(fq)])) if cols
+                                       else None)
                 row[f"uniform_{name}"] = len(cols) * FT / (fk * FT) if cols else None
             row["sink_ratio"] = None if row["mass_sink"] is None else row["mass_sink"] / row["uniform_sink"]
             row["concentration"] = conc[h]
@@ -178,7 +179,8 @@ def test_sink_metrics_uniform_heads_are_not_collapsed():
     assert_matches(rows, float64_rows(calls))
     for r in rows:
         assert r["head_consensus"] == pytest.approx(1.0, abs=1e-9) and r["consensus_pairs"] == 1.0
-        assert r["concentration"] == pytest.approx(0.0, abs=1e-6) and r["mean_concentration"] == pytest.approx(0.0, abs=1e-6)
+        assert r["concentration"] == pytest.approx(0.0, abs=1e-6)
+        assert r["mean_concentration"] == pytest.approx(0.0, abs=1e-6)
         if r["mass_sink"] is not None:
             assert r["sink_ratio"] == pytest.approx(1.0, abs=1e-5)
 
@@ -419,7 +421,7 @@ def _video(folder):
 
 def test_sink_metrics_table_bounded_before_reading_and_steps_selected(tmp_path, monkeypatch):
     """A table past MAX_ROWS is refused before any array is read, naming --steps; with fewer steps it is built."""
-    import wan_capture.views.sink_report as report
+    import wan_capture.views.sink_table as report
     take, _ = run(planted_sink, keys, steps=(0, 1))
     rec = MemoryRecording(take)
     reads = []
@@ -461,7 +463,8 @@ def test_sink_compare_readme_worked_example(tmp_path):
                    for r in rows if r["run"].startswith(run_name))
         for a, b in zip(mine, mine[1:]):  # the raw sink mass falls while the cache grows
             if int(b["cache_frames"]) > int(a["cache_frames"]):
-                assert float(b["mass_sink"]) < float(a["mass_sink"]) and float(b["uniform_sink"]) < float(a["uniform_sink"])
+                assert float(b["mass_sink"]) < float(a["mass_sink"])
+                assert float(b["uniform_sink"]) < float(a["uniform_sink"])
     for image in ("sink_compare.png", "sink_compare_consensus.png", "sink_chunks.png", "sink_timeline.png"):
         assert f"docs/images/{image}" in section
     for name in ("compare_sink.png", "compare_consensus.png", "run2/frame_mass_chunks.png",

@@ -155,7 +155,8 @@ def main(argv=None) -> int:
                      help="head pairs counted as agreeing at 1 - JS of at least this (default 0.9)")
     rep.add_argument("--branch", default="cond", choices=["cond", "uncond"])
     rep.add_argument("--tables-only", action="store_true",
-                     help="write the tables only (figures need matplotlib: pip install 'wan-attention-capture[report]')")
+                     help="write the tables only (figures need matplotlib: "
+                          "pip install 'wan-attention-capture[report]')")
     args = ap.parse_args(argv)
     try:
         if args.command == "sink-report":

@@ -66,9 +66,9 @@ class CausalRecorder:
         ``key_frames`` the absolute frame of each cached frame; returns ``attend()`` unchanged.
 
         Each call is logged in the take's KV-cache log as the caller describes it (``key_frames``, ``sink_frames``:
-        the cached frames the model keeps as sinks, ``pinned_frames``: those it pins beside them, ``step_pass``: ``denoise`` or ``context``); what was evicted is
-        worked out from the block's previous call. Unlike ``record()`` on a known model, nothing checks that the keys
-        are the frames said."""
+        the cached frames the model keeps as sinks, ``pinned_frames``: those it pins beside them, ``step_pass``:
+        ``denoise`` or ``context``); what was evicted is worked out from the block's previous call in that branch.
+        Unlike ``record()`` on a known model, nothing checks that the keys are the frames said."""
         if self._tracker is None:
             raise RuntimeError("CausalRecorder.tap outside `with rec.recording():`")
         ft = self.frame_tokens

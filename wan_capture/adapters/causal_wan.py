@@ -249,13 +249,11 @@ class _CausalSession:
     def _label_prompts(self, context, ev: Evaluation, prompt_blocks: int) -> None:
         """The take's ``chunk_prompts``: per chunk and branch, the numbers of the prompt embeddings its evaluations
         used (numbered by content in order of first use, so chunks under one prompt share a number)."""
-        if context is None or not isinstance(context, torch.Tensor) and not isinstance(context, (list, tuple)):
+        if not isinstance(context, (torch.Tensor, list, tuple)):
             return
-        rows = list(context)[:max(prompt_blocks, 1)]  # the first video's prompts (videos share the schedule)
         ids = []
-        for row in rows:
-            r = row.detach()
-            sig = self.observer.frame_signatures(r.reshape(1, -1), 1)[0]
+        for row in list(context)[:max(prompt_blocks, 1)]:  # the first video's prompts (videos share the schedule)
+            sig = self.observer.frame_signatures(row.detach().reshape(1, -1), 1)[0]  # equal bytes, equal number
             ids.append(self.prompt_ids.setdefault(sig, len(self.prompt_ids)))
         per_branch = self.recorder.active.chunk_prompts.setdefault(ev.chunk, {})
         seen = per_branch.setdefault(self.branch, [])

@@ -160,8 +160,8 @@ class KVCacheObserver:
             # whatever they are kept for, this call gives them no attention at all
             which = ("pinned" if set(unattended) <= pinned_frames else "sink" if set(unattended) <= sink_frames
                      else "sink and pinned")
-            flags.append(f"{which} slot not attended: the cache holds frames {unattended} there, this call's keys do not "
-                         "include them")
+            flags.append(f"{which} slot not attended: the cache holds frames {unattended} there, this call's keys "
+                         "do not include them")
             event["unattended_slot_frames"] = unattended
         if sink_configured and event["sink_frames"] and not self.evicted[slot]:
             flags.append("sink inert: nothing has been evicted from this cache, so its sink frames are ordinary "

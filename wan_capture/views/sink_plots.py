@@ -1,4 +1,4 @@
-"""The sink report's figures, drawn with matplotlib from a :class:`~.sink_report.SinkTable` and nothing else, so
+"""The sink report's figures, drawn with matplotlib from a :class:`~.sink_table.SinkTable` and nothing else, so
 every number in a figure is a number in the table (``series.csv``, ``frames.csv``, ``series.json``).
 
 matplotlib is an optional extra (``pip install 'wan-attention-capture[report]'``); the ComfyUI nodes never import
@@ -22,7 +22,7 @@ except ImportError as e:  # the report's extra is missing: say how to get it
     raise ImportError("the sink report's figures need matplotlib: pip install 'wan-attention-capture[report]' (or "
                       "pip install matplotlib); `sink-report --tables-only` writes the tables without it") from e
 
-from .sink_report import SinkTable
+from .sink_table import SinkTable, compare_rows
 
 # the eviction timeline's categories, in legend order, and their colours (colour-blind safe, Okabe-Ito)
 TIMELINE = (("future", "#ffffff"), ("evicted", "#bbbbbb"), ("window", "#56b4e9"), ("pinned", "#e69f00"),
@@ -267,7 +267,6 @@ def compare_figures(tables: Sequence[SinkTable], branch: str = "cond") -> Dict[s
     """Several runs side by side, each at its last denoising step, averaged over blocks and heads: sink mass with
     each run's uniform share, its ratio to uniform against the chunk and against the sinks' RoPE distance, and head
     consensus with concentration."""
-    from .sink_report import compare_rows
     rows = compare_rows(tables, branch)
     runs = [t.label for t in tables]
     share = Figure(figsize=(12.0, 4.2), layout="constrained")
