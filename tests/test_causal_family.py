@@ -333,6 +333,17 @@ def test_longlive_records_both_cfg_caches_sinks_and_a_pinned_chunk(monkeypatch, 
             assert e["key_frames"] == [0, 4, e["chunk"] - 1, e["chunk"], e["chunk"] + 1]
         assert "unattended_slot_frames" not in e
     assert not any("sink overwritten" in f for e in take.kv_events for f in e.get("flags", ()))
+    # the sink table: the log's RoPE positions on the key axis (window positions under relative RoPE), the pinned
+    # chunk its own class with its own uniform share, both CFG branches
+    table = sink_table(MemoryRecording(take))
+    events = {(e["chunk"], e["step"], e["block"], e["branch"]): e for e in take.kv_events}
+    assert {r["branch"] for r in table.rows} == {"cond", "uncond"}
+    for r in table.rows:
+        e = events[(r["chunk"], r["step"], r["block"], r["branch"])]
+        assert r["key_rope_positions"] == e["rope_frames"] and r["pinned_frames"] == e["pinned_frames"]
+        if r["chunk"] >= 6:
+            assert r["key_classes"] == ["sink", "pinned", "window", "chunk", "chunk"]
+            assert r["uniform_pinned"] == pytest.approx(1 / 5) and r["mass_pinned"] > 0
 
 
 @needs("longlive")
