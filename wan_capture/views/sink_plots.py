@@ -17,7 +17,7 @@ try:
     from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 except ImportError as e:  # the report's extra is missing: say how to get it
     raise ImportError("the sink report's figures need matplotlib: pip install 'wan-attention-capture[report]' (or "
                       "pip install matplotlib); `sink-report --tables-only` writes the tables without it") from e
@@ -111,10 +111,13 @@ def chunk_matrices(t: SinkTable, step: int, branch: str = "cond", value: str = "
         ax.set_xticks(cached, [f"{f}\n{rope[f]}" for f in cached], fontsize=7)
         ax.set_yticks(range(len(m["query_frames"])), [str(q) for q in m["query_frames"]])
         for f, cls in zip(m["key_frames"], m["classes"]):
-            if cls in ("sink", "pinned"):
+            if cls in ("sink", "pinned"):  # the column outlined in its class's colour, its letter above it
+                colour = dict(TIMELINE)[cls]
+                ax.add_patch(Rectangle((f - 0.5, -0.5), 1, len(m["query_frames"]), fill=False, edgecolor=colour,
+                                       linewidth=2))
                 ax.text(f, -0.6, "S" if cls == "sink" else "P", ha="center", va="bottom", fontsize=9,
-                        fontweight="bold", color=dict(TIMELINE)[cls])
-        ax.set_title(f"chunk {c}", pad=14)
+                        fontweight="bold", color=colour)
+        ax.set_title(f"chunk {c}", pad=22)
         ax.set_xlabel("key frame / RoPE position")
         ax.set_ylabel("query frame")
     label = "mass" if value == "mass" else "per-token mean"
