@@ -38,6 +38,8 @@ def test_demo_anywhere_without_comfyui(tmp_path):
         assert r["key_frames"] == list(range(frames)) and set(r["key_classes"]) == {"window"}
         assert r["mass_window"] == pytest.approx(1.0, abs=1e-3) and r["mass_sink"] is None
         assert r["uniform_window"] == 1.0 and r["sink_ratio"] is None
+        assert r["frame_tokens"] == (64 // 8 // 2) ** 2  # the demo's 64 px frames: VAE 8x, then 2x2 patches
+    assert all(f["per_token_mean"] == pytest.approx(f["mass"] / 16) for f in table.frame_rows())
 
 
 @pytest.mark.skipif(COMFYUI is None, reason=NOT_FOUND)

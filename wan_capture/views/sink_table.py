@@ -141,7 +141,7 @@ def _frame_tokens(rec: Recording) -> int:
     causal = rec.summary.get("causal") or {}
     if causal.get("frame_tokens"):
         return int(causal["frame_tokens"])
-    _, h, w = rec.summary["map_grid"]
+    _, h, w = rec.summary["latent_grid"]  # the DiT's token grid (map_grid is after downsampling)
     return int(h) * int(w)
 
 
