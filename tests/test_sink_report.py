@@ -234,6 +234,11 @@ def test_sink_metrics_files_written_and_read_back(tmp_path):
     data = json.load(open(files["series.json"]))
     assert data["rows"] == json.loads(json.dumps(table.rows)) and "sink_ratio" in data["definitions"]
     assert data["step_shown"] == 1 and len(data["matrices"]) == len({(r["step"], r["chunk"]) for r in table.rows})
+    with pytest.raises(ValueError, match=r"for branch uncond; its branches: \['cond'\]"):
+        write_sink_report([table], str(tmp_path / "other"), branch="uncond")
+    with pytest.raises(ValueError, match=r"at step 7, branch cond; steps: \[0, 1\]"):
+        write_sink_report([table], str(tmp_path / "other"), step=7)
+    assert not (tmp_path / "other").exists()
 
 
 def test_sink_report_command_on_the_causal_demo(tmp_path):

@@ -51,6 +51,9 @@ def write_sink_report(tables: Sequence[SinkTable], out_dir: str, step: Optional[
     for t in tables:
         if not t.rows:
             raise ValueError(f"no self-attention statistics in {t.label}: record with sink statistics on")
+        branches = sorted({r["branch"] for r in t.rows})
+        if branch not in branches:
+            raise ValueError(f"no sink statistics of {t.label} for branch {branch}; its branches: {branches}")
         if step is not None and not t.select(step, branch):
             raise ValueError(f"no sink statistics of {t.label} at step {step}, branch {branch}; steps: "
                              f"{sorted({r['step'] for r in t.rows if r['branch'] == branch})}")
