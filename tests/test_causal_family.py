@@ -296,6 +296,18 @@ def test_rolling_forcing_records_exactly_with_the_re_roped_anchor(monkeypatch, t
     late = [r for r in table.rows if r["chunk"] == 12 and r["pass"] == "denoise" and r["branch"] == "cond"]
     assert late and all(r["sink_frames"] == [0, 1, 2] and r["mass_sink"] > 0 for r in late)
     assert all(r["uniform_sink"] == pytest.approx(3 / len(r["key_frames"])) for r in late)
+    # a block refilled once per window: the table's geometry (key frames, RoPE positions) is the first call's, as
+    # its statistics are
+    first = {}
+    for e in take.kv_events:
+        first.setdefault((e["chunk"], e["step"], e["block"], e["branch"]), e)
+    repeated = [k for k in first if sum(1 for e in take.kv_events
+                                        if (e["chunk"], e["step"], e["block"], e["branch"]) == k) > 1]
+    assert repeated
+    for r in table.rows:
+        e = first[(r["chunk"], r["step"], r["block"], r["branch"])]
+        assert r["key_frames"] == list(take.chunks[r["chunk"]].key_frames[(r["step"], r["block"])]) == e["key_frames"]
+        assert r["key_rope_positions"] == e["rope_frames"]
     files = write_sink_report([table], str(tmp_path / "report"))
     assert os.path.getsize(files["eviction_timeline.png"]) > 0
 

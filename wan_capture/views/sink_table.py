@@ -104,15 +104,22 @@ class SinkTable:
                 and all(r[k] == v for k, v in equal.items())]
 
     def chunks(self, step: Optional[int] = None, branch: str = "cond") -> List[int]:
+        """The chunks (first latent frames) with rows at ``step`` (default :meth:`denoise_step`)."""
         return sorted({r["chunk"] for r in self.select(step, branch)})
 
     def matrix(self, step: int, branch: str, chunk: int) -> Optional[dict]:
+        """The frame x frame matrix entry of a step, branch and chunk (None if not recorded)."""
         return next((m for m in self.matrices if (m["step"], m["branch"], m["chunk"]) == (step, branch, chunk)), None)
 
 
 def _events(rec: Recording) -> Dict[tuple, dict]:
-    return {(e.get("chunk"), e.get("step"), e.get("block"), e.get("branch", "cond")): e
-            for e in rec.kv_events() if isinstance(e, dict)}
+    """(chunk, step, block, branch) -> its first KV log entry: where a chunk is evaluated again at a step (Rolling
+    Forcing refills its first block once per window), the statistics are the first call's, so is the geometry."""
+    out: Dict[tuple, dict] = {}
+    for e in rec.kv_events():
+        if isinstance(e, dict):
+            out.setdefault((e.get("chunk"), e.get("step"), e.get("block"), e.get("branch", "cond")), e)
+    return out
 
 
 def _event(events: Dict[tuple, dict], chunk, step: int, block: int, branch: str) -> dict:
