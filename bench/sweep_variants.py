@@ -97,34 +97,13 @@ def _pipelined_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, 
         tl.store(MASS + out, tl.sum(accp, 0))
         tl.store(PX + out, tl.sum(accx, 0))
         tl.debug_barrier()
-    if n_full < k_hi:  # the frame's partial key tile, as the shipped kernel does it
-        for start_m in range(q_lo, q_full, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            qmask = offs_m < q_hi
-            q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
-            accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accp, accx = K._sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_full, k_hi, offs_m + q_offset, qmask, lse2,
-                                       accp, accx, RB, KB, frame_tokens, c, K.MASK_NONE, True, IEEE, BLOCK_N, KEY_MAX)
-            out = (pid_bh * Fk + fk) * Lq + offs_m
-            tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
-            tl.store(PX + out, tl.load(PX + out) + tl.sum(accx, 0))
-            tl.debug_barrier()
-    for start_m in range(q_full, q_hi, BLOCK_M):  # a partial query tile
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        qmask = offs_m < q_hi
-        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
-        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for start_n in range(k_lo, k_hi, BLOCK_N):
-            accp, accx = K._sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
-                                       accp, accx, RB, KB, frame_tokens, c, K.MASK_NONE, True, IEEE, BLOCK_N, KEY_MAX)
-        out = (pid_bh * Fk + fk) * Lq + offs_m
-        tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
-        tl.store(PX + out, tl.sum(accx, 0), mask=qmask)
-        tl.debug_barrier()
+    if n_full < k_hi:  # the frame's partial key tile and a partial query tile: the shipped kernel's own passes
+        K._partial_key_tile(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_full, k_hi, q_offset,
+                            LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, K.MASK_NONE,
+                            IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
+    K._masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, q_offset,
+                          LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, K.MASK_NONE,
+                          IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
 
 
 def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_max=True):

@@ -277,6 +277,49 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2,
 
 
 @triton.jit
+def _partial_key_tile(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_hot, k_hi, q_offset, LSE_ROW,
+                      MASS, PX, out_row, RB, KB, frame_tokens, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAX: tl.constexpr):
+    """The frame's last, partial key tile (keys ``n_hot..k_hi``) against the full query tiles ``q_lo..q_full``, added
+    to the per-query sums the hot loop stored (shared by the bench's variants of the hot loop)."""
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = offs_m < q_hi
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE_ROW + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
+                                 accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
+        out = out_row + offs_m
+        tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
+        tl.store(PX + out, tl.load(PX + out) + tl.sum(accx, 0))
+        tl.debug_barrier()
+
+
+@triton.jit
+def _masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_start, q_hi, k_lo, k_hi, q_offset, LSE_ROW,
+                        MASS, PX, out_row, RB, KB, frame_tokens, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAX: tl.constexpr):
+    """Query tiles ``q_start..q_hi`` (a partial one, or all of them under a causal mask) against every key of the
+    frame, queries and keys masked."""
+    for start_m in range(q_start, q_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = offs_m < q_hi
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
+        lse2 = tl.load(LSE_ROW + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, k_hi, BLOCK_N):
+            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
+                                     accp, accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
+        out = out_row + offs_m
+        tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
+        tl.store(PX + out, tl.sum(accx, 0), mask=qmask)
+        tl.debug_barrier()
+
+
+@triton.jit
 def _sweep_kernel(Q, K, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
                   q_offset, frame_tokens, Fk, q_per_split, c, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr):
@@ -320,33 +363,13 @@ def _sweep_kernel(Q, K, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r,
         tl.store(PX + out, tl.sum(accx, 0))
         tl.debug_barrier()
     if n_hot < k_hi:  # the frame's partial key tile against the full query tiles: added to what they stored
-        for start_m in range(q_lo, q_full, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            qmask = offs_m < q_hi
-            q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-            lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
-            accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m + q_offset, qmask, lse2, accp,
-                                     accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
-            out = (pid_bh * Fk + fk) * Lq + offs_m
-            tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
-            tl.store(PX + out, tl.load(PX + out) + tl.sum(accx, 0))
-            tl.debug_barrier()
-    for start_m in range(q_full, q_hi, BLOCK_M):  # a partial query tile (or every tile under a causal mask)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        qmask = offs_m < q_hi
-        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m, mask=qmask, other=float("inf")) * 1.4426950408889634
-        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for start_n in range(k_lo, k_hi, BLOCK_N):
-            accp, accx = _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m + q_offset, qmask, lse2,
-                                     accp, accx, RB, KB, frame_tokens, c, CAUSAL, True, IEEE, BLOCK_N, KEY_MAX)
-        out = (pid_bh * Fk + fk) * Lq + offs_m
-        tl.store(MASS + out, tl.sum(accp, 0), mask=qmask)
-        tl.store(PX + out, tl.sum(accx, 0), mask=qmask)
-        tl.debug_barrier()
+        _partial_key_tile(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_hot, k_hi, q_offset,
+                          LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, CAUSAL, IEEE,
+                          BLOCK_M, BLOCK_N, KEY_MAX)
+    # a partial query tile (or every tile under a causal mask)
+    _masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, q_offset,
+                        LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, CAUSAL, IEEE,
+                        BLOCK_M, BLOCK_N, KEY_MAX)
 
 
 _CAUSAL = {None: MASK_NONE, "token": MASK_TOKEN, "frame": MASK_FRAME}
