@@ -214,6 +214,7 @@ class _CausalSession:
         start = int(kwargs.get("current_start") or 0) // grid.frame_tokens
         context_pass = bool(self.design.context_argument and kwargs.get(self.design.context_argument))
         self._generation(kv, start, context_pass or abs(timestep_of(t) - self.context_timestep) < 1e-6)
+        prompts = self._prompt_numbers(context, prompt_blocks)  # once per evaluation, whatever its chunks
         block = self.design.block_frames(module.blocks[0].self_attn) if self.design.window_blocks else grid.frames
         if context_pass or grid.frames % block:
             block = grid.frames
@@ -226,7 +227,9 @@ class _CausalSession:
                                     prompt_blocks))
             if self.recorder.active is not None and ev.step is not None:
                 self.recorder.active.step_pass.setdefault(ev.step, kind)
-                self._label_prompts(context, ev, prompt_blocks)
+                per_branch = self.recorder.active.chunk_prompts.setdefault(ev.chunk, {})
+                seen = per_branch.setdefault(self.branch, [])
+                seen.extend(i for i in prompts if i not in seen)
         self.tracker.begin_evaluation(self.parts[0].evaluation)
 
     def _prompt_blocks(self, context, videos: int) -> int:
@@ -246,18 +249,16 @@ class _CausalSession:
                 "among them); its cross-attention is not recorded, its self-attention and KV-cache log are")
         return blocks
 
-    def _label_prompts(self, context, ev: Evaluation, prompt_blocks: int) -> None:
-        """The take's ``chunk_prompts``: per chunk and branch, the numbers of the prompt embeddings its evaluations
-        used (numbered by content in order of first use, so chunks under one prompt share a number)."""
-        if not isinstance(context, (torch.Tensor, list, tuple)):
-            return
+    def _prompt_numbers(self, context, prompt_blocks: int) -> List[int]:
+        """The numbers of an evaluation's prompt embeddings, for the take's ``chunk_prompts`` (per chunk and branch):
+        numbered by content in order of first use, so chunks under one prompt share a number."""
+        if self.recorder.active is None or not isinstance(context, (torch.Tensor, list, tuple)):
+            return []
         ids = []
         for row in list(context)[:max(prompt_blocks, 1)]:  # the first video's prompts (videos share the schedule)
             sig = self.observer.frame_signatures(row.detach().reshape(1, -1), 1)[0]  # equal bytes, equal number
             ids.append(self.prompt_ids.setdefault(sig, len(self.prompt_ids)))
-        per_branch = self.recorder.active.chunk_prompts.setdefault(ev.chunk, {})
-        seen = per_branch.setdefault(self.branch, [])
-        seen.extend(i for i in ids if i not in seen)
+        return ids
 
     def _generation(self, kv, chunk: int, context_pass: bool) -> None:
         """Which branch this evaluation is (its cache), and whether it starts another video: a cache that empties
