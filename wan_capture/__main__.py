@@ -96,8 +96,9 @@ def _run_labels(runs) -> list:
 
 
 def _fmt_mean(rows, name: str) -> str:
-    values = [r[name] for r in rows if r[name] is not None]
-    return f"{sum(values) / len(values):.4f}" if values else "-"
+    from .views.sink_table import column_mean
+    value = column_mean(rows, name)
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _batch_args(run) -> None:

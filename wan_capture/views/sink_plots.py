@@ -22,7 +22,7 @@ except ImportError as e:  # the report's extra is missing: say how to get it
     raise ImportError("the sink report's figures need matplotlib: pip install 'wan-attention-capture[report]' (or "
                       "pip install matplotlib); `sink-report --tables-only` writes the tables without it") from e
 
-from .sink_table import SinkTable, compare_rows
+from .sink_table import SinkTable, column_mean, compare_rows
 
 # the eviction timeline's categories, in legend order, and their colours (colour-blind safe, Okabe-Ito)
 TIMELINE = (("future", "#ffffff"), ("evicted", "#bbbbbb"), ("window", "#56b4e9"), ("pinned", "#e69f00"),
@@ -38,10 +38,14 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _nan(value: Optional[float]) -> float:
+    """An empty value as NaN: drawn as a gap, never as 0."""
+    return float("nan") if value is None else value
+
+
 def _values(rows: Sequence[dict], name: str) -> float:
-    """The mean of a column over rows, NaN where no row has a value (drawn as a gap, never 0)."""
-    v = [r[name] for r in rows if r[name] is not None]
-    return float(np.mean(v)) if v else float("nan")
+    """:func:`~.sink_table.column_mean`, an empty one as a gap."""
+    return _nan(column_mean(rows, name))
 
 
 def _heads(rows: Sequence[dict]) -> List[int]:
@@ -280,15 +284,15 @@ def compare_figures(tables: Sequence[SinkTable], branch: str = "cond") -> Dict[s
         at = [r for r in rows if r["run"] == run]
         x = [r["chunk"] for r in at]
         colour = f"C{i}"
-        a.plot(x, [np.nan if r["mass_sink"] is None else r["mass_sink"] for r in at], "o-", color=colour, label=run)
-        a.plot(x, [np.nan if r["uniform_sink"] is None else r["uniform_sink"] for r in at], "--", color=colour)
-        b.plot(x, [np.nan if r["sink_ratio"] is None else r["sink_ratio"] for r in at], "o-", color=colour, label=run)
+        a.plot(x, [_nan(r["mass_sink"]) for r in at], "o-", color=colour, label=run)
+        a.plot(x, [_nan(r["uniform_sink"]) for r in at], "--", color=colour)
+        b.plot(x, [_nan(r["sink_ratio"]) for r in at], "o-", color=colour, label=run)
         near = [r for r in at if r["sink_rope_distance"] is not None and r["sink_ratio"] is not None]
         c.plot([r["sink_rope_distance"] for r in near], [r["sink_ratio"] for r in near], "o-", color=colour,
                label=run)
-        d.plot(x, [np.nan if r["head_consensus"] is None else r["head_consensus"] for r in at], "o-", color=colour,
+        d.plot(x, [_nan(r["head_consensus"]) for r in at], "o-", color=colour,
                label=f"{run}: consensus")
-        d.plot(x, [np.nan if r["mean_concentration"] is None else r["mean_concentration"] for r in at], "^--",
+        d.plot(x, [_nan(r["mean_concentration"]) for r in at], "^--",
                color=colour, label=f"{run}: concentration")
     every = sorted({r["chunk"] for r in rows})
     for ax in (a, b, d):

@@ -246,7 +246,7 @@ def compare_rows(tables: Sequence[SinkTable], branch: str = "cond") -> List[dict
             at = t.select(step, branch, chunk=c)
             out.append({"run": t.label, "video": t.video, "design": t.design, "step": step, "chunk": c,
                         "cache_frames": len(at[0]["key_frames"]),
-                        **{f: _mean(at, f) for f in ("mass_sink", "uniform_sink", "sink_ratio", "head_consensus",
+                        **{f: column_mean(at, f) for f in ("mass_sink", "uniform_sink", "sink_ratio", "head_consensus",
                                                      "mean_concentration", "sink_rope_distance")}})
     return out
 
@@ -255,7 +255,8 @@ COMPARE_COLUMNS = ("run", "video", "design", "step", "chunk", "cache_frames", "m
                    "sink_ratio", "head_consensus", "mean_concentration", "sink_rope_distance")
 
 
-def _mean(rows: Sequence[dict], name: str) -> Optional[float]:
+def column_mean(rows: Sequence[dict], name: str) -> Optional[float]:
+    """The mean of a column over rows, None where no row has a value (the class absent, one head)."""
     values = [r[name] for r in rows if r[name] is not None]
     return float(np.mean(values)) if values else None
 
