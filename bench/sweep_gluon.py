@@ -4,8 +4,8 @@ while the exponentials and sums of tile t-1 run, so one warpgroup's tensor-core 
 
 Same statistics as ``kernels.sweep`` for bidirectional layouts (same tiles, same per-split per-key rows, the same
 order of additions), so its output can be compared with the shipped kernel's bit for bit or nearly. A benchmark
-variant until measured: ``bench/sweep_variants.py`` times it beside the shipped kernel and cuDNN; it needs an sm_90
-GPU and Triton's Gluon (3.6 on the GPU machine). ``bench/sweep_sass.py`` compiles it for sm_90 on any machine.
+variant, measured slower than the shipped kernel (bench/README.md): ``bench/sweep_variants.py`` times it beside the
+shipped kernel and cuDNN; it needs an sm_90 GPU and Triton's Gluon (3.6 on the GPU machine). ``bench/sweep_sass.py`` compiles it for sm_90 on any machine.
 
 Phases of the kernel (per program: one query split of one key frame of one row-head):
 1. the query tile to shared memory (``cp.async``), and the first ``STAGES - 1`` key tiles of the frame;
@@ -34,12 +34,14 @@ LOG2E = 1.4426950408889634
 
 if gluon is not None:
     @gluon.jit
-    def _softmax(s, offs_n, kmask, qmask, lse2, accp, accx, RB, KB, c, MASKED: gl.constexpr):
-        """Exponentials and sums of one score tile [keys, queries] (``kernels._sweep_tile``'s second half)."""
+    def _softmax(s, offs_n, kmask, qmask, lse2, accp, accx, RB, KB, c, MASKED: gl.constexpr, kmax=None):
+        """Exponentials and sums of one score tile [keys, queries] (``kernels._sweep_tile``'s second half); ``kmax``:
+        the keys' max scores so far, if the caller read them already (before the MMA, to hide the read)."""
         if MASKED:
             valid = gl.expand_dims(kmask, 1) & gl.expand_dims(qmask, 0)
             s = gl.where(valid, s, float("-inf"))
-        kmax = gl.load(KB + offs_n, mask=kmask, other=float("-inf"))
+        if kmax is None:
+            kmax = gl.load(KB + offs_n, mask=kmask, other=float("-inf"))
         smax = gl.max(s, 1)
         x = s * c - gl.expand_dims(lse2, 0)
         p = gl.exp2(x)
@@ -133,9 +135,62 @@ if gluon is not None:
         gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
 
     @gluon.jit
+    def _query_tile_sync(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE, MASS, PX, RB, KB,
+                         out_row, c, Q_MASKED: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                         NS: gl.constexpr):
+        """One warpgroup, one key tile at a time (``wgmma`` waited for at once, as the shipped kernel), with what
+        Gluon allows and Triton does not: each key's sums go to memory from the MMA's own layout (no conversion
+        through shared memory), the per-query sums are folded in the thread (64 registers, not 128): 2 barriers a
+        tile in its hot loop, not 4; a warp's tensor-core work can overlap the other programs' exponentials."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 16-byte copies, 128 features a row
+        KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
+        QS: gl.constexpr = gl.SliceLayout(0, MMA)
+        qrows = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        q_ptrs = qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0)
+        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(qrows < q_hi, 1))
+        async_copy.commit_group()
+        n_tiles = gl.cdiv(k_hi - k_lo, BN)
+        n_full = (k_hi - k_lo) // BN
+        for i in gl.static_range(NS - 1):
+            _load_keys(k_smem.index(i), kbase, sk_l, k_lo + i * BN, k_hi, LD, BN, D)
+        offs_m = start_m + gl.arange(0, BM, layout=QS)
+        qmask = offs_m < q_hi
+        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+        zero = gl.zeros([BN, BM], gl.float32, MMA)
+        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)  # [warp, lane row, query]: the folded layout
+        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        q_t = q_smem.permute((1, 0))  # [features, queries]: the MMA's B operand
+        for t in range(n_full):
+            # tile t has landed (NS - 2 younger copies may be in flight); after the barrier every warp is past the
+            # MMA of tile t-1, so its stage takes tile t + NS - 1
+            async_copy.wait_group(NS - 2)
+            gl.thread_barrier()
+            fence_async_shared()
+            _load_keys(k_smem.index((t + NS - 1) % NS), kbase, sk_l, k_lo + (t + NS - 1) * BN, k_hi, LD, BN, D)
+            offs_n = k_lo + t * BN + gl.arange(0, BN, layout=KEYS)
+            kmax = gl.load(KB + offs_n)  # read before the MMA: its latency hides behind it
+            s = warpgroup_mma_wait(0, deps=[warpgroup_mma(k_smem.index(t % NS), q_t, zero, use_acc=False,
+                                                          is_async=True)])
+            accp, accx = _softmax(s, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, Q_MASKED, kmax)
+        if n_full < n_tiles:  # the frame's last, partial key tile
+            async_copy.wait_group(NS - 2)
+            gl.thread_barrier()
+            fence_async_shared()
+            offs_n = k_lo + n_full * BN + gl.arange(0, BN, layout=KEYS)
+            s = warpgroup_mma_wait(0, deps=[warpgroup_mma(k_smem.index(n_full % NS), q_t, zero, use_acc=False,
+                                                          is_async=True)])
+            accp, accx = _softmax(s, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, True)
+        async_copy.wait_group(0)
+        gl.thread_barrier()
+        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
+        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+
+    @gluon.jit
     def _gluon_sweep_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sk_r, sk_h, sk_l, H, Lq, Lk,
                             frame_tokens, Fk, q_per_split, c, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-                            NS: gl.constexpr):
+                            NS: gl.constexpr, SYNC: gl.constexpr = False):
         split = gl.program_id(0)
         fk = gl.program_id(1)
         pid_bh = gl.program_id(2)
@@ -156,15 +211,24 @@ if gluon is not None:
                                            gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16))
         out_row = (pid_bh * Fk + fk) * Lq
         for start_m in range(q_lo, q_full, BM):
-            _query_tile(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE + pid_bh * Lq, MASS,
-                        PX, RB, KB, out_row, c, False, BM, BN, D, NS)
+            if SYNC:
+                _query_tile_sync(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE + pid_bh * Lq,
+                                 MASS, PX, RB, KB, out_row, c, False, BM, BN, D, NS)
+            else:
+                _query_tile(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE + pid_bh * Lq,
+                            MASS, PX, RB, KB, out_row, c, False, BM, BN, D, NS)
         if q_full < q_hi:
-            _query_tile(q_smem, k_smem, qbase, kbase, sq_l, sk_l, q_full, q_hi, k_lo, k_hi, LSE + pid_bh * Lq, MASS,
-                        PX, RB, KB, out_row, c, True, BM, BN, D, NS)
+            if SYNC:
+                _query_tile_sync(q_smem, k_smem, qbase, kbase, sq_l, sk_l, q_full, q_hi, k_lo, k_hi, LSE + pid_bh * Lq,
+                                 MASS, PX, RB, KB, out_row, c, True, BM, BN, D, NS)
+            else:
+                _query_tile(q_smem, k_smem, qbase, kbase, sq_l, sk_l, q_full, q_hi, k_lo, k_hi, LSE + pid_bh * Lq,
+                            MASS, PX, RB, KB, out_row, c, True, BM, BN, D, NS)
 
 
-def gluon_sweep(q, k, scale, frame_tokens, lse):
-    """:func:`kernels.sweep`'s results (bidirectional, bf16, head_dim 128, key max on) from the Gluon kernel."""
+def gluon_sweep(q, k, scale, frame_tokens, lse, sync: bool = False):
+    """:func:`kernels.sweep`'s results (bidirectional, bf16, head_dim 128, key max on) from the Gluon kernel: two
+    warpgroups pipelined, or (``sync``) one warpgroup a tile at a time."""
     if gluon is None:
         raise RuntimeError("this Triton has no Gluon")
     r, h, lq, d = q.shape
@@ -174,5 +238,5 @@ def gluon_sweep(q, k, scale, frame_tokens, lse):
     _gluon_sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, q.stride(0), q.stride(1), q.stride(2),
                                              k.stride(0), k.stride(1), k.stride(2), h, lq, lk, ft, fk, per,
                                              scale * LOG2E, BM=BLOCK_M, BN=BLOCK_N, D=HEAD_DIM, NS=STAGES,
-                                             num_warps=WARPS)
+                                             SYNC=sync, num_warps=4 if sync else WARPS)
     return K.sweep_results(recv, kmax, mass, px, scale)

@@ -34,7 +34,9 @@ CASES = [
     ("pipelined 64x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=64, BLOCK_N=64), 4, 3),
     ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64), 8, 2),
 ] + ([("Gluon, async wgmma (128x64, 3 stages)", G._gluon_sweep_kernel,
-       dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES), G.WARPS, 1)] if G.gluon is not None else [])
+       dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES, SYNC=False), G.WARPS, 1),
+      ("Gluon, one warpgroup (128x64, 3 stages)", G._gluon_sweep_kernel,
+       dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES, SYNC=True), 4, 1)] if G.gluon is not None else [])
 
 
 def compile_sm90(fn, const: dict, warps: int, stages: int):

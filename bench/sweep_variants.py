@@ -12,7 +12,12 @@ Variants (all exact: the same sums as the shipped sweep, only scheduled differen
   a second score tile in registers.
 * ``pipelined, 64 queries``: the same with 64-query tiles (half the registers per score tile, twice the key reads).
 * ``8 warps, 256 queries``: the shipped kernel with two warpgroups sharing each key tile (half the key reads from L2).
-* ``Gluon``: ``bench/sweep_gluon.py``, asynchronous ``wgmma`` overlapping the previous tile's softmax (sm_90 only).
+* ``8 warps, 128 keys``: two warpgroups, each its own 64 keys of a 128-key tile against the same queries (no
+  cross-warpgroup key sums).
+* ``Gluon``: ``bench/sweep_gluon.py``, asynchronous ``wgmma`` overlapping the previous tile's softmax (sm_90 only);
+  ``Gluon: one warpgroup``: the same file's one-tile-at-a-time kernel, each key's sums stored from the MMA's layout.
+* ``Gluon, warp-specialised``: ``bench/sweep_gluon_ws.py``, a TMA loader warp and two consumer warpgroups (and its
+  pipelined consumers, 64 queries each).
 
 The roofline (per CFG row and block, the quantities the sweep cannot avoid): ``QK^T`` at the measured bf16 matrix
 rate, one ``exp2`` per score at 16 per clock per multiprocessor (sm_90's special-function units), the key tiles read
@@ -34,6 +39,7 @@ from wan_capture import KeyLayout
 from wan_capture.stats import kernels as K
 
 from . import sweep_gluon as G
+from . import sweep_gluon_ws as W
 
 SIZES = {"1.3b": (32760, 1560, 12), "14b": (75600, 3600, 40)}
 EX2_PER_CLOCK_PER_SM = 16  # sm_90 special-function throughput (CUDA programming guide, arithmetic instructions)
@@ -127,10 +133,23 @@ VARIANTS = {
         q, k, s, ft, lse, (64, 64, 4, 3)),
     "8 warps, 256 queries (256 x 64, 8 warps, 2 stages)": lambda q, k, s, ft, lse: K.sweep(
         q, k, s, KeyLayout(), ft, lse, config=(256, 64, 8, 2)),
+    # two warpgroups, each its own 64 keys of a 128-key tile against the same 128 queries: each key's sums stay in
+    # its warpgroup (no cross-warpgroup reduction), the per-query sums are reduced once per query tile
+    "8 warps, 128 keys (128 x 128, 8 warps, 2 stages)": lambda q, k, s, ft, lse: K.sweep(
+        q, k, s, KeyLayout(), ft, lse, config=(128, 128, 8, 2)),
+    "8 warps, 128 keys (128 x 128, 8 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(
+        q, k, s, KeyLayout(), ft, lse, config=(128, 128, 8, 3)),
 }
 if G.gluon is not None:
     VARIANTS["Gluon: async wgmma, two warpgroups (128 x 64, 8 warps, 3 stages)"] = \
         lambda q, k, s, ft, lse: G.gluon_sweep(q, k, s, ft, lse)
+    VARIANTS["Gluon: one warpgroup, per-key sums stored from the MMA layout (128 x 64, 4 warps, 3 stages)"] = \
+        lambda q, k, s, ft, lse: G.gluon_sweep(q, k, s, ft, lse, sync=True)
+if W.gluon is not None:
+    VARIANTS["Gluon, warp-specialised: a TMA loader warp, two consumer warpgroups (2 x 128 q x 64 k, 4 stages)"] = \
+        lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse)
+    VARIANTS["Gluon, warp-specialised, pipelined: each consumer's next MMA before its exponentials (2 x 64 q x 64 k, "
+             "4 stages)"] = lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse, block_m=64, pipelined=True)
 
 
 def rel(a, b) -> float:
@@ -173,12 +192,20 @@ def check() -> int:
                     torch.stack([p64[..., f * ft:(f + 1) * ft].sum(-1) for f in range(fk)], 2).reshape(6, fk, lq),
                     -(p64 * torch.log(p64)).sum(-1).reshape(6, lq)]
             lse = torch.logsumexp(s64, -1).float().cuda()
-            got = G.gluon_sweep(q.cuda(), k.cuda(), scale, ft, lse)
-            again = G.gluon_sweep(q.cuda(), k.cuda(), scale, ft, lse)
-            errs = [rel(a.cpu(), b) for a, b in zip(got, want)]
-            same = all(torch.equal(a, b) for a, b in zip(got, again))
-            worst = max(worst, *errs) if same else float("inf")
-            print(f"Gluon Lq {lq} frames of {ft}: relative errors {['%.1e' % x for x in errs]}; deterministic {same}")
+            kernels = {"": lambda: G.gluon_sweep(q.cuda(), k.cuda(), scale, ft, lse),
+                       " one warpgroup": lambda: G.gluon_sweep(q.cuda(), k.cuda(), scale, ft, lse, True)}
+            if W.gluon is not None:  # the [B, L, H*D] layout its copies need
+                qs, ks = (x.transpose(1, 2).contiguous().transpose(1, 2).cuda() for x in (q, k))
+                kernels[" warp-specialised"] = lambda: W.ws_sweep(qs, ks, scale, ft, lse)
+                kernels[" warp-specialised, pipelined"] = lambda: W.ws_sweep(qs, ks, scale, ft, lse, block_m=64,
+                                                                             pipelined=True)
+            for name, run in kernels.items():
+                got, again = run(), run()
+                errs = [rel(a.cpu(), b) for a, b in zip(got, want)]
+                same = all(torch.equal(a, b) for a, b in zip(got, again))
+                worst = max(worst, *errs) if same else float("inf")
+                print(f"Gluon{name} Lq {lq} frames of {ft}: relative errors "
+                      f"{['%.1e' % x for x in errs]}; deterministic {same}")
     ok = worst < 2e-5
     print(("ok" if ok else "FAILED") + f" worst relative error {worst:.2e}")
     return 0 if ok else 1
@@ -218,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="the variants against float64 on tiny shapes, then stop")
     ap.add_argument("--json", default=None)
     ap.add_argument("--once", default=None, help="run this variant once per size and stop (for a profiler: ncu)")
+    ap.add_argument("--only", nargs="+", default=None, help="time only the variants whose names contain one of these "
+                    "(the shipped sweep, the reference, always runs)")
     args = ap.parse_args(argv)
     if args.check:
         return check()
@@ -245,6 +274,8 @@ def main(argv=None) -> int:
         base = VARIANTS[next(iter(VARIANTS))](q, k, scale, ft, lse)
         rows = {}
         for name, fn in VARIANTS.items():
+            if args.only and name != next(iter(VARIANTS)) and not any(o in name for o in args.only):
+                continue
             try:
                 got = fn(q, k, scale, ft, lse)
                 diff = max(rel(a, b) for a, b in zip(got, base))
