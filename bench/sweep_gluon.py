@@ -5,7 +5,8 @@ while the exponentials and sums of tile t-1 run, so one warpgroup's tensor-core 
 Same statistics as ``kernels.sweep`` for bidirectional layouts (same tiles, same per-split per-key rows, the same
 order of additions), so its output can be compared with the shipped kernel's bit for bit or nearly. A benchmark
 variant, measured slower than the shipped kernel (bench/README.md): ``bench/sweep_variants.py`` times it beside the
-shipped kernel and cuDNN; it needs an sm_90 GPU and Triton's Gluon (3.6 on the GPU machine). ``bench/sweep_sass.py`` compiles it for sm_90 on any machine.
+shipped kernel and cuDNN; it needs an sm_90 GPU and Triton's Gluon (3.6 on the GPU machine).
+``bench/sweep_sass.py`` compiles it for sm_90 on any machine.
 
 Phases of the kernel (per program: one query split of one key frame of one row-head):
 1. the query tile to shared memory (``cp.async``), and the first ``STAGES - 1`` key tiles of the frame;
