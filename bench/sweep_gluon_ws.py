@@ -1,18 +1,19 @@
 """The sweep as a warp-specialised Gluon kernel for Hopper (issue 36): a loader warp streams the frame's key tiles
-through the bulk-copy engine (TMA) into a ring of shared-memory stages, signalled by mbarriers, and two consumer
+through the bulk-copy engine (TMA) into a ring of shared-memory stages, signalled by mbarriers, and 2 to 4 consumer
 warpgroups, each with its own query tile, run ``QK^T`` and the statistics on every stage. No barrier spans the
-program: each warpgroup waits only for its data, so one's tensor-core work can run while the other's exponentials do.
+program: each warpgroup waits only for its data, so one's tensor-core work can run while another's exponentials do.
 
 Same statistics as ``kernels.sweep`` for bidirectional layouts: each consumer adds each key's sums to rows of its own
-(two per query split, summed afterwards), so the order of every addition is fixed and the result deterministic.
-A benchmark variant: ``bench/sweep_variants.py`` times it and checks it against float64 (sm_90, Gluon, bf16, head
-dim 128, ``[B, L, H*128]`` inputs as ComfyUI passes them).
+(one per consumer and query split, summed afterwards), so the order of every addition is fixed and the result
+deterministic. A benchmark variant, measured no faster than the shipped kernel (bench/README.md):
+``bench/sweep_variants.py`` times it and checks it against float64 (sm_90, Gluon, bf16, head dim 128,
+``[B, L, H*128]`` inputs as ComfyUI passes them).
 
-Phases (per program: one query split of one key frame of one row-head; the split's query tiles go in pairs, the
-first to consumer 0, the second to consumer 1):
-1. loader: for every pair, every key tile of the frame: wait until both consumers released the stage, then copy;
-2. consumer: its query tile by TMA; per key tile: wait for the stage, read the keys' max so far, ``wgmma``, release
-   the stage, exponentials and sums; per-query sums stored after the frame. A consumer without a tile in a pair
+Phases (per program: one query split of one key frame of one row-head; the split's query tiles go in groups, one
+to each consumer):
+1. loader: for every group, every key tile of the frame: wait until every consumer released the stage, then copy;
+2. consumer: its query tiles by TMA (double-buffered); per key tile: wait for the stage, read the keys' max so far, ``wgmma``, release
+   the stage, exponentials and sums; per-query sums stored after the frame. A consumer without a tile in a group
    only releases the stages.
 """
 from __future__ import annotations
@@ -33,10 +34,7 @@ except ImportError:  # no Gluon (or no warp specialisation) in this Triton: the 
 
 BLOCK_M, BLOCK_N, HEAD_DIM = 128, 64, 128  # queries per consumer tile (the MMA's N), keys per tile (its M), features
 STAGES = 4  # key tiles in shared memory: both consumers read one while the loader fills the others
-# registers a thread: the consumers take what the loader gives back
-CONSUMER_REGS = gl.constexpr(240) if gluon is not None else 240
-LOADER_REGS = gl.constexpr(24) if gluon is not None else 24
-MAX_REGS = 168  # the kernel's register limit: 12 warps (4 + 4 + the loader's, rounded to a warpgroup) in 64K
+LOADER_REGS = gl.constexpr(24) if gluon is not None else 24  # registers a loader thread keeps (the fewest allowed)
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -176,20 +174,24 @@ if gluon is not None:
         return it
 
     @gluon.jit
-    def _consumer(cid, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_pairs, LSE,
-                  MASS, PX, RB, KB, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                  PIPE: gl.constexpr):
+    def _consumer(cid, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
+                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
+                  NC: gl.constexpr, PIPE: gl.constexpr):
+        """Consumer ``cid`` of ``NC``: query tiles ``cid``, ``cid + NC``, ... of the split, each against every key
+        tile of the frame; each key's sums into its own rows (``row_stride`` apart from the next consumer's)."""
         it = 0
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
-        # two query buffers of its own: the next pair's tile is copied while this one is consumed
+        RB = RB0 + cid * row_stride
+        KB = KB0 + cid * row_stride
+        # two query buffers of its own: the next group's tile is copied while this one is consumed
         start_m = q_lo + cid * BM
         if start_m < q_hi:
             mbarrier.expect(qbar.index(2 * cid), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row + start_m, col], qbar.index(2 * cid), q_smem.index(2 * cid))
-        for j in range(n_pairs):
-            start_m = q_lo + (2 * j + cid) * BM
-            nxt = start_m + 2 * BM
-            if nxt < q_hi:  # its buffer was read by the MMAs of pair j - 1, all waited for
+        for j in range(n_groups):
+            start_m = q_lo + (NC * j + cid) * BM
+            nxt = start_m + NC * BM
+            if nxt < q_hi:  # its buffer was read by the MMAs of group j - 1, all waited for
                 mbarrier.expect(qbar.index(2 * cid + (j + 1) % 2), q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(q_desc, [q_row + nxt, col], qbar.index(2 * cid + (j + 1) % 2),
                                                 q_smem.index(2 * cid + (j + 1) % 2))
@@ -204,28 +206,37 @@ if gluon is not None:
             else:
                 it = _drain(ready, empty, it, n_tiles, NS)
 
-    @gluon.jit
-    def _consumer0(q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_pairs, LSE, MASS,
-                   PX, RB, KB, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, PIPE: gl.constexpr):
-        _consumer(0, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi,
-                  n_pairs, LSE, MASS, PX, RB, KB, out_row, c, BM, BN, NS, PIPE)
-
+    # the worker partitions share one signature (Gluon's rule): consumers 1..3 and the loader
     @gluon.jit
     def _consumer1(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
-                   n_pairs, LSE, MASS, PX, RB, KB, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                   PIPE: gl.constexpr):
-        _consumer(1, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi,
-                  n_pairs, LSE, MASS, PX, RB, KB, out_row, c, BM, BN, NS, PIPE)
+                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
+                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
+        _consumer(1, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
+                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
+
+    @gluon.jit
+    def _consumer2(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
+                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
+                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
+        _consumer(2, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
+                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
+
+    @gluon.jit
+    def _consumer3(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
+                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
+                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
+        _consumer(3, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
+                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
 
     @gluon.jit
     def _loader(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
-                n_pairs, LSE, MASS, PX, RB, KB, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                  PIPE: gl.constexpr):
+                n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
+                NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
         it = 0
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
-        for j in range(n_pairs):
+        for j in range(n_groups):
             for t in range(n_tiles):
-                # both consumers released this stage (mbarriers start as if the phase before the first completed)
+                # every consumer released this stage (mbarriers start as if the phase before the first completed)
                 mbarrier.wait(empty.index(it % NS), ((it // NS) & 1) ^ 1)
                 mbarrier.expect(ready.index(it % NS), k_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(k_desc, [k_row + k_lo + t * BN, col], ready.index(it % NS),
@@ -234,7 +245,8 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_sweep_kernel(q_desc, k_desc, LSE, MASS, PX, RECV, KMAX, H, Lq, Lk, frame_tokens, Fk, q_per_split, c,
-                         BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, PIPE: gl.constexpr):
+                         BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr,
+                         REGS: gl.constexpr):
         split = gl.program_id(0)
         fk = gl.program_id(1)
         pid_bh = gl.program_id(2)
@@ -245,34 +257,65 @@ if gluon is not None:
         k_hi = gl.minimum(k_lo + frame_tokens, Lk)
         q_lo = split * q_per_split
         q_hi = gl.minimum(q_lo + q_per_split, Lq)
-        n_pairs = gl.cdiv(gl.cdiv(q_hi - q_lo, BM), 2)
+        n_groups = gl.cdiv(gl.cdiv(q_hi - q_lo, BM), NC)
         col = h * q_desc.block_type.shape[1]
-        # each consumer's own per-key rows: row 2*split + consumer of the [2*splits, R*H, Lk] buffers
-        RB0 = RECV + ((2 * split) * rh + pid_bh) * Lk
-        KB0 = KMAX + ((2 * split) * rh + pid_bh) * Lk
-        RB1 = RECV + ((2 * split + 1) * rh + pid_bh) * Lk
-        KB1 = KMAX + ((2 * split + 1) * rh + pid_bh) * Lk
+        # consumer i's per-key rows: row NC*split + i of the [NC*splits, R*H, Lk] buffers
+        RB0 = RECV + ((NC * split) * rh + pid_bh) * Lk
+        KB0 = KMAX + ((NC * split) * rh + pid_bh) * Lk
+        row_stride = rh * Lk
         out_row = (pid_bh * Fk + fk) * Lq
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NS] + k_desc.block_type.shape, k_desc.layout)
-        # two query buffers per consumer (consumer c has 2c and 2c + 1) and their barriers
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)
+        # two query buffers per consumer (consumer i has 2i and 2i + 1) and their barriers
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * NC] + q_desc.block_type.shape, q_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-        qbar = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        qbar = gl.allocate_shared_memory(gl.int64, [2 * NC, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NS):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # released by both consumers
-        for i in gl.static_range(4):
+            mbarrier.init(empty.index(i), count=NC)  # released by every consumer
+        for i in gl.static_range(2 * NC):
             mbarrier.init(qbar.index(i), count=1)
         lse_row = LSE + pid_bh * Lq
-        gl.warp_specialize([
-            (_consumer0, (q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi, n_pairs,
-                          lse_row, MASS, PX, RB0, KB0, out_row, c, BM, BN, NS, PIPE)),
-            (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
-                          k_hi, n_pairs, lse_row, MASS, PX, RB1, KB1, out_row, c, BM, BN, NS, PIPE)),
-            (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo, k_hi,
-                       n_pairs, lse_row, MASS, PX, RB1, KB1, out_row, c, BM, BN, NS, PIPE)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        # (the partitions' arguments are written out in each call: a tuple held in a variable loses its constexprs)
+        if NC == 2:
+            gl.warp_specialize([
+                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
+                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                           k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+            ], [4, 1], [REGS, LOADER_REGS])
+        elif NC == 3:
+            gl.warp_specialize([
+                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
+                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_consumer2, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                           k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+            ], [4, 4, 1], [REGS, REGS, LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
+                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_consumer2, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_consumer3, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
+                              NC, PIPE)),
+                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                           k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
+            ], [4, 4, 4, 1], [REGS, REGS, REGS, LOADER_REGS])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -282,25 +325,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(r * l, h * d)
 
 
+# per consumer count: (registers a consumer thread, the kernel's limit): the warps, the loader's rounded up to a
+# warpgroup, share the multiprocessor's 64K registers, the loader keeping 24
+REGISTERS = {2: (240, 168), 3: (160, 128), 4: (112, 96)}
+
+
 def ws_sweep(q, k, scale, frame_tokens, lse, stages: int = STAGES, splits=None, block_m: int = BLOCK_M,
-             pipelined: bool = False):
+             pipelined: bool = False, consumers: int = 2):
     """:func:`kernels.sweep`'s results (bidirectional, bf16, head_dim 128, key max on) from the warp-specialised
-    kernel (``stages`` key tiles in shared memory, ``splits`` query splits a frame: ``kernels.sweep_splits``'s by
-    default; ``block_m`` queries a consumer tile; ``pipelined``: each consumer issues the next tile's MMA before this
-    tile's exponentials)."""
+    kernel: ``consumers`` warpgroups of ``block_m`` queries each (2, 3 or 4), ``stages`` key tiles in shared memory,
+    ``splits`` query splits a frame (``kernels.sweep_splits``'s by default), ``pipelined``: each consumer issues the
+    next tile's MMA before this tile's exponentials."""
     if gluon is None:
         raise RuntimeError("this Triton has no Gluon warp specialisation")
     r, h, lq, d = q.shape
-    assert d == HEAD_DIM and q.dtype == torch.bfloat16
+    assert d == HEAD_DIM and q.dtype == torch.bfloat16 and consumers in REGISTERS
     lk = k.shape[2]
-    ft, fk, splits, per, mass, px, _, _, lse = K.sweep_buffers(q, k, frame_tokens, lse, 2 * block_m, splits)
-    recv = torch.zeros(2 * splits, r * h, lk, device=q.device, dtype=torch.float32)
-    kmax = torch.full((2 * splits, r * h, lk), float("-inf"), device=q.device, dtype=torch.float32)
+    ft, fk, splits, per, mass, px, _, _, lse = K.sweep_buffers(q, k, frame_tokens, lse, consumers * block_m, splits)
+    recv = torch.zeros(consumers * splits, r * h, lk, device=q.device, dtype=torch.float32)
+    kmax = torch.full((consumers * splits, r * h, lk), float("-inf"), device=q.device, dtype=torch.float32)
     q_desc = TensorDescriptor.from_tensor(_rows(q), [block_m, d],
                                           gl.NVMMASharedLayout.get_default_for([block_m, d], gl.bfloat16))
     k_desc = TensorDescriptor.from_tensor(_rows(k), [BLOCK_N, d],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gl.bfloat16))
+    regs, limit = REGISTERS[consumers]
     _ws_sweep_kernel[(splits, fk, r * h)](q_desc, k_desc, lse, mass, px, recv, kmax, h, lq, lk, ft, fk, per,
-                                          scale * LOG2E, BM=block_m, BN=BLOCK_N, NS=stages, PIPE=pipelined, num_warps=4,
-                                          maxnreg=MAX_REGS)
+                                          scale * LOG2E, BM=block_m, BN=BLOCK_N, NS=stages, NC=consumers,
+                                          PIPE=pipelined, REGS=regs, num_warps=4, maxnreg=limit)
     return K.sweep_results(recv, kmax, mass, px, scale)

@@ -150,6 +150,10 @@ if W.gluon is not None:
         lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse)
     VARIANTS["Gluon, warp-specialised, pipelined: each consumer's next MMA before its exponentials (2 x 64 q x 64 k, "
              "4 stages)"] = lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse, block_m=64, pipelined=True)
+    VARIANTS["Gluon, warp-specialised, 3 consumers (3 x 64 q x 64 k, 4 stages)"] = \
+        lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse, block_m=64, consumers=3)
+    VARIANTS["Gluon, warp-specialised, 4 consumers (4 x 64 q x 64 k, 4 stages)"] = \
+        lambda q, k, s, ft, lse: W.ws_sweep(q, k, s, ft, lse, block_m=64, consumers=4)
 
 
 def rel(a, b) -> float:
@@ -199,6 +203,9 @@ def check() -> int:
                 kernels[" warp-specialised"] = lambda: W.ws_sweep(qs, ks, scale, ft, lse)
                 kernels[" warp-specialised, pipelined"] = lambda: W.ws_sweep(qs, ks, scale, ft, lse, block_m=64,
                                                                              pipelined=True)
+                for n in (3, 4):
+                    kernels[f" warp-specialised, {n} consumers"] = lambda n=n: W.ws_sweep(qs, ks, scale, ft, lse,
+                                                                                         block_m=64, consumers=n)
             for name, run in kernels.items():
                 got, again = run(), run()
                 errs = [rel(a.cpu(), b) for a, b in zip(got, want)]
