@@ -12,9 +12,9 @@ deterministic. A benchmark variant, measured no faster than the shipped kernel (
 Phases (per program: one query split of one key frame of one row-head; the split's query tiles go in groups, one
 to each consumer):
 1. loader: for every group, every key tile of the frame: wait until every consumer released the stage, then copy;
-2. consumer: its query tiles by TMA (double-buffered); per key tile: wait for the stage, read the keys' max so far, ``wgmma``, release
-   the stage, exponentials and sums; per-query sums stored after the frame. A consumer without a tile in a group
-   only releases the stages.
+2. consumer: its query tiles by TMA (double-buffered); per key tile: wait for the stage, read the keys' max so
+   far, ``wgmma``, release the stage, exponentials and sums; per-query sums stored after the frame. A consumer
+   without a tile in a group only releases the stages.
 """
 from __future__ import annotations
 

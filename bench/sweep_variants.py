@@ -17,7 +17,7 @@ Variants (all exact: the same sums as the shipped sweep, only scheduled differen
 * ``Gluon``: ``bench/sweep_gluon.py``, asynchronous ``wgmma`` overlapping the previous tile's softmax (sm_90 only);
   ``Gluon: one warpgroup``: the same file's one-tile-at-a-time kernel, each key's sums stored from the MMA's layout.
 * ``Gluon, warp-specialised``: ``bench/sweep_gluon_ws.py``, a TMA loader warp and two consumer warpgroups (and its
-  pipelined consumers, 64 queries each).
+  pipelined consumers, and 3 or 4 consumers, 64 queries each).
 
 The roofline (per CFG row and block, the quantities the sweep cannot avoid): ``QK^T`` at the measured bf16 matrix
 rate, one ``exp2`` per score at 16 per clock per multiprocessor (sm_90's special-function units), the key tiles read
