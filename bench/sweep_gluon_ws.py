@@ -174,11 +174,12 @@ if gluon is not None:
         return it
 
     @gluon.jit
-    def _consumer(cid, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
-                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                  NC: gl.constexpr, PIPE: gl.constexpr):
+    def _consumer(cid, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
+                  n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
+                  NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
         """Consumer ``cid`` of ``NC``: query tiles ``cid``, ``cid + NC``, ... of the split, each against every key
-        tile of the frame; each key's sums into its own rows (``row_stride`` apart from the next consumer's)."""
+        tile of the frame; each key's sums into its own rows (``row_stride`` apart from the next consumer's). Its
+        signature is the loader's (Gluon's worker partitions share one)."""
         it = 0
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
         RB = RB0 + cid * row_stride
@@ -206,30 +207,8 @@ if gluon is not None:
             else:
                 it = _drain(ready, empty, it, n_tiles, NS)
 
-    # the worker partitions share one signature (Gluon's rule): consumers 1..3 and the loader
     @gluon.jit
-    def _consumer1(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
-                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
-                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
-        _consumer(1, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
-                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
-
-    @gluon.jit
-    def _consumer2(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
-                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
-                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
-        _consumer(2, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
-                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
-
-    @gluon.jit
-    def _consumer3(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
-                   n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
-                   NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
-        _consumer(3, q_desc, k_smem, q_smem, qbar, ready, empty, q_row, col, q_lo, q_hi, k_lo, k_hi, n_groups, LSE,
-                  MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)
-
-    @gluon.jit
-    def _loader(q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
+    def _loader(cid, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, q_row, k_row, col, q_lo, q_hi, k_lo, k_hi,
                 n_groups, LSE, MASS, PX, RB0, KB0, row_stride, out_row, c, BM: gl.constexpr, BN: gl.constexpr,
                 NS: gl.constexpr, NC: gl.constexpr, PIPE: gl.constexpr):
         it = 0
@@ -276,44 +255,48 @@ if gluon is not None:
         for i in gl.static_range(2 * NC):
             mbarrier.init(qbar.index(i), count=1)
         lse_row = LSE + pid_bh * Lq
-        # (the partitions' arguments are written out in each call: a tuple held in a variable loses its constexprs)
+        # every partition takes the same arguments but the consumer's number, written out in each call (a tuple held
+        # in a variable loses its constexprs); the first is the default partition, the last the loader
         if NC == 2:
             gl.warp_specialize([
-                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
-                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
-                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                (_consumer, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (1, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_loader, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
                            k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
             ], [4, 1], [REGS, LOADER_REGS])
         elif NC == 3:
             gl.warp_specialize([
-                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
-                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
-                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_consumer2, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                (_consumer, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (1, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (2, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_loader, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
                            k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
             ], [4, 4, 1], [REGS, REGS, LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (0, q_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, col, q_lo, q_hi, k_lo, k_hi,
-                             n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
-                (_consumer1, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_consumer2, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_consumer3, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
-                              k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS,
-                              NC, PIPE)),
-                (_loader, (q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
+                (_consumer, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (1, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (2, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_consumer, (3, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi,
+                             k_lo, k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC,
+                             PIPE)),
+                (_loader, (0, q_desc, k_desc, k_smem, q_smem, qbar, ready, empty, r * Lq, r * Lk, col, q_lo, q_hi, k_lo,
                            k_hi, n_groups, lse_row, MASS, PX, RB0, KB0, row_stride, out_row, c, BM, BN, NS, NC, PIPE)),
             ], [4, 4, 4, 1], [REGS, REGS, REGS, LOADER_REGS])
 
