@@ -21,7 +21,7 @@ import triton.language as tl
 
 from wan_capture.stats import kernels as K
 
-from .sweep_variants import SIZES
+from .sweep_variants import SIZES, model_call, model_tensors
 
 STAGES = ("QK^T only", "+ exp2 and mass", "+ sum p*log2 p", "+ received (atomic)", "+ key max: the shipped hot loop",
           "stage 3 + key max as an atomic max")
@@ -103,18 +103,12 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from wan_capture import KeyLayout
-    from wan_capture.capture.lse_attention import cudnn_attention
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for size in args.size:
         tokens, ft, heads = SIZES[size]
-        torch.manual_seed(0)
-        view = lambda z: z.view(1, tokens, heads, 128).transpose(1, 2)  # noqa: E731
-        q, k, v = (view(torch.randn(1, tokens, heads * 128, device="cuda", dtype=torch.bfloat16)) for _ in range(3))
+        q, k, v = model_tensors(size)
         scale = 128 ** -0.5
-        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
-            ref = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                          warmup=50, rep=300, return_mode="median")
-        lse = cudnn_attention(q, k, v)[1].reshape(heads, tokens).contiguous()
+        ref, lse = model_call(q, k, v)
         full = triton.testing.do_bench(lambda: K.sweep(q, k, scale, KeyLayout(), ft, lse), warmup=50, rep=300,
                                        return_mode="median")
         print(f"{size}: cuDNN {ref:.2f} ms; the shipped sweep {full:.2f} ms ({full / ref:.3f}x)", flush=True)

@@ -218,6 +218,25 @@ def check() -> int:
     return 0 if ok else 1
 
 
+def model_tensors(size: str, n: int = 3):
+    """``n`` random bf16 tensors (q, k, v) at a model shape of ``SIZES``, ``[1, H, L, 128]`` views of ComfyUI's
+    ``[B, L, H*D]`` layout, seed 0 (so the first two are the same whatever ``n``)."""
+    tokens, _, heads = SIZES[size]
+    torch.manual_seed(0)
+    return [torch.randn(1, tokens, heads * 128, device="cuda", dtype=torch.bfloat16).view(1, tokens, heads, 128)
+            .transpose(1, 2) for _ in range(n)]
+
+
+def model_call(q, k, v):
+    """The model's attention call at this shape, timed as ComfyUI runs it on CUDA (cuDNN first), in ms, and its
+    log-sum-exp ``[H, L]`` (what the sweep is given)."""
+    from wan_capture.capture.lse_attention import cudnn_attention
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                     warmup=50, rep=300, return_mode="median")
+    return ms, cudnn_attention(q, k, v)[1].reshape(q.shape[1], q.shape[2]).contiguous()
+
+
 def roofline(tokens: int, heads: int, ref_ms: float, bm: int = 128) -> dict:
     """Floors per CFG row and block, in ms: matrix, exponentials and key reads, from measured or datasheet rates."""
     dev = torch.device("cuda")
@@ -260,18 +279,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (or --check under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    from wan_capture.capture.lse_attention import cudnn_attention
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for size in args.size:
         tokens, ft, heads = SIZES[size]
-        torch.manual_seed(0)
-        view = lambda z: z.view(1, tokens, heads, 128).transpose(1, 2)  # noqa: E731  ComfyUI's [B, L, H*D] layout
-        q, k, v = (view(torch.randn(1, tokens, heads * 128, device="cuda", dtype=torch.bfloat16)) for _ in range(3))
+        q, k, v = model_tensors(size)
         scale = 128 ** -0.5
-        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
-            ref = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                          warmup=50, rep=300, return_mode="median")
-        lse = cudnn_attention(q, k, v)[1].reshape(heads, tokens)
+        ref, lse = model_call(q, k, v)
         del v
         if args.once:
             for _ in range(2):  # the first call compiles; a profiler takes the second (ncu --launch-skip 1)

@@ -13,7 +13,7 @@ from wan_capture import KeyLayout
 from wan_capture.stats import kernels as K
 
 from . import sweep_gluon_ws as W
-from .sweep_variants import SIZES
+from .sweep_variants import SIZES, model_tensors
 
 # (stages, splits: the default or a multiple of it, queries a consumer tile, pipelined consumers)
 CONFIGS = [(4, None, 128, False), (4, "x2", 128, False), (4, None, 64, True), (6, None, 64, True),
@@ -27,9 +27,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for size in ("1.3b", "14b"):
         tokens, ft, heads = SIZES[size]
-        torch.manual_seed(0)
-        q, k = (torch.randn(1, tokens, heads * 128, device="cuda", dtype=torch.bfloat16).view(1, tokens, heads, 128)
-                .transpose(1, 2) for _ in range(2))
+        q, k = model_tensors(size, 2)
         lse = torch.randn(heads, tokens, device="cuda") + 12.0
         scale = 128 ** -0.5
         base = K.sweep_splits(tokens, -(-tokens // ft), heads, ft, 128, q.device)
