@@ -57,6 +57,34 @@ if gluon is not None:
         return accp, accx
 
     @gluon.jit
+    def _query_state(start_m, q_hi, LSE, MMA: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+        """A query tile's per-query values in the MMA's query layout (offsets, mask, ``lse`` in base 2), the zero
+        score tile the MMA starts from, and its two per-query sums, zeroed in the folded layout: rows r and r+8 of a
+        warp's 16 (the MMA layout gives a thread both) share one accumulator, [warp, lane row, query]."""
+        offs_m = start_m + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+        qmask = offs_m < q_hi
+        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
+        zero = gl.zeros([BN, BM], gl.float32, MMA)
+        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        return offs_m, qmask, lse2, zero, accp, accx
+
+    @gluon.jit
+    def _store_query_sums(MASS, PX, out_row, offs_m, qmask, accp, accx, QS: gl.constexpr):
+        """A query tile's mass and ``sum p*log2 p`` on this key frame, its folded sums reduced."""
+        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
+        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+
+    @gluon.jit
+    def _copy_query_tile(q_smem, qbase, sq_l, start_m, q_hi, LD: gl.constexpr, BM: gl.constexpr, D: gl.constexpr):
+        """The query tile to shared memory (``cp.async``, rows past ``q_hi`` zero), as its own copy group."""
+        qrows = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        q_ptrs = qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0)
+        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(qrows < q_hi, 1))
+        async_copy.commit_group()
+
+    @gluon.jit
     def _load_keys(k_smem, kbase, sk_l, start_n, k_hi, LD: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
         rows = start_n + gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
@@ -85,20 +113,11 @@ if gluon is not None:
         KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
         QS: gl.constexpr = gl.SliceLayout(0, MMA)
         # phase 1: the query tile and the first key tiles in flight
-        qrows = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-        q_ptrs = qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0)
-        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(qrows < q_hi, 1))
-        async_copy.commit_group()
+        _copy_query_tile(q_smem, qbase, sq_l, start_m, q_hi, LD, BM, D)
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
         for i in gl.static_range(NS - 1):
             _load_keys(k_smem.index(i), kbase, sk_l, k_lo + i * BN, k_hi, LD, BN, D)
-        offs_m = start_m + gl.arange(0, BM, layout=QS)
-        qmask = offs_m < q_hi
-        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-        zero = gl.zeros([BN, BM], gl.float32, MMA)
-        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)  # [warp, lane row, query]: the folded layout
-        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        offs_m, qmask, lse2, zero, accp, accx = _query_state(start_m, q_hi, LSE, MMA, BM, BN)
         q_t = q_smem.permute((1, 0))  # [features, queries]: the MMA's B operand
         # tile 0
         async_copy.wait_group(NS - 2)
@@ -132,8 +151,7 @@ if gluon is not None:
             accp, accx = _softmax(s_a, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, True)
         async_copy.wait_group(0)
         gl.thread_barrier()
-        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
-        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+        _store_query_sums(MASS, PX, out_row, offs_m, qmask, accp, accx, QS)
 
     @gluon.jit
     def _query_tile_sync(q_smem, k_smem, qbase, kbase, sq_l, sk_l, start_m, q_hi, k_lo, k_hi, LSE, MASS, PX, RB, KB,
@@ -147,21 +165,12 @@ if gluon is not None:
         LD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 16-byte copies, 128 features a row
         KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
         QS: gl.constexpr = gl.SliceLayout(0, MMA)
-        qrows = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-        q_ptrs = qbase + gl.expand_dims(qrows, 1) * sq_l + gl.expand_dims(cols, 0)
-        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(qrows < q_hi, 1))
-        async_copy.commit_group()
+        _copy_query_tile(q_smem, qbase, sq_l, start_m, q_hi, LD, BM, D)
         n_tiles = gl.cdiv(k_hi - k_lo, BN)
         n_full = (k_hi - k_lo) // BN
         for i in gl.static_range(NS - 1):
             _load_keys(k_smem.index(i), kbase, sk_l, k_lo + i * BN, k_hi, LD, BN, D)
-        offs_m = start_m + gl.arange(0, BM, layout=QS)
-        qmask = offs_m < q_hi
-        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-        zero = gl.zeros([BN, BM], gl.float32, MMA)
-        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)  # [warp, lane row, query]: the folded layout
-        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        offs_m, qmask, lse2, zero, accp, accx = _query_state(start_m, q_hi, LSE, MMA, BM, BN)
         q_t = q_smem.permute((1, 0))  # [features, queries]: the MMA's B operand
         for t in range(n_full):
             # tile t has landed (NS - 2 younger copies may be in flight); after the barrier every warp is past the
@@ -185,8 +194,7 @@ if gluon is not None:
             accp, accx = _softmax(s, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, True)
         async_copy.wait_group(0)
         gl.thread_barrier()
-        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
-        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+        _store_query_sums(MASS, PX, out_row, offs_m, qmask, accp, accx, QS)
 
     @gluon.jit
     def _gluon_sweep_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sk_r, sk_h, sk_l, H, Lq, Lk,

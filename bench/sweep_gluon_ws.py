@@ -28,7 +28,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .sweep_gluon import _softmax
+    from .sweep_gluon import _query_state, _softmax, _store_query_sums
 except ImportError:  # no Gluon (or no warp specialisation) in this Triton: the variant is absent
     gluon = None
 
@@ -54,12 +54,7 @@ if gluon is not None:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
         KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
         QS: gl.constexpr = gl.SliceLayout(0, MMA)
-        offs_m = start_m + gl.arange(0, BM, layout=QS)
-        qmask = offs_m < q_hi
-        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-        zero = gl.zeros([BN, BM], gl.float32, MMA)
-        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)  # [warp, lane row, query]: rows r and r+8 folded
-        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        offs_m, qmask, lse2, zero, accp, accx = _query_state(start_m, q_hi, LSE, MMA, BM, BN)
         q_t = q_smem.permute((1, 0))  # [features, queries]: the MMA's B operand
         mbarrier.wait(qbar, q_phase)  # the query tile, copied while the previous one was consumed
         n_full = (k_hi - k_lo) // BN
@@ -81,8 +76,7 @@ if gluon is not None:
             mbarrier.arrive(empty.index(it % NS), count=1)
             accp, accx = _softmax(s, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, True)
             it += 1
-        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
-        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+        _store_query_sums(MASS, PX, out_row, offs_m, qmask, accp, accx, QS)
         return it
 
     @gluon.jit
@@ -94,12 +88,7 @@ if gluon is not None:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
         KEYS: gl.constexpr = gl.SliceLayout(1, MMA)
         QS: gl.constexpr = gl.SliceLayout(0, MMA)
-        offs_m = start_m + gl.arange(0, BM, layout=QS)
-        qmask = offs_m < q_hi
-        lse2 = gl.load(LSE + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-        zero = gl.zeros([BN, BM], gl.float32, MMA)
-        accp = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
-        accx = gl.sum(gl.reshape(zero, [4, 2, 8, BM]), 1)
+        offs_m, qmask, lse2, zero, accp, accx = _query_state(start_m, q_hi, LSE, MMA, BM, BN)
         q_t = q_smem.permute((1, 0))
         mbarrier.wait(qbar, q_phase)
         n_full = (k_hi - k_lo) // BN
@@ -157,8 +146,7 @@ if gluon is not None:
             mbarrier.arrive(empty.index(it % NS), count=1)
             accp, accx = _softmax(s, offs_n, offs_n < k_hi, qmask, lse2, accp, accx, RB, KB, c, True)
             it += 1
-        gl.store(MASS + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accp, 0), 0), QS), mask=qmask)
-        gl.store(PX + out_row + offs_m, gl.convert_layout(gl.sum(gl.sum(accx, 0), 0), QS), mask=qmask)
+        _store_query_sums(MASS, PX, out_row, offs_m, qmask, accp, accx, QS)
         return it
 
     @gluon.jit
