@@ -312,9 +312,8 @@ def ws_sweep(q, k, scale, frame_tokens, lse, stages: int = STAGES, splits=None, 
     r, h, lq, d = q.shape
     assert d == HEAD_DIM and q.dtype == torch.bfloat16 and consumers in REGISTERS
     lk = k.shape[2]
-    ft, fk, splits, per, mass, px, _, _, lse = K.sweep_buffers(q, k, frame_tokens, lse, consumers * block_m, splits)
-    recv = torch.zeros(consumers * splits, r * h, lk, device=q.device, dtype=torch.float32)
-    kmax = torch.full((consumers * splits, r * h, lk), float("-inf"), device=q.device, dtype=torch.float32)
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, consumers * block_m,
+                                                                     splits, writers=consumers)
     q_desc = TensorDescriptor.from_tensor(_rows(q), [block_m, d],
                                           gl.NVMMASharedLayout.get_default_for([block_m, d], gl.bfloat16))
     k_desc = TensorDescriptor.from_tensor(_rows(k), [BLOCK_N, d],

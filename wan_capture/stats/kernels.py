@@ -516,10 +516,12 @@ def sweep_bytes(lq: int, lk: int, frames: int, splits: int) -> int:
     return (2 * frames * lq + 2 * splits * lk) * 4
 
 
-def sweep_buffers(q, k, frame_tokens, lse, bm: int, splits=None, key_max: bool = True, causal: bool = False):
+def sweep_buffers(q, k, frame_tokens, lse, bm: int, splits=None, key_max: bool = True, causal: bool = False,
+                  writers: int = 1):
     """What a sweep kernel of ``bm``-query tiles is launched with: ``(ft, fk, splits, per, mass, px, recv, kmax,
-    lse)``: frame tokens, key frames, query splits and queries per split, the per-query partial sums, the per-split
-    per-key rows (summed by :func:`sweep_results`) and the float32 ``lse [R*H, Lq]``."""
+    lse)``: frame tokens, key frames, query splits and queries per split, the per-query partial sums, the per-key
+    rows, ``writers`` per split (a program's parts that each write rows of their own; summed by
+    :func:`sweep_results`) and the float32 ``lse [R*H, Lq]``."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     ft = frame_tokens or lk
@@ -533,8 +535,9 @@ def sweep_buffers(q, k, frame_tokens, lse, bm: int, splits=None, key_max: bool =
     alloc = torch.zeros if causal else torch.empty
     mass = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
     px = alloc(r * h, fk, lq, device=dev, dtype=torch.float32)
-    recv = torch.zeros(splits, r * h, lk, device=dev, dtype=torch.float32)  # one row per split, summed after
-    kmax = torch.full((splits if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
+    rows = writers * splits  # each row has one writer, so the sums are deterministic; summed after
+    recv = torch.zeros(rows, r * h, lk, device=dev, dtype=torch.float32)
+    kmax = torch.full((rows if key_max else 1, r * h, lk if key_max else 1), float("-inf"), device=dev,
                       dtype=torch.float32)
     lse = lse.reshape(r * h, lq).to(torch.float32).contiguous()
     return ft, fk, splits, per, mass, px, recv, kmax, lse
