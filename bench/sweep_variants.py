@@ -6,7 +6,9 @@ the shipped kernel's output on the same inputs, with the roofline beside them.
 
 Variants (all exact: the same sums as the shipped sweep, only scheduled differently):
 
-* ``shipped``: ``kernels.sweep`` (128 queries x 64 keys, 4 warps, 3 stages).
+* ``shipped``: ``kernels.sweep`` (128 queries x 64 keys, 4 warps, 3 stages; each key frame's tail, its keys past
+  the last whole tile, in a second kernel).
+* ``0.2.0``: the same hot loop with each frame's tail inside the sweep kernel, one masked tile per query tile.
 * ``pipelined``: the hot loop issues the next key tile's ``QK^T`` before the current tile's exponentials, so one
   program's tensor-core work can overlap its own softmax (FlashAttention-3's intra-warpgroup overlap), at the cost of
   a second score tile in registers.
@@ -103,13 +105,87 @@ def _pipelined_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, 
         tl.store(MASS + out, tl.sum(accp, 0))
         tl.store(PX + out, tl.sum(accx, 0))
         tl.debug_barrier()
-    if n_full < k_hi:  # the frame's partial key tile and a partial query tile: the shipped kernel's own passes
-        K._partial_key_tile(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_full, k_hi, q_offset,
-                            LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, K.MASK_NONE,
-                            IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
+    # a partial query tile: the shipped kernel's own pass (the frame's tail: kernels.sweep_frame_tails, after)
     K._masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, q_offset,
                           LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, K.MASK_NONE,
                           IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
+
+
+@triton.jit
+def _inline_tail(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_hot, k_hi, LSE_ROW, MASS, PX,
+                 out_row, RB, KB, frame_tokens, c, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 KEY_MAX: tl.constexpr):
+    """0.2.0's pass over the frame's tail inside the sweep kernel: one masked key tile per full query tile, added to
+    the per-query sums the hot loop stored, a barrier after each."""
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE_ROW + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accp, accx = K._sweep_tile(q, kbase, sk_l, sk_d, offs_d, n_hot, k_hi, offs_m, offs_m < q_hi, lse2, accp,
+                                   accx, RB, KB, frame_tokens, c, K.MASK_NONE, True, IEEE, BLOCK_N, KEY_MAX)
+        out = out_row + offs_m
+        tl.store(MASS + out, tl.load(MASS + out) + tl.sum(accp, 0))
+        tl.store(PX + out, tl.load(PX + out) + tl.sum(accx, 0))
+        tl.debug_barrier()
+
+
+@triton.jit
+def _inline_tail_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
+                        frame_tokens, Fk, q_per_split, c, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr):
+    """0.2.0's ``kernels._sweep_kernel`` (bidirectional): the shipped hot loop, then the frame's tail inside the
+    same program (:func:`_inline_tail`), then a partial query tile."""
+    split = tl.program_id(0)
+    fk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    r = pid_bh // H
+    h = pid_bh % H
+    k_lo = fk * frame_tokens
+    k_hi = tl.minimum(k_lo + frame_tokens, Lk)
+    n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, Lq)
+    offs_d = tl.arange(0, D)
+    kbase = K_ + r * sk_r + h * sk_h
+    qbase = Q + r * sq_r + h * sq_h
+    RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
+    KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
+    q_full = q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
+    out_row = (pid_bh * Fk + fk) * Lq
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, n_full, BLOCK_N):
+            accp, accx = K._sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, offs_m, offs_m, lse2, accp, accx,
+                                       RB, KB, frame_tokens, c, K.MASK_NONE, False, IEEE, BLOCK_N, KEY_MAX)
+        tl.store(MASS + out_row + offs_m, tl.sum(accp, 0))
+        tl.store(PX + out_row + offs_m, tl.sum(accx, 0))
+        tl.debug_barrier()
+    if n_full < k_hi:
+        _inline_tail(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_lo, q_full, q_hi, n_full, k_hi, LSE + pid_bh * Lq,
+                     MASS, PX, out_row, RB, KB, frame_tokens, c, IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
+    K._masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, 0,
+                          LSE + pid_bh * Lq, MASS, PX, out_row, RB, KB, frame_tokens, c, K.MASK_NONE,
+                          IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
+
+
+def inline_tail_sweep(q, k, scale, frame_tokens, lse, config=K.SWEEP_CONFIG, key_max=True):
+    """:func:`kernels.sweep`'s results (bidirectional layouts only) as 0.2.0 computed them: each frame's tail inside
+    the sweep kernel, not in a kernel of its own."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn, warps, stages = config
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, key_max=key_max)
+    _inline_tail_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq,
+                                             lk, ft, fk, per, scale * K.LOG2E, IEEE=K._ieee(q), BLOCK_M=bm,
+                                             BLOCK_N=bn, D=d, KEY_MAX=bool(key_max), num_warps=warps,
+                                             num_stages=stages)
+    return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
 def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_max=True):
@@ -121,11 +197,14 @@ def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_
     _pipelined_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk,
                                            0, ft, fk, per, scale * K.LOG2E, IEEE=K._ieee(q), BLOCK_M=bm, BLOCK_N=bn,
                                            D=d, KEY_MAX=bool(key_max), num_warps=warps, num_stages=stages)
+    K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
 VARIANTS = {
     "shipped (128 q x 64 k, 4 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(q, k, s, KeyLayout(), ft, lse),
+    "0.2.0: each frame's tail inside the sweep kernel (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse:
+        inline_tail_sweep(q, k, s, ft, lse),
     "pipelined (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse),
     "pipelined (128 x 64, 4 warps, 2 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse,
                                                                                        (128, 64, 4, 2)),
@@ -178,11 +257,12 @@ def check() -> int:
         ent = -(p64 * torch.log(p64)).sum(-1).reshape(2, lq)
         lse = torch.logsumexp(s64, -1).float()
         q, k, lse = q.to(dev), k.to(dev), lse.to(dev)
-        for cfg in ((64, 64, 4, 2), (16, 32, 1, 1)):
-            recv, kmax, m, e = pipelined_sweep(q, k, scale, ft, lse, cfg)
+        runs = [("pipelined", pipelined_sweep, cfg) for cfg in ((64, 64, 4, 2), (16, 32, 1, 1))]
+        for name, fn, cfg in runs + [("0.2.0 frame tails", inline_tail_sweep, (64, 64, 4, 2))]:
+            recv, kmax, m, e = fn(q, k, scale, ft, lse, cfg)
             errs = [rel(recv.cpu(), received), rel(kmax.cpu(), key_max), rel(m.cpu(), mass), rel(e.cpu(), ent)]
             worst = max(worst, *errs)
-            print(f"pipelined {cfg} Lq {lq} frames of {ft}: relative errors {['%.1e' % x for x in errs]}")
+            print(f"{name} {cfg} Lq {lq} frames of {ft}: relative errors {['%.1e' % x for x in errs]}")
     if dev == "cuda" and G.gluon is not None:  # the Gluon kernel: bf16, head_dim 128, sm_90 only
         for lq, ft, seed in ((1000, 300, 2), (1560, 1560, 3), (640, 128, 4)):
             g = torch.Generator().manual_seed(seed)
@@ -235,6 +315,16 @@ def model_call(q, k, v):
         ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
                                      warmup=50, rep=300, return_mode="median")
     return ms, cudnn_attention(q, k, v)[1].reshape(q.shape[1], q.shape[2]).contiguous()
+
+
+def frame_tails_ms(q, k, scale, frame_tokens, lse, config=None) -> float:
+    """The shipped sweep's second kernel alone (each key frame's tail), in ms, on the buffers the sweep would use;
+    ``config`` as :func:`kernels.sweep_frame_tails` takes it."""
+    bm, bn = K.SWEEP_CONFIG[:2]
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm)
+    return triton.testing.do_bench(lambda: K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax,
+                                                               scale, bm, bn, config=config), warmup=50, rep=300,
+                                   return_mode="median")
 
 
 def roofline(tokens: int, heads: int, ref_ms: float, bm: int = 128) -> dict:
@@ -310,6 +400,9 @@ def main(argv=None) -> int:
             rows[name] = {"ms": ms, "ms_again": again, "x_model_call": ms / ref, "max_rel_diff_vs_shipped": diff}
             print(f"{size} {name}: {ms:.2f} / {again:.2f} ms ({ms / ref:.3f}x cuDNN {ref:.2f} ms); "
                   f"max relative difference from the shipped sweep {diff:.1e}", flush=True)
+        tails = frame_tails_ms(q, k, scale, ft, lse)
+        rows["frame tail kernel alone (kernels.sweep_frame_tails)"] = {"ms": tails}
+        print(f"{size} the shipped sweep's frame tail kernel alone: {tails:.2f} ms", flush=True)
         roof = roofline(tokens, heads, ref)
         print(f"{size} roofline per CFG row and block: QK^T {roof['matrix_ms']:.2f} ms at "
               f"{roof['matrix_tflops_measured']:.0f} TFLOP/s, exp2 {roof['exp2_ms']:.2f} ms at "
