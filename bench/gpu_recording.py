@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     pack = load(args.comfyui)
     wc = pack.wan_capture
     import comfy.ldm.modules.attention as comfy_attention
-    from wan_capture_bench_util import save_step_seconds  # noqa: F401  (kept beside this file)
+    from .wan_capture_bench_util import save_step_seconds
     dim, heads = size["dim"], size["heads"]
     model = build_model(dim, size["ffn"], heads, size["blocks"])
     t = (size["frames"] - 1) // 4 + 1

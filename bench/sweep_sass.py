@@ -33,7 +33,10 @@ CASES = [
     ("pipelined 128x64, 2 stages", V._pipelined_kernel, dict(BLOCK_M=128, BLOCK_N=64), 4, 2),
     ("pipelined 64x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=64, BLOCK_N=64), 4, 3),
     ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64), 8, 2),
-] + ([("Gluon, async wgmma (128x64, 3 stages)", G._gluon_sweep_kernel,
+] + [(f"frame tails, {frames} frames of {slots} slots", K._frame_tail_kernel,
+       dict(BLOCK_M=128, BLOCK_N=64, TAIL_N=slots, FRAMES=frames), 4, 3)
+      for frames, slots in ((1, 32), (2, 32), (4, 16), (4, 32))] \
+    + ([("Gluon, async wgmma (128x64, 3 stages)", G._gluon_sweep_kernel,
        dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES, SYNC=False), G.WARPS, 1),
       ("Gluon, one warpgroup (128x64, 3 stages)", G._gluon_sweep_kernel,
        dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES, SYNC=True), 4, 1)] if G.gluon is not None else [])

@@ -523,8 +523,9 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 SWEEP_CONFIG = (128, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
-# the frame-tail kernel: (tail keys a tile, the tails of as many frames as fit; warps; stages of query loads)
-TAIL_CONFIG = (64, 4, 3)
+# the frame-tail kernel: (tail slots a tile: the tails of as many frames as fit, at least one; warps; stages of the
+# query tiles' loads), tuned on an H100 (bench/README.md "Issue 36"): one frame a tile at 1.3B, two at 14B 720p
+TAIL_CONFIG = (32, 4, 3)
 H100_SMS, H100_L2 = 132, 50 << 20  # what the interpreter assumes (and the L2 where the driver does not say)
 RESIDENT_PER_SM = 3  # sweep programs one multiprocessor holds at once (registers allow 2 to 3)
 WAVES = 8  # programs per multiprocessor the sweep launches at least, to fill the GPU
