@@ -79,8 +79,9 @@ CASES = [
     (1, 2, 90, 150, 64, 30, {"q_offset": 60, "causal": "frame"}, [0]),
     (1, 2, 70, 77, 32, 11, {"q_offset": 7, "causal": "token"}, [0]),
     (2, 2, 150, 512, 128, 600, {}, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 500]),
-    # five frames' tails of 30 keys, two frames' tails a tile in the sweep's tail kernel: the last tile half empty
-    (1, 2, 150, 150, 64, 30, {}, [0]),
+    # eleven frames of 14 keys (the last of 10): two frames' tails a tile in the sweep's tail kernel, the last tile
+    # half empty
+    (1, 2, 150, 150, 64, 14, {}, [0]),
     # frames longer than 2,048 tokens (Wan 14B at 720p has 3,600): the single sweep's per-key rows live in memory
     (1, 2, 70, 4450, 32, 2210, {}, [0, 4449]),
     (1, 1, 100, 4500, 32, 2250, {"q_offset": 4400, "causal": "frame"}, [0]),
