@@ -33,7 +33,10 @@ CASES = [
     ("pipelined 128x64, 2 stages", V._pipelined_kernel, dict(BLOCK_M=128, BLOCK_N=64), 4, 2),
     ("pipelined 64x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=64, BLOCK_N=64), 4, 3),
     ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64), 8, 2),
-] + [(f"frame tails, {frames} frames of {slots} slots", K._frame_tail_kernel,
+] + [(f"shipped at {bm}x64, registers capped at {cap or 'none'}", K._sweep_kernel,
+       dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64), 4, stages, cap)
+      for bm, stages, cap in ((128, 2, 168), (64, 2, None), (64, 2, 128), (64, 3, 128), (64, 2, 168))] \
+    + [(f"frame tails, {frames} frames of {slots} slots", K._frame_tail_kernel,
        dict(BLOCK_M=128, BLOCK_N=64, TAIL_N=slots, FRAMES=frames), 4, 3)
       for frames, slots in ((1, 32), (2, 32), (4, 16), (4, 32))] \
     + ([("Gluon, async wgmma (128x64, 3 stages)", G._gluon_sweep_kernel,
@@ -42,7 +45,7 @@ CASES = [
        dict(BM=G.BLOCK_M, BN=G.BLOCK_N, NS=G.STAGES, SYNC=True), 4, 1)] if G.gluon is not None else [])
 
 
-def compile_sm90(fn, const: dict, warps: int, stages: int):
+def compile_sm90(fn, const: dict, warps: int, stages: int, maxnreg=None):
     names = fn.arg_names
     gluon = getattr(fn, "is_gluon", lambda: False)()
     const = dict(const, D=128) if gluon else dict(const, IEEE=False, D=128, KEY_MAX=True, sq_d=1, sk_d=1)
@@ -65,7 +68,8 @@ def compile_sm90(fn, const: dict, warps: int, stages: int):
         Source = ASTSource
     src = Source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _tool(name: str) -> str:
@@ -93,9 +97,9 @@ def hot_loop(sass: str):
 
 def main() -> int:
     print(f"Triton {triton.__version__}, sm_90")
-    for name, fn, const, warps, stages in CASES:
+    for name, fn, const, warps, stages, *cap in CASES:
         try:
-            c = compile_sm90(fn, const, warps, stages)
+            c = compile_sm90(fn, const, warps, stages, *cap)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
             print(f"{name}: does not compile ({type(e).__name__}: {str(e)[:200]})")
             continue

@@ -201,6 +201,20 @@ def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
+def capped_sweep(config, resident: int):
+    """:func:`kernels.sweep` at ``config`` (its fifth entry a register cap) with the query splits chosen for
+    ``resident`` programs a multiprocessor (the L2 term of :func:`kernels.sweep_splits`)."""
+    def run(q, k, scale, frame_tokens, lse):
+        r, h, lq, d = q.shape
+        splits = K.sweep_splits(lq, -(-k.shape[2] // frame_tokens), r * h, frame_tokens, d, q.device, resident)
+        return K.sweep(q, k, scale, KeyLayout(), frame_tokens, lse, config=config, splits=splits)
+    return run
+
+
+# (config with a register cap, programs a multiprocessor holds: by registers and shared memory, sm_90)
+CAPPED = [((64, 64, 4, 2, 128), 4), ((64, 64, 4, 2, 128), 3), ((64, 64, 4, 3, 128), 3), ((64, 64, 4, 2, 168), 3),
+          ((64, 64, 4, 2, None), 2), ((128, 64, 4, 2, 168), 3)]
+
 VARIANTS = {
     "shipped (128 q x 64 k, 4 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(q, k, s, KeyLayout(), ft, lse),
     "0.2.0: each frame's tail inside the sweep kernel (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse:
@@ -219,6 +233,10 @@ VARIANTS = {
     "8 warps, 128 keys (128 x 128, 8 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(
         q, k, s, KeyLayout(), ft, lse, config=(128, 128, 8, 3)),
 }
+for _config, _resident in CAPPED:
+    VARIANTS[f"registers capped at {_config[4] or 'none'}, {_resident} programs a multiprocessor "
+             f"({_config[0]} x {_config[1]}, {_config[2]} warps, {_config[3]} stages)"] = \
+        capped_sweep(_config, _resident)
 if G.gluon is not None:
     VARIANTS["Gluon: async wgmma, two warpgroups (128 x 64, 8 warps, 3 stages)"] = \
         lambda q, k, s, ft, lse: G.gluon_sweep(q, k, s, ft, lse)
@@ -258,7 +276,10 @@ def check() -> int:
         lse = torch.logsumexp(s64, -1).float()
         q, k, lse = q.to(dev), k.to(dev), lse.to(dev)
         runs = [("pipelined", pipelined_sweep, cfg) for cfg in ((64, 64, 4, 2), (16, 32, 1, 1))]
-        for name, fn, cfg in runs + [("0.2.0 frame tails", inline_tail_sweep, (64, 64, 4, 2))]:
+        runs += [("0.2.0 frame tails", inline_tail_sweep, (64, 64, 4, 2))]
+        runs += [("registers capped", lambda q, k, s, ft, lse, cfg: K.sweep(q, k, s, KeyLayout(), ft, lse, config=cfg),
+                  cfg) for cfg, _ in CAPPED[:1]]
+        for name, fn, cfg in runs:
             recv, kmax, m, e = fn(q, k, scale, ft, lse, cfg)
             errs = [rel(recv.cpu(), received), rel(kmax.cpu(), key_max), rel(m.cpu(), mass), rel(e.cpu(), ent)]
             worst = max(worst, *errs)

@@ -523,6 +523,8 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 SWEEP_CONFIG = (128, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
+# a fifth entry, where given, caps the registers a thread (Triton's ``maxnreg``), so that more programs fit on a
+# multiprocessor
 # the frame-tail kernel: (tail slots a tile: the tails of as many frames as fit, at least one; warps; stages of the
 # query tiles' loads), tuned on an H100 (bench/README.md "Issue 36"): one frame a tile at 1.3B, two at 14B 720p
 TAIL_CONFIG = (32, 4, 3)
@@ -531,20 +533,26 @@ RESIDENT_PER_SM = 3  # sweep programs one multiprocessor holds at once (register
 WAVES = 8  # programs per multiprocessor the sweep launches at least, to fill the GPU
 
 
+def _register_cap(cap) -> dict:
+    """Launch options for a config's optional register cap (none under the interpreter, which has no registers)."""
+    return {"maxnreg": cap[0]} if cap and cap[0] and not _interpreting() else {}
+
+
 def _sweep_config(d: int):
     return SMALL_CONFIG if d > 128 or _interpreting() else SWEEP_CONFIG
 
 
-def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, device: torch.device) -> int:
+def sweep_splits(lq: int, frames: int, rows: int, frame_tokens: int, d: int, device: torch.device,
+                 resident: int = RESIDENT_PER_SM) -> int:
     """Query splits of the single sweep: enough programs to fill the GPU, and enough splits per key frame that the
-    key frames of the programs running at once fit in half the L2 cache (each program re-reads its frame's keys for
-    every query tile)."""
+    key frames of the programs running at once (``resident`` a multiprocessor) fit in half the L2 cache (each
+    program re-reads its frame's keys for every query tile)."""
     if _interpreting():
         sms, l2 = H100_SMS, H100_L2
     else:
         props = torch.cuda.get_device_properties(device)
         sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", H100_L2)
-    running = RESIDENT_PER_SM * sms  # an estimate of the programs resident at once
+    running = resident * sms  # an estimate of the programs resident at once
     fill = triton.cdiv(WAVES * sms, frames * rows)
     fit = triton.cdiv(running * frame_tokens * d * 2, l2 // 2)
     return max(1, min(triton.cdiv(lq, _sweep_config(d)[0]), max(fill, fit)))
@@ -594,13 +602,13 @@ def sweep(q, k, scale, layout, frame_tokens, lse, config=None, splits=None, key_
     what the plan's ``record_key_max`` off asks for."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
-    bm, bn, warps, stages = config or _sweep_config(d)
+    bm, bn, warps, stages, *cap = config or _sweep_config(d)
     ft, fk, splits, per, mass, px, recv, kmax, lse = sweep_buffers(q, k, frame_tokens, lse, bm, splits, key_max,
                                                                    layout.causal is not None)
     _sweep_kernel[(splits, fk, r * h)](q, k, lse, mass, px, recv, kmax, *_strides(q), *_strides(k), h, lq, lk,
                                        layout.q_offset, ft, fk, per, scale * LOG2E, CAUSAL=_CAUSAL[layout.causal],
                                        IEEE=_ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max),
-                                       num_warps=warps, num_stages=stages)
+                                       num_warps=warps, num_stages=stages, **_register_cap(cap))
     if layout.causal is None:
         sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
     return sweep_results(recv, kmax, mass, px, scale, key_max)
