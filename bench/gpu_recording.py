@@ -73,6 +73,26 @@ def install(pack, model, plan, to: dict):
     return rec, info
 
 
+def model_inputs(size: dict):
+    """The latent ``x`` and the umt5 context of a CFG batch of 2 at ``size`` (a ``SIZES`` entry), random bf16."""
+    t = (size["frames"] - 1) // 4 + 1
+    x = torch.randn(2, 16, t, size["height"] // 8, size["width"] // 8, device="cuda", dtype=torch.bfloat16)
+    return x, torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
+
+
+def sampling_steps(model, x, context, to: dict, sigmas):
+    """A callable that runs the model's next sampling step of ``sigmas`` each call (the recorder maps each step's
+    sigma to its index, so no sigma is run twice)."""
+    left = iter(sigmas)
+
+    def step():
+        s = next(left)
+        to["sigmas"] = torch.full((2,), s, device="cuda")
+        with torch.no_grad():
+            return model(x, torch.full((2,), s * 1000, device="cuda"), context, transformer_options=to)
+    return step
+
+
 def timed(fn, repeats: int, warmup: int):
     for _ in range(warmup):
         fn()
@@ -114,9 +134,7 @@ def main(argv=None) -> int:
     from .wan_capture_bench_util import save_step_seconds
     dim, heads = size["dim"], size["heads"]
     model = build_model(dim, size["ffn"], heads, size["blocks"])
-    t = (size["frames"] - 1) // 4 + 1
-    x = torch.randn(2, 16, t, size["height"] // 8, size["width"] // 8, device="cuda", dtype=torch.bfloat16)
-    context = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    x, context = model_inputs(size)
     grid = wc.Grid.from_latent(x.shape)
     steps = args.warmup + args.repeats
     sigmas = [1.0 - i / (steps + 1) for i in range(steps + 2)]
@@ -137,27 +155,15 @@ def main(argv=None) -> int:
     for name, (plan, lse_mode) in configs.items():
         os.environ["WAN_CAPTURE_LSE"] = lse_mode
         to = {"cond_or_uncond": [1, 0]}
-        rec = tracker = None
+        rec = None
         if plan is not None:
             rec, info = install(pack, model, plan, to)
             rec.begin_pass(sigmas, info)
-        counter = {"i": 0}
-
-        def step():
-            s = sigmas[counter["i"]]
-            counter["i"] += 1
-            to["sigmas"] = torch.full((2,), s, device="cuda")
-            with torch.no_grad():
-                return model(x, torch.full((2,), s * 1000, device="cuda"), context, transformer_options=to)
-
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        med, times = timed(step, args.repeats, args.warmup)
+        med, times = timed(sampling_steps(model, x, context, to, sigmas), args.repeats, args.warmup)
         peak = torch.cuda.max_memory_allocated()
-        counter["i"] = 0
-        with torch.no_grad():
-            to["sigmas"] = torch.full((2,), sigmas[0], device="cuda")
-            out = model(x, torch.full((2,), sigmas[0] * 1000, device="cuda"), context, transformer_options=to)
+        out = sampling_steps(model, x, context, to, sigmas[:1])()
         reference = out if reference is None else reference
         identical = bool(torch.equal(out, reference))
         recorded = None

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .gpu_recording import SIZES, build_model, install, load
+from .gpu_recording import SIZES, build_model, install, load, model_inputs, sampling_steps
 
 
 def kernel_times(step) -> dict:
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     pack = load(args.comfyui)
     wc = pack.wan_capture
     model = build_model(size["dim"], size["ffn"], size["heads"], size["blocks"])
-    t = (size["frames"] - 1) // 4 + 1
-    x = torch.randn(2, 16, t, size["height"] // 8, size["width"] // 8, device="cuda", dtype=torch.bfloat16)
-    context = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    x, context = model_inputs(size)
     sigmas = [1.0 - i / 5 for i in range(5)]
     out = {}
     for name, plan in (("plain", None), ("sink statistics", wc.RecordingPlan(
@@ -59,16 +57,7 @@ def main(argv=None) -> int:
         if plan is not None:
             rec, info = install(pack, model, plan, to)
             rec.begin_pass(sigmas, info)
-
-        counter = iter(sigmas)
-
-        def step():  # each call the next sampling step, as the recorder expects
-            s = next(counter)
-            to["sigmas"] = torch.full((2,), s, device="cuda")
-            with torch.no_grad():
-                model(x, torch.full((2,), s * 1000, device="cuda"), context, transformer_options=to)
-
-        out[name] = kernel_times(step)
+        out[name] = kernel_times(sampling_steps(model, x, context, to, sigmas))
         if rec is not None:
             rec.end_pass()
     plain, rec = out["plain"], out["sink statistics"]

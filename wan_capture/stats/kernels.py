@@ -522,9 +522,9 @@ def cross_probs(q, k, positions: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
-SWEEP_CONFIG = (128, 64, 4, 3)  # (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py
-# a fifth entry, where given, caps the registers a thread (Triton's ``maxnreg``), so that more programs fit on a
-# multiprocessor
+# (BLOCK_M queries, BLOCK_N keys, warps, stages); bench/tune_kernels.py. A config passed to sweep() may add a fifth
+# entry: a cap on the registers a thread (Triton's ``maxnreg``), so that more programs fit on a multiprocessor
+SWEEP_CONFIG = (128, 64, 4, 3)
 # the frame-tail kernel: (tail slots a tile: the tails of as many frames as fit, at least one; warps; stages of the
 # query tiles' loads), tuned on an H100 (bench/README.md "Issue 36"): one frame a tile at 1.3B, two at 14B 720p
 TAIL_CONFIG = (32, 4, 3)
