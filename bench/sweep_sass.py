@@ -28,13 +28,16 @@ from . import sweep_variants as V
 POINTERS_BF16 = ("Q", "K", "K_")
 INT_ARGS_DIVISIBLE = ("sq_r", "sq_h", "sq_l", "sk_r", "sk_h", "sk_l")  # strides of [B, L, H*128] views: multiples of 16
 CASES = [
-    ("shipped", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=128, BLOCK_N=64), 4, 3),
+    ("shipped", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 3),
+    ("shipped, per-key results through a layout conversion (QUAD off)", K._sweep_kernel,
+     dict(CAUSAL=0, BLOCK_M=128, BLOCK_N=64, QUAD=False), 4, 3),
     ("pipelined 128x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=128, BLOCK_N=64), 4, 3),
     ("pipelined 128x64, 2 stages", V._pipelined_kernel, dict(BLOCK_M=128, BLOCK_N=64), 4, 2),
     ("pipelined 64x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=64, BLOCK_N=64), 4, 3),
-    ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64), 8, 2),
+    ("key tiles by TMA (128x64, 3 stages)", V._tma_kernel, dict(BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 3),
+    ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64, QUAD=False), 8, 2),
 ] + [(f"shipped at {bm}x64, registers capped at {cap or 'none'}", K._sweep_kernel,
-       dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64), 4, stages, cap)
+       dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64, QUAD=True), 4, stages, cap)
       for bm, stages, cap in ((128, 2, 168), (64, 2, None), (64, 2, 128), (64, 3, 128), (64, 2, 168))] \
     + [(f"frame tails, {frames} frames of {slots} slots", K._frame_tail_kernel,
        dict(BLOCK_M=128, BLOCK_N=64, TAIL_N=slots, FRAMES=frames), 4, 3)
@@ -48,11 +51,16 @@ CASES = [
 def compile_sm90(fn, const: dict, warps: int, stages: int, maxnreg=None):
     names = fn.arg_names
     gluon = getattr(fn, "is_gluon", lambda: False)()
+    # a constexpr left out takes its default, as a launch would (not a runtime integer, which compiles both branches)
+    const = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const}
     const = dict(const, D=128) if gluon else dict(const, IEEE=False, D=128, KEY_MAX=True, sq_d=1, sk_d=1)
+    const = {k: v for k, v in const.items() if k in names}
     sig = {}
     for n in names:
         if n in const:
             sig[n] = "constexpr"
+        elif n == "K_desc":
+            sig[n] = f"tensordesc<bf16[{const['BLOCK_N']}, 128]>"
         elif n in POINTERS_BF16:
             sig[n] = "*bf16"
         elif n.isupper() and len(n) > 1:
@@ -111,7 +119,7 @@ def main() -> int:
         regs = re.search(r"REG:(\d+) STACK:(\d+)", res)
         n, ops, waited, exp_after = hot_loop(sass)
         mix = ", ".join(f"{k} {ops[k]}" for k in ("HGMMA", "MUFU", "FADD", "FFMA", "FMNMX", "LDGSTS", "LDL", "STL",
-                                                    "BAR", "REDG") if ops.get(k))
+                                                    "BAR", "STS", "LDS", "REDG", "STG") if ops.get(k))
         print(f"{name} ({warps} warps, {stages} stages): {regs.group(1)} registers, stack {regs.group(2)} B, shared "
               f"{c.metadata.shared} B; hot loop {n} instructions ({mix}); its HGMMA waited for at once: {waited}; "
               f"exponentials after the HGMMA issue: {exp_after}")

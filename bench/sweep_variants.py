@@ -7,8 +7,13 @@ the shipped kernel's output on the same inputs, with the roofline beside them.
 Variants (all exact: the same sums as the shipped sweep, only scheduled differently):
 
 * ``shipped``: ``kernels.sweep`` (128 queries x 64 keys, 4 warps, 3 stages; each key frame's tail, its keys past
-  the last whole tile, in a second kernel).
+  the last whole tile, in a second kernel; on sm_90 each key's per-tile results written by the first lane of the
+  quad that holds them in the MMA layout, ``QUAD``).
+* ``before``: the shipped kernel with each tile's per-key sums and maxima stored through Triton's ``tl.atomic_add`` /
+  ``tl.store``, which first convert them through shared memory to one owner thread per key (two barriers each).
 * ``0.2.0``: the same hot loop with each frame's tail inside the sweep kernel, one masked tile per query tile.
+* ``key tiles by TMA``: the shipped hot loop with the key tiles copied by the bulk-copy engine (a tensor descriptor),
+  waited for on mbarriers instead of ``cp.async`` groups.
 * ``pipelined``: the hot loop issues the next key tile's ``QK^T`` before the current tile's exponentials, so one
   program's tensor-core work can overlap its own softmax (FlashAttention-3's intra-warpgroup overlap), at the cost of
   a second score tile in registers.
@@ -174,6 +179,63 @@ def _inline_tail_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d
                           IEEE, BLOCK_M, BLOCK_N, KEY_MAX)
 
 
+@triton.jit
+def _tma_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
+                frame_tokens, Fk, q_per_split, c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                KEY_MAX: tl.constexpr, QUAD: tl.constexpr):
+    """The shipped hot loop with each key tile copied by the bulk-copy engine (a TMA descriptor over ComfyUI's
+    ``[B*L, H*D]`` keys), so the pipeline waits on mbarriers instead of ``cp.async`` groups and barriers; the
+    frame's partial query tile as the shipped kernel does it, the tails in the shipped tail kernel."""
+    split = tl.program_id(0)
+    fk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    r = pid_bh // H
+    h = pid_bh % H
+    k_lo = fk * frame_tokens
+    k_hi = tl.minimum(k_lo + frame_tokens, Lk)
+    n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, Lq)
+    q_full = q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
+    offs_d = tl.arange(0, D)
+    qbase = Q + r * sq_r + h * sq_h
+    RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
+    KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, n_full, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if KEY_MAX:
+                kmax = tl.load(KB + offs_n)
+            k = K_desc.load([r * Lk + start_n, h * D])
+            s = tl.dot(k, tl.trans(q))
+            if KEY_MAX:
+                smax = tl.max(s, 1)
+            x = s * c - lse2[None, :]
+            p = tl.exp2(x)
+            accp += p
+            accx += p * x
+            if QUAD:
+                K._quad_red_add(RB + offs_n, tl.sum(p, 1), offs_n < k_hi)
+                if KEY_MAX:
+                    K._quad_store(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi)
+            else:
+                tl.atomic_add(RB + offs_n, tl.sum(p, 1), sem="relaxed")
+                if KEY_MAX:
+                    tl.store(KB + offs_n, tl.maximum(kmax, smax))
+        out = (pid_bh * Fk + fk) * Lq + offs_m
+        tl.store(MASS + out, tl.sum(accp, 0))
+        tl.store(PX + out, tl.sum(accx, 0))
+        tl.debug_barrier()
+    K._masked_query_tiles(qbase, K_ + r * sk_r + h * sk_h, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, 0,
+                          LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, 0, False,
+                          BLOCK_M, BLOCK_N, KEY_MAX, QUAD)
+
+
 def inline_tail_sweep(q, k, scale, frame_tokens, lse, config=K.SWEEP_CONFIG, key_max=True):
     """:func:`kernels.sweep`'s results (bidirectional layouts only) as 0.2.0 computed them: each frame's tail inside
     the sweep kernel, not in a kernel of its own."""
@@ -201,6 +263,24 @@ def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
+def tma_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_max=True, quad=True):
+    """:func:`kernels.sweep`'s results (bidirectional, bf16/fp16 keys in ComfyUI's ``[B, L, H*D]`` layout) from
+    :func:`_tma_kernel`: the key tiles by TMA."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    if k.stride() != (lk * h * d, d, h * d, 1):
+        raise ValueError("tma_sweep needs keys in the [B, L, H*D] layout")
+    bm, bn, warps, stages = config
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, key_max=key_max)
+    desc = TensorDescriptor.from_tensor(torch.as_strided(k, (r * lk, h * d), (h * d, 1)), [bn, d])
+    _tma_kernel[(splits, fk, r * h)](q, k, desc, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk,
+                                     ft, fk, per, scale * K.LOG2E, BLOCK_M=bm, BLOCK_N=bn, D=d,
+                                     KEY_MAX=bool(key_max), QUAD=quad, num_warps=warps, num_stages=stages)
+    K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
+    return K.sweep_results(recv, kmax, mass, px, scale, key_max)
+
+
 def capped_sweep(config, resident: int):
     """:func:`kernels.sweep` at ``config`` (its fifth entry a register cap) with the query splits chosen for
     ``resident`` programs a multiprocessor (the L2 term of :func:`kernels.sweep_splits`)."""
@@ -217,8 +297,11 @@ CAPPED = [((64, 64, 4, 2, 128), 4), ((64, 64, 4, 2, 128), 3), ((64, 64, 4, 3, 12
 
 VARIANTS = {
     "shipped (128 q x 64 k, 4 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(q, k, s, KeyLayout(), ft, lse),
+    "before: each key's results converted through shared memory for tl.atomic_add/tl.store (128 x 64, 4 warps, "
+    "3 stages)": lambda q, k, s, ft, lse: K.sweep(q, k, s, KeyLayout(), ft, lse, quad=False),
     "0.2.0: each frame's tail inside the sweep kernel (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse:
         inline_tail_sweep(q, k, s, ft, lse),
+    "key tiles by TMA (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: tma_sweep(q, k, s, ft, lse),
     "pipelined (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse),
     "pipelined (128 x 64, 4 warps, 2 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse,
                                                                                        (128, 64, 4, 2)),
@@ -314,10 +397,46 @@ def check() -> int:
                 worst = max(worst, *errs) if same else float("inf")
                 print(f"Gluon{name} Lq {lq} frames of {ft}: relative errors "
                       f"{['%.1e' % x for x in errs]}; deterministic {same}")
+    if dev == "cuda":
+        worst = max(worst, check_quad())
     ok = worst < 2e-5
     print(("ok" if ok else "FAILED") + f" worst relative error {worst:.2e}")
     return 0 if ok else 1
 
+
+def check_quad() -> float:
+    """On CUDA: the shipped sweep (on sm_90 each key's results written from the MMA layout, ``QUAD``) bit-identical to
+    the same kernel writing them through Triton's conversion (``quad=False``), and both within 2e-5 of float64 for
+    the received sums and key maxima, at head_dim 128 in bf16 and fp16, bidirectional and causal (token, frame, and a
+    chunk of queries after a KV cache). Returns the worst relative error (inf where the two differ)."""
+    worst = 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        for lq, lk, ft, causal, off in ((1000, 1000, 300, None, 0), (1560, 1560, 1560, None, 0),
+                                        (700, 700, 100, "token", 0), (1024, 1024, 256, "frame", 0),
+                                        (640, 1920, 640, "frame", 1280)):
+            g = torch.Generator().manual_seed(lq + lk)
+            q = (torch.randn(2, 3, lq, 128, generator=g) * 1.5).to(dtype).cuda()
+            k = (torch.randn(2, 3, lk, 128, generator=g) * 1.5).to(dtype).cuda()
+            scale = 128 ** -0.5
+            s64 = q.double() @ k.double().transpose(-1, -2) * scale
+            qa = torch.arange(lq, device="cuda")[:, None] + off
+            ka = torch.arange(lk, device="cuda")[None, :]
+            if causal == "token":
+                s64 = s64.masked_fill(ka > qa, float("-inf"))
+            elif causal == "frame":
+                s64 = s64.masked_fill(ka // ft > qa // ft, float("-inf"))
+            lse = torch.logsumexp(s64, -1).float().reshape(6, lq)
+            layout = KeyLayout(causal=causal, q_offset=off, frame_tokens=ft)
+            got = K.sweep(q, k, scale, layout, ft, lse)
+            same = all(torch.equal(a, b) for a, b in zip(got, K.sweep(q, k, scale, layout, ft, lse, quad=False)))
+            km = s64.amax(2).reshape(6, lk)
+            seen = torch.isfinite(km)  # keys no query sees (causal) have no max
+            errs = [rel(got[0], torch.softmax(s64, -1).sum(2).reshape(6, lk)), rel(got[1][seen], km[seen])]
+            worst = max(worst, *errs) if same else float("inf")
+            print(f"shipped sweep {str(dtype)[6:]} Lq {lq} Lk {lk} frames of {ft} causal {causal}: relative errors "
+                  f"{['%.1e' % x for x in errs]}; identical to quad=False {same}; QUAD used "
+                  f"{K._quad_wanted(q, 4, 64) and not K._NOT_QUAD}")
+    return worst
 
 def model_tensors(size: str, n: int = 3):
     """``n`` random bf16 tensors (q, k, v) at a model shape of ``SIZES``, ``[1, H, L, 128]`` views of ComfyUI's
@@ -355,7 +474,7 @@ def roofline(tokens: int, heads: int, ref_ms: float, bm: int = 128) -> dict:
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     mm = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=300, return_mode="median")
     tflops = 2 * 8192 ** 3 / mm / 1e9
-    del a
+    a = None  # rebound, not del: the lambda above names it
     try:
         clock = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=30).stdout.split()[0]) * 1e6
@@ -432,7 +551,7 @@ def main(argv=None) -> int:
               flush=True)
         results[size] = {"tokens": tokens, "frame_tokens": ft, "heads": heads, "cudnn_ms": ref, "variants": rows,
                          "roofline": roof}
-        del q, k, lse, base
+        q = k = lse = base = None  # freed before the next size (rebound, not del: the lambdas name them)
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -52,3 +52,34 @@ def test_sweep_kernel_variants_on_cuda():
     out = subprocess.run([sys.executable, "-m", "bench.sweep_variants", "--check"], env=env, cwd=os.path.dirname(HERE),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok worst relative error" in out.stdout, out.stdout + out.stderr
+
+
+@needs_triton
+def test_sweep_kernel_quad_writes_compiled_for_sm90():
+    """The shipped sweep compiled for sm_90 here, no GPU needed (Triton's bundled ptxas): with ``QUAD`` its score
+    tiles have the layout the quad writes assume (MMA v3, the 4 warps along the keys), the first lane of each quad
+    adds each key's sum and stores its max (PTX), and its hot loop has fewer barriers than the conversion path's
+    (bench/README.md, issue 36). With 8 warps the warps also split the queries, so a key's row sits in two warps:
+    the layout check refuses that kernel, and ``sweep`` then runs it without ``QUAD``."""
+    import subprocess as sp
+    import tempfile
+
+    from bench import sweep_sass
+    from wan_capture.stats import kernels as K
+
+    def compiled(quad, warps=4, bm=128, stages=3):
+        c = sweep_sass.compile_sm90(K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64, QUAD=quad), warps, stages)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            sass = sp.run([sweep_sass._tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        return c, sweep_sass.hot_loop(sass)[1]
+
+    quad, quad_ops = compiled(True)
+    plain, plain_ops = compiled(False)
+    assert K._quad_layout(quad.asm["ttgir"]) and K._quad_layout(plain.asm["ttgir"])
+    assert "@go red.relaxed.gpu.global.add.f32" in quad.asm["ptx"] and "@go st.global.f32" in quad.asm["ptx"]
+    assert "@go" not in plain.asm["ptx"]
+    assert quad_ops["BAR"] < plain_ops["BAR"], (quad_ops, plain_ops)
+    wide, _ = compiled(True, warps=8, bm=256, stages=2)
+    assert "warpsPerCTA = [4, 2]" in wide.asm["ttgir"] and not K._quad_layout(wide.asm["ttgir"])
