@@ -83,3 +83,22 @@ def test_sweep_kernel_quad_writes_compiled_for_sm90():
     assert quad_ops["BAR"] < plain_ops["BAR"], (quad_ops, plain_ops)
     wide, _ = compiled(True, warps=8, bm=256, stages=2)
     assert "warpsPerCTA = [4, 2]" in wide.asm["ttgir"] and not K._quad_layout(wide.asm["ttgir"])
+
+
+@needs_triton
+def test_sweep_kernel_quad_refused_layout_reruns_on_cuda(monkeypatch):
+    """Where the compiled kernel's layout is not the one ``QUAD`` assumes, ``sweep`` discards what it wrote, runs the
+    kernel again without it (the same bits as ``quad=False``) and does not try ``QUAD`` for that kernel again."""
+    if not torch.cuda.is_available():
+        pytest.skip("SWEEP KERNEL GPU TEST SKIPPED: no CUDA device here (the QUAD fallback needs a launch)")
+    from wan_capture import KeyLayout
+    from wan_capture.stats import kernels as K
+    g = torch.Generator().manual_seed(5)
+    q, k = ((torch.randn(1, 2, 700, 128, generator=g) * 1.5).to(torch.bfloat16).cuda() for _ in range(2))
+    lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 128 ** -0.5, -1).float().reshape(2, 700)
+    want = K.sweep(q, k, 128 ** -0.5, KeyLayout(), 300, lse, quad=False)
+    monkeypatch.setattr(K, "_NOT_QUAD", set())
+    monkeypatch.setattr(K, "_quad_layout", lambda ttgir: False)
+    got = K.sweep(q, k, 128 ** -0.5, KeyLayout(), 300, lse)  # QUAD where wanted: sm_90, bf16, 4 warps
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert bool(K._NOT_QUAD) == K._quad_wanted(q, 4, 64)
