@@ -84,6 +84,14 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def sass_and_resources(compiled) -> tuple[str, str]:
+    """A compiled kernel's SASS and its resource usage (registers, stack), from Triton's bundled ``cuobjdump``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return tuple(subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout
+                     for flag in ("-sass", "-res-usage"))
+
 def hot_loop(sass: str):
     """The innermost loop with a matrix instruction (the smallest backward branch around an HGMMA): its length and
     instruction mix, and whether its HGMMA is waited for at once (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` right after)."""
@@ -111,11 +119,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
             print(f"{name}: does not compile ({type(e).__name__}: {str(e)[:200]})")
             continue
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(c.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-            res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass, res = sass_and_resources(c)
         regs = re.search(r"REG:(\d+) STACK:(\d+)", res)
         n, ops, waited, exp_after = hot_loop(sass)
         mix = ", ".join(f"{k} {ops[k]}" for k in ("HGMMA", "MUFU", "FADD", "FFMA", "FMNMX", "LDGSTS", "LDL", "STL",

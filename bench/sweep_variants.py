@@ -219,14 +219,9 @@ def _tma_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d
             p = tl.exp2(x)
             accp += p
             accx += p * x
-            if QUAD:
-                K._quad_red_add(RB + offs_n, tl.sum(p, 1), offs_n < k_hi)
-                if KEY_MAX:
-                    K._quad_store(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi)
-            else:
-                tl.atomic_add(RB + offs_n, tl.sum(p, 1), sem="relaxed")
-                if KEY_MAX:
-                    tl.store(KB + offs_n, tl.maximum(kmax, smax))
+            K._add_key_sums(RB + offs_n, tl.sum(p, 1), offs_n < k_hi, QUAD)
+            if KEY_MAX:
+                K._store_key_max(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi, QUAD)
         out = (pid_bh * Fk + fk) * Lq + offs_m
         tl.store(MASS + out, tl.sum(accp, 0))
         tl.store(PX + out, tl.sum(accx, 0))

@@ -61,19 +61,12 @@ def test_sweep_kernel_quad_writes_compiled_for_sm90():
     adds each key's sum and stores its max (PTX), and its hot loop has fewer barriers than the conversion path's
     (bench/README.md, issue 36). With 8 warps the warps also split the queries, so a key's row sits in two warps:
     the layout check refuses that kernel, and ``sweep`` then runs it without ``QUAD``."""
-    import subprocess as sp
-    import tempfile
-
     from bench import sweep_sass
     from wan_capture.stats import kernels as K
 
     def compiled(quad, warps=4, bm=128, stages=3):
         c = sweep_sass.compile_sm90(K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64, QUAD=quad), warps, stages)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(c.asm["cubin"])
-            f.flush()
-            sass = sp.run([sweep_sass._tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-        return c, sweep_sass.hot_loop(sass)[1]
+        return c, sweep_sass.hot_loop(sweep_sass.sass_and_resources(c)[0])[1]
 
     quad, quad_ops = compiled(True)
     plain, plain_ops = compiled(False)

@@ -256,18 +256,24 @@ _QUAD_STORE = tl.constexpr(_QUAD_FIRST_LANE + "st.global.f32 [$1], $2;\n mov.u32
 
 
 @triton.jit
-def _quad_red_add(ptrs, vals, mask):
-    """``tl.atomic_add(ptrs, vals, mask, sem="relaxed")`` from a quad-replicated layout: the first lane of each quad
-    adds (relaxed, GPU scope). Returns a dummy (inline assembly must return a value)."""
-    return tl.inline_asm_elementwise(_QUAD_RED_ADD, "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+def _add_key_sums(ptrs, vals, mask, QUAD: tl.constexpr):
+    """A tile's per-key sums added at ``ptrs`` (relaxed, GPU scope): with ``QUAD`` by the first lane of each quad
+    holding them (inline PTX; it must return a value, a dummy), else through ``tl.atomic_add``."""
+    if QUAD:
+        tl.inline_asm_elementwise(_QUAD_RED_ADD, "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
 
 
 @triton.jit
-def _quad_store(ptrs, vals, mask):
-    """``tl.store(ptrs, vals, mask)`` from a quad-replicated layout: the first lane of each quad stores."""
-    return tl.inline_asm_elementwise(_QUAD_STORE, "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+def _store_key_max(ptrs, vals, mask, QUAD: tl.constexpr):
+    """A tile's per-key maxima stored at ``ptrs``: with ``QUAD`` by the first lane of each quad, else ``tl.store``."""
+    if QUAD:
+        tl.inline_asm_elementwise(_QUAD_STORE, "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, vals, mask=mask)
 
 
 @triton.jit
@@ -308,14 +314,9 @@ def _sweep_tile(q, kbase, sk_l, sk_d, offs_d, start_n, k_hi, q_abs, qmask, lse2,
         x = tl.where(valid, x, 0.0)  # hidden keys: p = 0 and x = -inf
     accp += p
     accx += p * x
-    if QUAD:
-        _quad_red_add(RB + offs_n, tl.sum(p, 1), kmask)
-        if KEY_MAX:
-            _quad_store(KB + offs_n, tl.maximum(kmax, smax), kmask)
-    else:
-        tl.atomic_add(RB + offs_n, tl.sum(p, 1), mask=kmask, sem="relaxed")
-        if KEY_MAX:
-            tl.store(KB + offs_n, tl.maximum(kmax, smax), mask=kmask)
+    _add_key_sums(RB + offs_n, tl.sum(p, 1), kmask, QUAD)
+    if KEY_MAX:
+        _store_key_max(KB + offs_n, tl.maximum(kmax, smax), kmask, QUAD)
     return accp, accx
 
 
