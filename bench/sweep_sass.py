@@ -35,6 +35,13 @@ CASES = [
     ("pipelined 128x64, 2 stages", V._pipelined_kernel, dict(BLOCK_M=128, BLOCK_N=64), 4, 2),
     ("pipelined 64x64, 3 stages", V._pipelined_kernel, dict(BLOCK_M=64, BLOCK_N=64), 4, 3),
     ("key tiles by TMA (128x64, 3 stages)", V._tma_kernel, dict(BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 3),
+    ("folded per-query sums, 2 stages, registers capped at 168", V._folded_kernel,
+     dict(BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 2, 168),
+    ("folded per-query sums, 2 stages, registers capped at 160", V._folded_kernel,
+     dict(BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 2, 160),
+    ("folded per-query sums, key tiles by TMA, 2 stages, registers capped at 168", V._folded_kernel,
+     dict(BLOCK_M=128, BLOCK_N=64, QUAD=True, TMA=True), 4, 2, 168),
+    ("folded per-query sums, 3 stages, no cap", V._folded_kernel, dict(BLOCK_M=128, BLOCK_N=64, QUAD=True), 4, 3),
     ("shipped, 8 warps 256x64", K._sweep_kernel, dict(CAUSAL=0, BLOCK_M=256, BLOCK_N=64, QUAD=False), 8, 2),
 ] + [(f"shipped at {bm}x64, registers capped at {cap or 'none'}", K._sweep_kernel,
        dict(CAUSAL=0, BLOCK_M=bm, BLOCK_N=64, QUAD=True), 4, stages, cap)

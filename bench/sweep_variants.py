@@ -231,6 +231,78 @@ def _tma_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d
                           BLOCK_M, BLOCK_N, KEY_MAX, QUAD)
 
 
+@triton.jit
+def _rows_r_and_r8(t, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A ``[keys, queries]`` tile in the ``wgmma`` layout split into the keys a thread holds as ``r`` and as ``r + 8``
+    of its warp's 16: two ``[BLOCK_N // 16, 8, BLOCK_M]`` tiles, each in the same thread's registers."""
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_N // 16, 2, 8, BLOCK_M]), [0, 2, 3, 1]))
+
+
+@triton.jit
+def _folded_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq,
+                   Lk, frame_tokens, Fk, q_per_split, c, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr, QUAD: tl.constexpr,
+                   TMA: tl.constexpr = False):
+    """The shipped hot loop with each query's sums folded in the thread: of the ``[keys, queries]`` score tile a
+    thread of the ``wgmma`` layout holds keys ``r`` and ``r + 8`` of its warp's 16, so a ``[BLOCK_N // 16, 2, 8,
+    BLOCK_M]`` view summed over its second axis adds them without leaving the thread. The two per-query accumulators
+    take half the registers (32 each instead of 64), so with the registers capped at 168 three programs share a
+    multiprocessor (12 warps instead of 8). ``TMA``: the key tiles by a tensor descriptor (``K_desc``), which also
+    frees the registers of the copies' addresses. Partial query tiles as the shipped kernel does them, the frames'
+    tails in the shipped tail kernel."""
+    split = tl.program_id(0)
+    fk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    r = pid_bh // H
+    h = pid_bh % H
+    k_lo = fk * frame_tokens
+    k_hi = tl.minimum(k_lo + frame_tokens, Lk)
+    n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, Lq)
+    q_full = q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
+    offs_d = tl.arange(0, D)
+    kbase = K_ + r * sk_r + h * sk_h
+    qbase = Q + r * sq_r + h * sq_h
+    RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
+    KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
+    for start_m in range(q_lo, q_full, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
+        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
+        accp = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
+        accx = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
+        for start_n in range(k_lo, n_full, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if KEY_MAX:
+                kmax = tl.load(KB + offs_n)
+            if TMA:
+                k = K_desc.load([r * Lk + start_n, h * D])
+            else:
+                k = tl.load(kbase + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d)
+            s = K._dot(k, tl.trans(q), IEEE)
+            if KEY_MAX:
+                smax = tl.max(s, 1)
+            x = s * c - lse2[None, :]
+            p = tl.exp2(x)
+            p0, p1 = _rows_r_and_r8(p, BLOCK_N, BLOCK_M)
+            x0, x1 = _rows_r_and_r8(x, BLOCK_N, BLOCK_M)
+            accp += p0
+            accp += p1
+            accx += p0 * x0  # two fused multiply-adds, not a product summed first and then added
+            accx += p1 * x1
+            K._add_key_sums(RB + offs_n, tl.sum(p, 1), offs_n < k_hi, QUAD)
+            if KEY_MAX:
+                K._store_key_max(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi, QUAD)
+        out = (pid_bh * Fk + fk) * Lq + offs_m
+        tl.store(MASS + out, tl.sum(tl.sum(accp, 0), 0))
+        tl.store(PX + out, tl.sum(tl.sum(accx, 0), 0))
+        tl.debug_barrier()
+    K._masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, 0,
+                          LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, 0, IEEE,
+                          BLOCK_M, BLOCK_N, KEY_MAX, QUAD)
+
+
 def inline_tail_sweep(q, k, scale, frame_tokens, lse, config=K.SWEEP_CONFIG, key_max=True):
     """:func:`kernels.sweep`'s results (bidirectional layouts only) as 0.2.0 computed them: each frame's tail inside
     the sweep kernel, not in a kernel of its own."""
@@ -276,6 +348,34 @@ def tma_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_max=Tr
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
+def folded_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 2, 168), resident=3, key_max=True, quad=None,
+                 tma=False):
+    """:func:`kernels.sweep`'s results (bidirectional layouts only) from :func:`_folded_kernel` at ``config`` (its
+    fifth entry a register cap), the query splits chosen for ``resident`` programs a multiprocessor; ``tma``: the
+    key tiles by a tensor descriptor (keys in ComfyUI's ``[B, L, H*D]`` layout)."""
+    r, h, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn, warps, stages, cap = config
+    desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        if k.stride() != (lk * h * d, d, h * d, 1):
+            raise ValueError("folded_sweep(tma=True) needs keys in the [B, L, H*D] layout")
+        desc = TensorDescriptor.from_tensor(torch.as_strided(k, (r * lk, h * d), (h * d, 1)), [bn, d])
+    splits = K.sweep_splits(lq, -(-lk // frame_tokens), r * h, frame_tokens, d, q.device, resident)
+    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, splits, key_max)
+    if quad is None:
+        quad = K._quad_wanted(q, warps, bn)
+    compiled = _folded_kernel[(splits, fk, r * h)](
+        q, k, desc, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk, ft, fk, per, scale * K.LOG2E,
+        IEEE=K._ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max), QUAD=bool(quad), TMA=tma,
+        num_warps=warps, num_stages=stages, **K._register_cap((cap,)))
+    if quad and not K._quad_layout(compiled.asm.get("ttgir", "")):
+        raise RuntimeError("folded_sweep: the compiled kernel's MMA layout is not the one QUAD writes from")
+    K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
+    return K.sweep_results(recv, kmax, mass, px, scale, key_max)
+
+
 def capped_sweep(config, resident: int):
     """:func:`kernels.sweep` at ``config`` (its fifth entry a register cap) with the query splits chosen for
     ``resident`` programs a multiprocessor (the L2 term of :func:`kernels.sweep_splits`)."""
@@ -311,6 +411,16 @@ VARIANTS = {
     "8 warps, 128 keys (128 x 128, 8 warps, 3 stages)": lambda q, k, s, ft, lse: K.sweep(
         q, k, s, KeyLayout(), ft, lse, config=(128, 128, 8, 3)),
 }
+VARIANTS["folded per-query sums, registers capped at 168, 3 programs a multiprocessor (128 x 64, 4 warps, 2 stages)"] \
+    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse)
+VARIANTS["folded per-query sums, registers capped at 160, 3 programs a multiprocessor (128 x 64, 4 warps, 2 stages)"] \
+    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 2, 160))
+VARIANTS["folded per-query sums, key tiles by TMA, registers capped at 168, 3 programs a multiprocessor (128 x 64, 4 "
+         "warps, 2 stages)"] = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, tma=True)
+VARIANTS["folded per-query sums, key tiles by TMA, no cap, 2 programs a multiprocessor (128 x 64, 4 warps, 3 stages)"] \
+    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2, tma=True)
+VARIANTS["folded per-query sums, no cap, 2 programs a multiprocessor (128 x 64, 4 warps, 3 stages)"] = \
+    lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2)
 for _config, _resident in CAPPED:
     VARIANTS[f"registers capped at {_config[4] or 'none'}, {_resident} programs a multiprocessor "
              f"({_config[0]} x {_config[1]}, {_config[2]} warps, {_config[3]} stages)"] = \
@@ -357,6 +467,8 @@ def check() -> int:
         runs += [("0.2.0 frame tails", inline_tail_sweep, (64, 64, 4, 2))]
         runs += [("registers capped", lambda q, k, s, ft, lse, cfg: K.sweep(q, k, s, KeyLayout(), ft, lse, config=cfg),
                   cfg) for cfg, _ in CAPPED[:1]]
+        runs += [("folded per-query sums", lambda q, k, s, ft, lse, cfg: folded_sweep(q, k, s, ft, lse, cfg), cfg)
+                 for cfg in ((64, 64, 4, 2, None), (32, 32, 4, 2, None))]
         for name, fn, cfg in runs:
             recv, kmax, m, e = fn(q, k, scale, ft, lse, cfg)
             errs = [rel(recv.cpu(), received), rel(kmax.cpu(), key_max), rel(m.cpu(), mass), rel(e.cpu(), ent)]
@@ -393,10 +505,38 @@ def check() -> int:
                 print(f"Gluon{name} Lq {lq} frames of {ft}: relative errors "
                       f"{['%.1e' % x for x in errs]}; deterministic {same}")
     if dev == "cuda":
-        worst = max(worst, check_quad())
+        worst = max(worst, check_quad(), check_folded())
     ok = worst < 2e-5
     print(("ok" if ok else "FAILED") + f" worst relative error {worst:.2e}")
     return 0 if ok else 1
+
+
+def check_folded() -> float:
+    """On CUDA: :func:`folded_sweep` at the timed config (bf16, head_dim 128, registers capped, 3 programs a
+    multiprocessor; key tiles by pointers and by TMA) against float64, frames of 300 and 1,560 keys (partial key and
+    query tiles), and run twice."""
+    worst = 0.0
+    for lq, ft, seed in ((1000, 300, 5), (1560, 1560, 6)):
+        g = torch.Generator().manual_seed(seed)
+        q = (torch.randn(2, lq, 3, 128, generator=g) * 1.5).to(torch.bfloat16)
+        k = (torch.randn(2, lq, 3, 128, generator=g) * 1.5).to(torch.bfloat16)
+        q, k = q.cuda().transpose(1, 2), k.cuda().transpose(1, 2)  # ComfyUI's strided [B, H, L, D] views
+        scale = 128 ** -0.5
+        s64 = q.double() @ k.double().transpose(-1, -2) * scale
+        p64 = torch.softmax(s64, -1)
+        fk = -(-lq // ft)
+        want = [p64.sum(2).reshape(6, lq), s64.amax(2).reshape(6, lq),
+                torch.stack([p64[..., f * ft:(f + 1) * ft].sum(-1) for f in range(fk)], 2).reshape(6, fk, lq),
+                -(p64 * torch.log(p64)).sum(-1).reshape(6, lq)]
+        lse = torch.logsumexp(s64, -1).float()
+        for tma in (False, True):
+            got, again = folded_sweep(q, k, scale, ft, lse, tma=tma), folded_sweep(q, k, scale, ft, lse, tma=tma)
+            errs = [rel(a, b) for a, b in zip(got, want)]
+            same = all(torch.equal(a, b) for a, b in zip(got, again))
+            worst = max(worst, *errs) if same else float("inf")
+            print(f"folded per-query sums{', key tiles by TMA' if tma else ''}, bf16 Lq {lq} frames of {ft}: "
+                  f"relative errors {['%.1e' % x for x in errs]}; deterministic {same}")
+    return worst
 
 
 def check_quad() -> float:
