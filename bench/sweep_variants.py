@@ -14,6 +14,9 @@ Variants (all exact: the same sums as the shipped sweep, only scheduled differen
 * ``0.2.0``: the same hot loop with each frame's tail inside the sweep kernel, one masked tile per query tile.
 * ``key tiles by TMA``: the shipped hot loop with the key tiles copied by the bulk-copy engine (a tensor descriptor),
   waited for on mbarriers instead of ``cp.async`` groups.
+* ``folded per-query sums``: the shipped hot loop with each query's sums over keys ``r`` and ``r + 8`` added in the
+  thread that holds both in the ``wgmma`` layout (half the accumulator registers), registers capped so that three
+  programs share a multiprocessor; by pointers or with the key tiles by TMA.
 * ``pipelined``: the hot loop issues the next key tile's ``QK^T`` before the current tile's exponentials, so one
   program's tensor-core work can overlap its own softmax (FlashAttention-3's intra-warpgroup overlap), at the cost of
   a second score tile in registers.

@@ -95,3 +95,33 @@ def test_sweep_kernel_quad_refused_layout_reruns_on_cuda(monkeypatch):
     got = K.sweep(q, k, 128 ** -0.5, KeyLayout(), 300, lse)  # QUAD where wanted: sm_90, bf16, 4 warps
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert bool(K._NOT_QUAD) == K._quad_wanted(q, 4, 64)
+
+
+@needs_triton
+def test_sweep_kernel_folded_accumulators_compiled_for_sm90():
+    """The folded sweep variant (bench/sweep_variants.py ``_folded_kernel``, issue 36) compiled for sm_90 here: each
+    query's sums over keys ``r`` and ``r + 8`` are added in the thread that holds both in the ``wgmma`` layout, so the
+    fold adds no shared-memory traffic to the hot loop, and at the register cap that lets three programs share a
+    multiprocessor (168) it spills far less than the unfolded kernel at the same cap; three programs' shared memory
+    fits an sm_90 multiprocessor (227 KiB)."""
+    import re
+
+    from bench import sweep_sass
+    from bench import sweep_variants as V
+    from wan_capture.stats import kernels as K
+
+    def compiled(fn, const, stages, cap):
+        c = sweep_sass.compile_sm90(fn, dict(BLOCK_M=128, BLOCK_N=64, QUAD=True, **const), 4, stages, cap)
+        sass, res = sweep_sass.sass_and_resources(c)
+        return c, int(re.search(r"REG:(\d+)", res).group(1)), sweep_sass.hot_loop(sass)[1]
+
+    _, regs_shipped, shipped = compiled(K._sweep_kernel, dict(CAUSAL=0), 3, None)
+    c, regs, folded = compiled(V._folded_kernel, {}, 2, 168)
+    _, _, unfolded = compiled(K._sweep_kernel, dict(CAUSAL=0), 2, 168)
+    assert K._quad_layout(c.asm["ttgir"])
+    for op in ("STS", "LDS"):
+        assert folded.get(op, 0) == shipped.get(op, 0), (folded, shipped)
+    assert regs <= 168 < regs_shipped
+    assert 3 * c.metadata.shared <= 227 * 1024
+    assert folded.get("LDL", 0) * 3 / 2 < unfolded.get("LDL", 0), (folded, unfolded)
+    assert folded["MUFU"] == shipped["MUFU"] and folded["HGMMA"] == shipped["HGMMA"]
