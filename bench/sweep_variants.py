@@ -248,7 +248,8 @@ def _folded_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, s
                    TMA: tl.constexpr = False):
     """The shipped hot loop with each query's sums folded in the thread: of the ``[keys, queries]`` score tile a
     thread of the ``wgmma`` layout holds keys ``r`` and ``r + 8`` of its warp's 16, so a ``[BLOCK_N // 16, 2, 8,
-    BLOCK_M]`` view summed over its second axis adds them without leaving the thread. The two per-query accumulators
+    BLOCK_M]`` view split along its second axis (:func:`_rows_r_and_r8`) gives both halves without leaving the
+    thread, and each is added to the accumulators with its own (fused multiply-)add. The two per-query accumulators
     take half the registers (32 each instead of 64), so with the registers capped at 168 three programs share a
     multiprocessor (12 warps instead of 8). ``TMA``: the key tiles by a tensor descriptor (``K_desc``), which also
     frees the registers of the copies' addresses. Partial query tiles as the shipped kernel does them, the frames'
