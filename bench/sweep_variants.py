@@ -183,58 +183,6 @@ def _inline_tail_kernel(Q, K_, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d
 
 
 @triton.jit
-def _tma_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq, Lk,
-                frame_tokens, Fk, q_per_split, c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                KEY_MAX: tl.constexpr, QUAD: tl.constexpr):
-    """The shipped hot loop with each key tile copied by the bulk-copy engine (a TMA descriptor over ComfyUI's
-    ``[B*L, H*D]`` keys), so the pipeline waits on mbarriers instead of ``cp.async`` groups and barriers; the
-    frame's partial query tile as the shipped kernel does it, the tails in the shipped tail kernel."""
-    split = tl.program_id(0)
-    fk = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    r = pid_bh // H
-    h = pid_bh % H
-    k_lo = fk * frame_tokens
-    k_hi = tl.minimum(k_lo + frame_tokens, Lk)
-    n_full = k_lo + ((k_hi - k_lo) // BLOCK_N) * BLOCK_N
-    q_lo = split * q_per_split
-    q_hi = tl.minimum(q_lo + q_per_split, Lq)
-    q_full = q_lo + ((q_hi - q_lo) // BLOCK_M) * BLOCK_M
-    offs_d = tl.arange(0, D)
-    qbase = Q + r * sq_r + h * sq_h
-    RB = RECV + (split * tl.num_programs(2) + pid_bh) * Lk
-    KB = KMAX + (split * tl.num_programs(2) + pid_bh) * Lk
-    for start_m in range(q_lo, q_full, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
-        lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
-        accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for start_n in range(k_lo, n_full, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            if KEY_MAX:
-                kmax = tl.load(KB + offs_n)
-            k = K_desc.load([r * Lk + start_n, h * D])
-            s = tl.dot(k, tl.trans(q))
-            if KEY_MAX:
-                smax = tl.max(s, 1)
-            x = s * c - lse2[None, :]
-            p = tl.exp2(x)
-            accp += p
-            accx += p * x
-            K._add_key_sums(RB + offs_n, tl.sum(p, 1), offs_n < k_hi, QUAD)
-            if KEY_MAX:
-                K._store_key_max(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi, QUAD)
-        out = (pid_bh * Fk + fk) * Lq + offs_m
-        tl.store(MASS + out, tl.sum(accp, 0))
-        tl.store(PX + out, tl.sum(accx, 0))
-        tl.debug_barrier()
-    K._masked_query_tiles(qbase, K_ + r * sk_r + h * sk_h, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, 0,
-                          LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, 0, False,
-                          BLOCK_M, BLOCK_N, KEY_MAX, QUAD)
-
-
-@triton.jit
 def _rows_r_and_r8(t, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """A ``[keys, queries]`` tile in the ``wgmma`` layout split into the keys a thread holds as ``r`` and as ``r + 8``
     of its warp's 16: two ``[BLOCK_N // 16, 8, BLOCK_M]`` tiles, each in the same thread's registers."""
@@ -242,18 +190,23 @@ def _rows_r_and_r8(t, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _folded_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H, Lq,
-                   Lk, frame_tokens, Fk, q_per_split, c, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr, QUAD: tl.constexpr,
-                   TMA: tl.constexpr = False):
-    """The shipped hot loop with each query's sums folded in the thread: of the ``[keys, queries]`` score tile a
-    thread of the ``wgmma`` layout holds keys ``r`` and ``r + 8`` of its warp's 16, so a ``[BLOCK_N // 16, 2, 8,
-    BLOCK_M]`` view split along its second axis (:func:`_rows_r_and_r8`) gives both halves without leaving the
-    thread, and each is added to the accumulators with its own (fused multiply-)add. The two per-query accumulators
-    take half the registers (32 each instead of 64), so with the registers capped at 168 three programs share a
-    multiprocessor (12 warps instead of 8). ``TMA``: the key tiles by a tensor descriptor (``K_desc``), which also
-    frees the registers of the copies' addresses. Partial query tiles as the shipped kernel does them, the frames'
-    tails in the shipped tail kernel."""
+def _hot_loop_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, sq_d, sk_r, sk_h, sk_l, sk_d, H,
+                     Lq, Lk, frame_tokens, Fk, q_per_split, c, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr, KEY_MAX: tl.constexpr, QUAD: tl.constexpr,
+                     FOLD: tl.constexpr, TMA: tl.constexpr):
+    """The shipped hot loop (bidirectional) with two changes, each on or off.
+
+    ``FOLD``: each query's sums folded in the thread. Of the ``[keys, queries]`` score tile a thread of the ``wgmma``
+    layout holds keys ``r`` and ``r + 8`` of its warp's 16, so a ``[BLOCK_N // 16, 2, 8, BLOCK_M]`` view split along
+    its second axis (:func:`_rows_r_and_r8`) gives both halves without leaving the thread, and each is added to the
+    accumulators with its own (fused multiply-)add. The two per-query accumulators take half the registers (32 each
+    instead of 64), so with the registers capped at 168 three programs share a multiprocessor (12 warps instead of 8).
+
+    ``TMA``: each key tile copied by the bulk-copy engine (a tensor descriptor ``K_desc`` over ComfyUI's ``[B*L,
+    H*D]`` keys), so the pipeline waits on mbarriers instead of ``cp.async`` groups and barriers, and the copies'
+    addresses take no registers.
+
+    Partial query tiles as the shipped kernel does them, the frames' tails in the shipped tail kernel."""
     split = tl.program_id(0)
     fk = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -274,8 +227,12 @@ def _folded_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, s
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(qbase + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d)
         lse2 = tl.load(LSE + pid_bh * Lq + offs_m) * 1.4426950408889634
-        accp = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
-        accx = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
+        if FOLD:
+            accp = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
+            accx = tl.zeros([BLOCK_N // 16, 8, BLOCK_M], tl.float32)
+        else:
+            accp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            accx = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for start_n in range(k_lo, n_full, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             if KEY_MAX:
@@ -289,18 +246,26 @@ def _folded_kernel(Q, K_, K_desc, LSE, MASS, PX, RECV, KMAX, sq_r, sq_h, sq_l, s
                 smax = tl.max(s, 1)
             x = s * c - lse2[None, :]
             p = tl.exp2(x)
-            p0, p1 = _rows_r_and_r8(p, BLOCK_N, BLOCK_M)
-            x0, x1 = _rows_r_and_r8(x, BLOCK_N, BLOCK_M)
-            accp += p0
-            accp += p1
-            accx += p0 * x0  # two fused multiply-adds, not a product summed first and then added
-            accx += p1 * x1
+            if FOLD:
+                p0, p1 = _rows_r_and_r8(p, BLOCK_N, BLOCK_M)
+                x0, x1 = _rows_r_and_r8(x, BLOCK_N, BLOCK_M)
+                accp += p0
+                accp += p1
+                accx += p0 * x0  # two fused multiply-adds, not a product summed first and then added
+                accx += p1 * x1
+            else:
+                accp += p
+                accx += p * x
             K._add_key_sums(RB + offs_n, tl.sum(p, 1), offs_n < k_hi, QUAD)
             if KEY_MAX:
                 K._store_key_max(KB + offs_n, tl.maximum(kmax, smax), offs_n < k_hi, QUAD)
         out = (pid_bh * Fk + fk) * Lq + offs_m
-        tl.store(MASS + out, tl.sum(tl.sum(accp, 0), 0))
-        tl.store(PX + out, tl.sum(tl.sum(accx, 0), 0))
+        if FOLD:
+            tl.store(MASS + out, tl.sum(tl.sum(accp, 0), 0))
+            tl.store(PX + out, tl.sum(tl.sum(accx, 0), 0))
+        else:
+            tl.store(MASS + out, tl.sum(accp, 0))
+            tl.store(PX + out, tl.sum(accx, 0))
         tl.debug_barrier()
     K._masked_query_tiles(qbase, kbase, sq_l, sq_d, sk_l, sk_d, offs_d, q_full, q_hi, k_lo, k_hi, 0,
                           LSE + pid_bh * Lq, MASS, PX, (pid_bh * Fk + fk) * Lq, RB, KB, frame_tokens, c, 0, IEEE,
@@ -334,29 +299,12 @@ def pipelined_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
 
-def tma_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 3), key_max=True, quad=True):
-    """:func:`kernels.sweep`'s results (bidirectional, bf16/fp16 keys in ComfyUI's ``[B, L, H*D]`` layout) from
-    :func:`_tma_kernel`: the key tiles by TMA."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    r, h, lq, d = q.shape
-    lk = k.shape[2]
-    if k.stride() != (lk * h * d, d, h * d, 1):
-        raise ValueError("tma_sweep needs keys in the [B, L, H*D] layout")
-    bm, bn, warps, stages = config
-    ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, key_max=key_max)
-    desc = TensorDescriptor.from_tensor(torch.as_strided(k, (r * lk, h * d), (h * d, 1)), [bn, d])
-    _tma_kernel[(splits, fk, r * h)](q, k, desc, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk,
-                                     ft, fk, per, scale * K.LOG2E, BLOCK_M=bm, BLOCK_N=bn, D=d,
-                                     KEY_MAX=bool(key_max), QUAD=quad, num_warps=warps, num_stages=stages)
-    K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
-    return K.sweep_results(recv, kmax, mass, px, scale, key_max)
-
-
-def folded_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 2, 168), resident=3, key_max=True, quad=None,
-                 tma=False):
-    """:func:`kernels.sweep`'s results (bidirectional layouts only) from :func:`_folded_kernel` at ``config`` (its
-    fifth entry a register cap), the query splits chosen for ``resident`` programs a multiprocessor; ``tma``: the
-    key tiles by a tensor descriptor (keys in ComfyUI's ``[B, L, H*D]`` layout)."""
+def hot_loop_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 2, 168), resident=3, key_max=True, quad=None,
+                   fold=True, tma=False):
+    """:func:`kernels.sweep`'s results (bidirectional layouts only) from :func:`_hot_loop_kernel` at ``config`` (its
+    fifth entry a register cap), the query splits chosen for ``resident`` programs a multiprocessor; ``fold``: each
+    query's sums folded in the thread; ``tma``: the key tiles by a tensor descriptor (keys in ComfyUI's ``[B, L,
+    H*D]`` layout)."""
     r, h, lq, d = q.shape
     lk = k.shape[2]
     bm, bn, warps, stages, cap = config
@@ -364,18 +312,18 @@ def folded_sweep(q, k, scale, frame_tokens, lse, config=(128, 64, 4, 2, 168), re
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         if k.stride() != (lk * h * d, d, h * d, 1):
-            raise ValueError("folded_sweep(tma=True) needs keys in the [B, L, H*D] layout")
+            raise ValueError("hot_loop_sweep(tma=True) needs keys in the [B, L, H*D] layout")
         desc = TensorDescriptor.from_tensor(torch.as_strided(k, (r * lk, h * d), (h * d, 1)), [bn, d])
     splits = K.sweep_splits(lq, -(-lk // frame_tokens), r * h, frame_tokens, d, q.device, resident)
     ft, fk, splits, per, mass, px, recv, kmax, lse = K.sweep_buffers(q, k, frame_tokens, lse, bm, splits, key_max)
     if quad is None:
         quad = K._quad_wanted(q, warps, bn)
-    compiled = _folded_kernel[(splits, fk, r * h)](
+    compiled = _hot_loop_kernel[(splits, fk, r * h)](
         q, k, desc, lse, mass, px, recv, kmax, *K._strides(q), *K._strides(k), h, lq, lk, ft, fk, per, scale * K.LOG2E,
-        IEEE=K._ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max), QUAD=bool(quad), TMA=tma,
+        IEEE=K._ieee(q), BLOCK_M=bm, BLOCK_N=bn, D=d, KEY_MAX=bool(key_max), QUAD=bool(quad), FOLD=fold, TMA=tma,
         num_warps=warps, num_stages=stages, **K._register_cap((cap,)))
     if quad and not K._quad_layout(compiled.asm.get("ttgir", "")):
-        raise RuntimeError("folded_sweep: the compiled kernel's MMA layout is not the one QUAD writes from")
+        raise RuntimeError("hot_loop_sweep: the compiled kernel's MMA layout is not the one QUAD writes from")
     K.sweep_frame_tails(q, k, ft, fk, splits, per, lse, mass, px, recv, kmax, scale, bm, bn, key_max)
     return K.sweep_results(recv, kmax, mass, px, scale, key_max)
 
@@ -400,7 +348,8 @@ VARIANTS = {
     "3 stages)": lambda q, k, s, ft, lse: K.sweep(q, k, s, KeyLayout(), ft, lse, quad=False),
     "0.2.0: each frame's tail inside the sweep kernel (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse:
         inline_tail_sweep(q, k, s, ft, lse),
-    "key tiles by TMA (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: tma_sweep(q, k, s, ft, lse),
+    "key tiles by TMA (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: hot_loop_sweep(
+        q, k, s, ft, lse, (128, 64, 4, 3, None), fold=False, tma=True),
     "pipelined (128 x 64, 4 warps, 3 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse),
     "pipelined (128 x 64, 4 warps, 2 stages)": lambda q, k, s, ft, lse: pipelined_sweep(q, k, s, ft, lse,
                                                                                        (128, 64, 4, 2)),
@@ -416,15 +365,15 @@ VARIANTS = {
         q, k, s, KeyLayout(), ft, lse, config=(128, 128, 8, 3)),
 }
 VARIANTS["folded per-query sums, registers capped at 168, 3 programs a multiprocessor (128 x 64, 4 warps, 2 stages)"] \
-    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse)
+    = lambda q, k, s, ft, lse: hot_loop_sweep(q, k, s, ft, lse)
 VARIANTS["folded per-query sums, registers capped at 160, 3 programs a multiprocessor (128 x 64, 4 warps, 2 stages)"] \
-    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 2, 160))
+    = lambda q, k, s, ft, lse: hot_loop_sweep(q, k, s, ft, lse, (128, 64, 4, 2, 160))
 VARIANTS["folded per-query sums, key tiles by TMA, registers capped at 168, 3 programs a multiprocessor (128 x 64, 4 "
-         "warps, 2 stages)"] = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, tma=True)
+         "warps, 2 stages)"] = lambda q, k, s, ft, lse: hot_loop_sweep(q, k, s, ft, lse, tma=True)
 VARIANTS["folded per-query sums, key tiles by TMA, no cap, 2 programs a multiprocessor (128 x 64, 4 warps, 3 stages)"] \
-    = lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2, tma=True)
+    = lambda q, k, s, ft, lse: hot_loop_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2, tma=True)
 VARIANTS["folded per-query sums, no cap, 2 programs a multiprocessor (128 x 64, 4 warps, 3 stages)"] = \
-    lambda q, k, s, ft, lse: folded_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2)
+    lambda q, k, s, ft, lse: hot_loop_sweep(q, k, s, ft, lse, (128, 64, 4, 3, None), resident=2)
 for _config, _resident in CAPPED:
     VARIANTS[f"registers capped at {_config[4] or 'none'}, {_resident} programs a multiprocessor "
              f"({_config[0]} x {_config[1]}, {_config[2]} warps, {_config[3]} stages)"] = \
@@ -471,7 +420,7 @@ def check() -> int:
         runs += [("0.2.0 frame tails", inline_tail_sweep, (64, 64, 4, 2))]
         runs += [("registers capped", lambda q, k, s, ft, lse, cfg: K.sweep(q, k, s, KeyLayout(), ft, lse, config=cfg),
                   cfg) for cfg, _ in CAPPED[:1]]
-        runs += [("folded per-query sums", lambda q, k, s, ft, lse, cfg: folded_sweep(q, k, s, ft, lse, cfg), cfg)
+        runs += [("folded per-query sums", lambda q, k, s, ft, lse, cfg: hot_loop_sweep(q, k, s, ft, lse, cfg), cfg)
                  for cfg in ((64, 64, 4, 2, None), (32, 32, 4, 2, None))]
         for name, fn, cfg in runs:
             recv, kmax, m, e = fn(q, k, scale, ft, lse, cfg)
@@ -516,9 +465,9 @@ def check() -> int:
 
 
 def check_folded() -> float:
-    """On CUDA: :func:`folded_sweep` at the timed config (bf16, head_dim 128, registers capped, 3 programs a
-    multiprocessor; key tiles by pointers and by TMA) against float64, frames of 300 and 1,560 keys (partial key and
-    query tiles), and run twice."""
+    """On CUDA: :func:`hot_loop_sweep` with each query's sums folded, at the timed config (bf16, head_dim 128,
+    registers capped, 3 programs a multiprocessor; key tiles by pointers and by TMA) against float64, frames of 300
+    and 1,560 keys (partial key and query tiles), and run twice."""
     worst = 0.0
     for lq, ft, seed in ((1000, 300, 5), (1560, 1560, 6)):
         g = torch.Generator().manual_seed(seed)
@@ -534,7 +483,7 @@ def check_folded() -> float:
                 -(p64 * torch.log(p64)).sum(-1).reshape(6, lq)]
         lse = torch.logsumexp(s64, -1).float()
         for tma in (False, True):
-            got, again = folded_sweep(q, k, scale, ft, lse, tma=tma), folded_sweep(q, k, scale, ft, lse, tma=tma)
+            got, again = hot_loop_sweep(q, k, scale, ft, lse, tma=tma), hot_loop_sweep(q, k, scale, ft, lse, tma=tma)
             errs = [rel(a, b) for a, b in zip(got, want)]
             same = all(torch.equal(a, b) for a, b in zip(got, again))
             worst = max(worst, *errs) if same else float("inf")

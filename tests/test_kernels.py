@@ -99,11 +99,11 @@ def test_sweep_kernel_quad_refused_layout_reruns_on_cuda(monkeypatch):
 
 @needs_triton
 def test_sweep_kernel_folded_accumulators_compiled_for_sm90():
-    """The folded sweep variant (bench/sweep_variants.py ``_folded_kernel``, issue 36) compiled for sm_90 here: each
-    query's sums over keys ``r`` and ``r + 8`` are added in the thread that holds both in the ``wgmma`` layout, so the
-    fold adds no shared-memory traffic to the hot loop, and at the register cap that lets three programs share a
-    multiprocessor (168) it spills far less than the unfolded kernel at the same cap; three programs' shared memory
-    fits an sm_90 multiprocessor (227 KiB)."""
+    """The folded sweep variant (bench/sweep_variants.py ``_hot_loop_kernel`` with ``FOLD``, issue 36) compiled for
+    sm_90 here: each query's sums over keys ``r`` and ``r + 8`` are added in the thread that holds both in the ``wgmma``
+    layout, so the fold adds no shared-memory traffic to the hot loop, and at the register cap that lets three
+    programs share a multiprocessor (168) it spills far less than the unfolded kernel at the same cap; three
+    programs' shared memory fits an sm_90 multiprocessor (227 KiB)."""
     import re
 
     from bench import sweep_sass
@@ -116,7 +116,7 @@ def test_sweep_kernel_folded_accumulators_compiled_for_sm90():
         return c, int(re.search(r"REG:(\d+)", res).group(1)), sweep_sass.hot_loop(sass)[1]
 
     _, regs_shipped, shipped = compiled(K._sweep_kernel, dict(CAUSAL=0), 3, None)
-    c, regs, folded = compiled(V._folded_kernel, {}, 2, 168)
+    c, regs, folded = compiled(V._hot_loop_kernel, dict(FOLD=True, TMA=False), 2, 168)
     _, _, unfolded = compiled(K._sweep_kernel, dict(CAUSAL=0), 2, 168)
     assert K._quad_layout(c.asm["ttgir"])
     for op in ("STS", "LDS"):
